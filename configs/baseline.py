@@ -1,0 +1,48 @@
+"""Baseline: the seed report's first run (SPEC.md, "The experiments").
+
+CSPup generator (ReLU, no BatchNorm) against the DCGAN discriminator, CelebA at 128x128,
+lr_g 1e-4, lr_d 5e-5, Adam(0.5, 0.999), batch 64, 10 epochs, BCE on sigmoid probabilities
+with PyTorch's clamping. The report never got it to converge.
+
+Numerics check against PyTorch (2-core CPU, a few minutes):
+  cspgan parity --config configs/baseline.py --steps 3
+"""
+
+import ml_collections
+
+
+def get_config():
+  config = ml_collections.ConfigDict()
+
+  config.model = ml_collections.ConfigDict()
+  config.model.block = "relu"            # CSPup variant: "relu" (original) or "leaky_bn" (exp2)
+  config.model.discriminator = "dcgan"   # "dcgan" (original) or "avgpool" (exp1)
+  config.model.nz = 100
+  config.model.ngf = 64
+  config.model.ndf = 64
+  config.model.nc = 3
+  config.model.resolution = 128
+  config.model.bn_momentum = 0.1         # PyTorch convention: weight of the new batch statistic
+  config.model.bn_epsilon = 1e-5
+
+  config.train = ml_collections.ConfigDict()
+  config.train.batch_size = 64
+  config.train.epochs = 10
+  config.train.lr_g = 1e-4
+  config.train.lr_d = 5e-5
+  config.train.beta1 = 0.5               # not printed in the report; the DCGAN value it inherits
+  config.train.beta2 = 0.999
+  config.train.adam_eps = 1e-8           # PyTorch Adam's default
+  # "torch_adam": torch.optim.Adam's float32 rounding, op for op (parity); "adam": optax.adam.
+  config.train.optimizer = "torch_adam"
+  config.train.seed = 0
+  config.train.loss = "torch_bce"        # "torch_bce" (PyTorch's clamped BCELoss) or "bce_logits"
+  config.train.sync_bn = False           # multi-device: BatchNorm statistics per device, as DataParallel
+  # The report samples the fixed-noise grid with G in training mode (batch statistics).
+  config.train.sample_use_running_average = False
+
+  config.data = ml_collections.ConfigDict()
+  config.data.source = "synthetic"       # "synthetic", "folder" (prepared) or "tfds"
+  config.data.name = "celeba"
+  config.data.data_dir = ""
+  return config

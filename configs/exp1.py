@@ -1,0 +1,13 @@
+"""Experiment 1: the smaller AvgPool discriminator, lr_d 3e-5 (SPEC.md, "The experiments").
+
+  cspgan parity --config configs/exp1.py --steps 3
+"""
+
+from configs import baseline
+
+
+def get_config():
+  config = baseline.get_config()
+  config.model.discriminator = "avgpool"
+  config.train.lr_d = 3e-5
+  return config

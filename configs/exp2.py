@@ -1,0 +1,13 @@
+"""Experiment 2: CSPup with BatchNorm and LeakyReLU(0.2), lr_d 1e-4 (SPEC.md, "The experiments").
+
+  cspgan parity --config configs/exp2.py --steps 3
+"""
+
+from configs import baseline
+
+
+def get_config():
+  config = baseline.get_config()
+  config.model.block = "leaky_bn"
+  config.train.lr_d = 1e-4
+  return config

@@ -1,0 +1,134 @@
+"""Whole-training-state checkpoints with orbax: `WORKDIR/checkpoints/<step>/{state,config}`.
+
+The state goes through flax's `to_state_dict` (plain nested dicts of arrays), so optax state
+types never reach orbax's metadata; the run's config is stored beside it as JSON, so `sample`,
+`convert` and a resumed `train` rebuild the same architecture from the workdir alone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Optional, Tuple
+
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import serialization
+
+from cspgan_jax import config_lib, train
+from cspgan_jax.errors import CheckpointError, ConfigError
+
+CHECKPOINT_DIR = "checkpoints"
+_ARCHITECTURE_FIELDS = ("block", "discriminator", "nz", "ngf", "ndf", "nc", "resolution")
+
+
+def checkpoint_dir(workdir: str) -> str:
+  return os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
+
+
+def manager(workdir: str, keep: Optional[int] = None, create: bool = True):
+  options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create)
+  return ocp.CheckpointManager(checkpoint_dir(workdir), options=options,
+                               item_names=("state", "config"))
+
+
+def _to_saveable(state: train.GANState):
+  return serialization.to_state_dict(jax.device_get(state))
+
+
+def save(workdir: str, state: train.GANState, config: ml_collections.ConfigDict,
+         mngr: Optional[ocp.CheckpointManager] = None) -> int:
+  """Saves `state` at its step and waits for the write; returns the step."""
+  step = int(jax.device_get(state.step))
+  own = mngr is None
+  mngr = mngr or manager(workdir)
+  try:
+    mngr.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(_to_saveable(state)),
+        config=ocp.args.JsonSave(json.loads(config.to_json_best_effort()))), force=True)
+    mngr.wait_until_finished()
+  finally:
+    if own:
+      mngr.close()
+  return step
+
+
+def latest_step(workdir: str) -> Optional[int]:
+  if not os.path.isdir(checkpoint_dir(workdir)):
+    return None
+  mngr = manager(workdir, create=False)
+  try:
+    return mngr.latest_step()
+  finally:
+    mngr.close()
+
+
+def read_config(workdir: str, step: Optional[int] = None) -> ml_collections.ConfigDict:
+  """The config stored with a checkpoint (validated)."""
+  step = _resolve_step(workdir, step)
+  mngr = manager(workdir, create=False)
+  try:
+    data = mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+  except Exception as e:  # pylint: disable=broad-except
+    raise CheckpointError(f"checkpoint step {step} in {checkpoint_dir(workdir)} has no "
+                          f"readable config ({type(e).__name__})") from e
+  finally:
+    mngr.close()
+  if not isinstance(data, dict) or "model" not in data or "train" not in data:
+    raise CheckpointError(f"checkpoint step {step} in {checkpoint_dir(workdir)} has no config")
+  config = ml_collections.ConfigDict(data)
+  try:
+    config_lib.validate_config(config)
+  except ConfigError as e:
+    raise CheckpointError(f"checkpoint in {workdir} holds an unusable config: {e}") from e
+  return config
+
+
+def _resolve_step(workdir: str, step: Optional[int]) -> int:
+  if not os.path.isdir(workdir):
+    raise CheckpointError(f"workdir not found: {workdir}")
+  latest = latest_step(workdir)
+  if latest is None:
+    raise CheckpointError(f"no checkpoint in {checkpoint_dir(workdir)}")
+  return latest if step is None else step
+
+
+def check_architecture(stored: ml_collections.ConfigDict, config: ml_collections.ConfigDict,
+                       where: str) -> None:
+  """Raises CheckpointError when `config` describes other networks than the checkpoint."""
+  diff = [f"model.{k}: checkpoint {stored.model[k]!r}, config {config.model[k]!r}"
+          for k in _ARCHITECTURE_FIELDS if stored.model[k] != config.model[k]]
+  if diff:
+    raise CheckpointError(f"checkpoint in {where} is a different architecture: " + "; ".join(diff))
+
+
+def restore(workdir: str, config: Optional[ml_collections.ConfigDict] = None,
+            step: Optional[int] = None) -> Tuple[train.GANState, ml_collections.ConfigDict]:
+  """(state, config) from the latest (or given) checkpoint; `config` defaults to the stored one."""
+  step = _resolve_step(workdir, step)
+  stored = read_config(workdir, step)
+  if config is not None:
+    check_architecture(stored, config, workdir)
+  config = config or stored
+  template = train.init_state(config, jax.random.PRNGKey(0))
+  target = serialization.to_state_dict(template)
+  mngr = manager(workdir, create=False)
+  try:
+    restored = mngr.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(_abstract(target))))
+  except Exception as e:  # corrupt or foreign files: one line naming the checkpoint
+    first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+    raise CheckpointError(f"cannot restore checkpoint step {step} from "
+                          f"{checkpoint_dir(workdir)}: {first}") from e
+  finally:
+    mngr.close()
+  state = serialization.from_state_dict(template, restored["state"])
+  return state, config
+
+
+def _abstract(tree):
+  """Shapes and dtypes of a nested dict of arrays."""
+  return jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(np.shape(a), np.asarray(a).dtype),
+                                tree)

@@ -1,0 +1,188 @@
+"""`cspgan` command line: convert, sample, parity.
+
+User errors (bad config, file, checkpoint) print one line `cspgan: error: ...` and exit 2;
+nothing existing is overwritten unless `--overwrite` says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import List, Optional
+
+import numpy as np
+
+from cspgan_jax.errors import CheckpointError, ConfigError, CspganError
+
+
+def _split_overrides(argv: List[str]):
+  """Separates `--config.group.field=value` overrides (ml_collections style) from the rest."""
+  overrides = [a for a in argv if a.startswith("--config.")]
+  return [a for a in argv if not a.startswith("--config.")], overrides
+
+
+def _load_config(path, overrides):
+  from cspgan_jax import config_lib  # pylint: disable=import-outside-toplevel
+  return config_lib.load_config(path, overrides)
+
+
+# ---- convert ----
+
+def cmd_torch2flax(args, overrides):
+  import jax  # pylint: disable=import-outside-toplevel
+  from cspgan_jax import checkpoint, torch_port, train  # pylint: disable=import-outside-toplevel
+  config = _load_config(args.config, overrides)
+  if checkpoint.latest_step(args.workdir) is not None:
+    raise CheckpointError(f"{args.workdir} already holds a checkpoint; choose an empty workdir")
+  g_template, d_template = train.init_variables(config, jax.random.PRNGKey(0))
+  g_vars = torch_port.torch_to_flax(torch_port.load_torch_state_dict(args.netG, "netG"),
+                                    g_template, f"netG ({args.netG})")
+  d_vars = torch_port.torch_to_flax(torch_port.load_torch_state_dict(args.netD, "netD"),
+                                    d_template, f"netD ({args.netD})")
+  state = train.create_state(config, g_vars, d_vars)
+  step = checkpoint.save(args.workdir, state, config)
+  print(f"wrote checkpoint step {step} to {checkpoint.checkpoint_dir(args.workdir)}")
+
+
+def cmd_flax2torch(args, overrides):
+  del overrides
+  from cspgan_jax import checkpoint, torch_port  # pylint: disable=import-outside-toplevel
+  state, _ = checkpoint.restore(args.workdir, step=args.step)
+  paths = [os.path.join(args.out_dir, n) for n in ("netG.pt", "netD.pt")]
+  for p in paths:  # check both before writing either
+    if os.path.exists(p) and not args.overwrite:
+      raise CheckpointError(f"{p} exists; not overwriting it (pass --overwrite to replace it)")
+  for p, model_state in zip(paths, (state.g, state.d)):
+    sd = torch_port.flax_to_torch({"params": model_state.params,
+                                   "batch_stats": model_state.batch_stats})
+    torch_port.save_torch_state_dict(sd, p, overwrite=args.overwrite)
+    print(f"wrote {p} ({len(sd)} tensors)")
+
+
+# ---- sample ----
+
+def read_latents(path: str, nz: int) -> np.ndarray:
+  """z.npy shaped (N, nz) or (N, nz, 1, 1) -> float32 (N, nz)."""
+  if not os.path.isfile(path):
+    raise CspganError(f"latents file not found: {path}")
+  try:
+    z = np.load(path, allow_pickle=False)
+  except Exception as e:  # pylint: disable=broad-except
+    raise CspganError(f"{path}: not a readable .npy file ({type(e).__name__})") from e
+  if z.ndim == 4 and z.shape[2:] == (1, 1):
+    z = z[:, :, 0, 0]
+  if z.ndim != 2 or z.shape[1] != nz or z.shape[0] < 1:
+    raise CspganError(f"{path}: latents must be shaped (N, {nz}) or (N, {nz}, 1, 1), "
+                      f"got {z.shape}")
+  if not np.all(np.isfinite(z)):
+    raise CspganError(f"{path}: latents contain NaN or inf")
+  return z.astype(np.float32)
+
+
+def cmd_sample(args, overrides):
+  del overrides
+  import jax  # pylint: disable=import-outside-toplevel
+  from cspgan_jax import checkpoint, images, train  # pylint: disable=import-outside-toplevel
+  ext = os.path.splitext(args.out)[1].lower()
+  if ext not in (".npy", ".png"):
+    raise CspganError(f"--out must end in .npy or .png, got {args.out}")
+  if os.path.exists(args.out) and not args.overwrite:
+    raise CspganError(f"{args.out} exists; not overwriting it (pass --overwrite to replace it)")
+  state, config = checkpoint.restore(args.workdir, step=args.step)
+  if args.latents:
+    z = read_latents(args.latents, config.model.nz)
+  else:
+    if args.n < 1:
+      raise CspganError(f"--n must be positive, got {args.n}")
+    z = np.asarray(train.sample_latents(jax.random.PRNGKey(args.seed), args.n, config.model.nz))
+  use_ra = args.running_average or config.train.get("sample_use_running_average", False)
+  if not use_ra and z.shape[0] < 2 and state.g.batch_stats:
+    raise CspganError("a BatchNorm generator sampled with batch statistics needs >= 2 latents "
+                      "(or pass --running-average)")
+  out = np.asarray(jax.jit(lambda p, s, z: train.generate(config, p, s, z, use_ra))(
+      state.g.params, state.g.batch_stats, z))
+  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+  if ext == ".npy":
+    np.save(args.out, out.astype(np.float32))
+  else:
+    images.save_png(images.make_grid(out), args.out)
+  print(f"wrote {out.shape[0]} images to {args.out}")
+
+
+# ---- parity ----
+
+def cmd_parity(args, overrides):
+  from cspgan_jax import parity  # pylint: disable=import-outside-toplevel
+  config = _load_config(args.config, overrides)
+  if args.steps < 0:
+    raise ConfigError(f"--steps must be >= 0, got {args.steps}")
+  log = lambda msg: print(f"[parity] {msg}", file=sys.stderr, flush=True)
+  rows = parity.run_parity(config, args.netG, args.netD, steps=args.steps, seed=args.seed,
+                           with_floor=not args.no_floor, log=log)
+  print(parity.format_table(rows))
+
+
+def build_parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(
+      prog="cspgan", description="CSPup-GAN in JAX: convert, sample, parity with PyTorch.",
+      epilog="Config fields can be overridden with --config.group.field=value.")
+  sub = parser.add_subparsers(dest="command", required=True)
+
+  conv = sub.add_parser("convert", help="convert checkpoints between PyTorch and Flax")
+  conv_sub = conv.add_subparsers(dest="direction", required=True)
+  t2f = conv_sub.add_parser("torch2flax", help="PyTorch state_dicts -> orbax checkpoint")
+  t2f.add_argument("--netG", required=True, help="generator state_dict (.pt)")
+  t2f.add_argument("--netD", required=True, help="discriminator state_dict (.pt)")
+  t2f.add_argument("--config", required=True, help="config file describing the architecture")
+  t2f.add_argument("--workdir", required=True, help="new workdir for the checkpoint")
+  t2f.set_defaults(func=cmd_torch2flax)
+  f2t = conv_sub.add_parser("flax2torch", help="orbax checkpoint -> netG.pt, netD.pt")
+  f2t.add_argument("--workdir", required=True)
+  f2t.add_argument("--out-dir", required=True)
+  f2t.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+  f2t.add_argument("--overwrite", action="store_true")
+  f2t.set_defaults(func=cmd_flax2torch)
+
+  smp = sub.add_parser("sample", help="generate images from a checkpoint")
+  smp.add_argument("--workdir", required=True)
+  src = smp.add_mutually_exclusive_group()
+  src.add_argument("--latents", help=".npy of shape (N, nz) or (N, nz, 1, 1)")
+  src.add_argument("--n", type=int, default=64, help="number of images (with --seed)")
+  smp.add_argument("--seed", type=int, default=0)
+  smp.add_argument("--out", required=True, help=".npy (float32 NHWC in [-1, 1]) or .png grid")
+  smp.add_argument("--step", type=int, default=None)
+  smp.add_argument("--running-average", action="store_true",
+                   help="BatchNorm running statistics instead of the batch's own")
+  smp.add_argument("--overwrite", action="store_true")
+  smp.set_defaults(func=cmd_sample)
+
+  par = sub.add_parser("parity", help="compare with the PyTorch reference, layer by layer")
+  par.add_argument("--config", required=True)
+  par.add_argument("--netG", default=None, help="start from this generator state_dict")
+  par.add_argument("--netD", default=None, help="start from this discriminator state_dict")
+  par.add_argument("--steps", type=int, default=3, help="training iterations to compare")
+  par.add_argument("--seed", type=int, default=0, help="weights (if not given), data, noise")
+  par.add_argument("--no-floor", action="store_true",
+                   help="skip the float64 PyTorch run that measures float32's own error")
+  par.set_defaults(func=cmd_parity)
+  return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+  argv = list(sys.argv[1:] if argv is None else argv)
+  rest, overrides = _split_overrides(argv)
+  args = build_parser().parse_args(rest)
+  if overrides and args.command not in ("parity", "convert"):
+    print(f"cspgan: error: {args.command} takes no --config.* overrides", file=sys.stderr)
+    return 2
+  try:
+    args.func(args, overrides)
+  except CspganError as e:
+    print(f"cspgan: error: {e}", file=sys.stderr)
+    return 2
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

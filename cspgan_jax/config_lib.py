@@ -1,0 +1,99 @@
+"""Loading ml_collections config files, `--config.group.field=value` overrides, validation."""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import os
+import sys
+from typing import Iterable
+
+import ml_collections
+
+from cspgan_jax import losses, models
+from cspgan_jax.errors import ConfigError
+
+OPTIMIZERS = ("torch_adam", "adam")
+
+
+def load_config(path: str, overrides: Iterable[str] = ()) -> ml_collections.ConfigDict:
+  """Runs `get_config()` of the Python file at `path`, applies overrides, validates."""
+  if not os.path.isfile(path):
+    raise ConfigError(f"config file not found: {path}")
+  path = os.path.abspath(path)
+  # Variant configs do `from configs import baseline`: make the folder above `configs/` importable.
+  extra = [os.path.dirname(os.path.dirname(path)), os.path.dirname(path)]
+  sys.path[:0] = extra
+  try:
+    spec = importlib.util.spec_from_file_location(f"_cspgan_config_{abs(hash(path))}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+  except Exception as e:  # a broken config file is the user's input: one line, not a traceback
+    raise ConfigError(f"cannot load config {path}: {type(e).__name__}: {e}") from e
+  finally:
+    del sys.path[:len(extra)]
+  apply_overrides(config, overrides)
+  validate_config(config)
+  return config
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: Iterable[str]) -> None:
+  """Applies `group.field=value` strings (a leading `--config.` is accepted) in place.
+
+  Values are parsed as Python literals where possible, else taken as strings; the field must
+  exist and keep its type (ints are accepted for floats).
+  """
+  for item in overrides:
+    text = item[len("--config."):] if item.startswith("--config.") else item
+    if "=" not in text:
+      raise ConfigError(f"override {item!r} is not of the form --config.group.field=value")
+    key, raw = text.split("=", 1)
+    try:
+      value = ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+      value = raw
+    *parents, leaf = key.split(".")
+    node = config
+    for p in parents:
+      if not isinstance(node, ml_collections.ConfigDict) or p not in node:
+        raise ConfigError(f"unknown config field {key!r}")
+      node = node[p]
+    if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
+      raise ConfigError(f"unknown config field {key!r}")
+    old = node[leaf]
+    if isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
+      value = float(value)
+    if isinstance(old, str) and not isinstance(value, str):
+      value = raw
+    if old is not None and type(value) is not type(old):
+      raise ConfigError(f"config field {key!r} is {type(old).__name__}, got {raw!r}")
+    node[leaf] = value
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError naming the first field that cannot work."""
+  try:
+    m, t = config.model, config.train
+    checks = [
+        (m.block in models.BLOCKS, f"model.block must be one of {models.BLOCKS}, got {m.block!r}"),
+        (m.discriminator in models.DISCRIMINATORS,
+         f"model.discriminator must be one of {models.DISCRIMINATORS}, got {m.discriminator!r}"),
+        (m.resolution >= 32 and m.resolution & (m.resolution - 1) == 0,
+         f"model.resolution must be a power of two >= 32, got {m.resolution}"),
+        (min(m.nz, m.ngf, m.ndf, m.nc) >= 1, "model.nz, ngf, ndf and nc must be positive"),
+        (m.nz >= 2, f"model.nz must be >= 2 (CSPup splits it in two), got {m.nz}"),
+        (0 <= m.bn_momentum <= 1, f"model.bn_momentum must be in [0, 1], got {m.bn_momentum}"),
+        (m.bn_epsilon > 0, f"model.bn_epsilon must be positive, got {m.bn_epsilon}"),
+        (t.batch_size >= 2, f"train.batch_size must be >= 2 (BatchNorm), got {t.batch_size}"),
+        (t.lr_g > 0, f"train.lr_g must be positive, got {t.lr_g}"),
+        (t.lr_d > 0, f"train.lr_d must be positive, got {t.lr_d}"),
+        (0 <= t.beta1 < 1 and 0 <= t.beta2 < 1, "train.beta1 and beta2 must be in [0, 1)"),
+        (t.optimizer in OPTIMIZERS, f"train.optimizer must be one of {OPTIMIZERS}, got {t.optimizer!r}"),
+        (t.loss in losses.LOSSES, f"train.loss must be one of {tuple(losses.LOSSES)}, got {t.loss!r}"),
+    ]
+  except AttributeError as e:
+    raise ConfigError(f"config lacks a required field: {e}") from e
+  for ok, message in checks:
+    if not ok:
+      raise ConfigError(message)

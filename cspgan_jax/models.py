@@ -1,0 +1,302 @@
+"""Flax Linen models of the CSPup-GAN (NHWC), numerically matching the PyTorch reference.
+
+Submodule names mirror the reference's `state_dict` paths with dots turned into underscores
+(`main.0.right.3` -> `main_0/right_3`), so `torch_port` converts by one rule and a parity failure
+names one layer. Activations are functions here but keep their index in the names, as in PyTorch.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, Callable, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+BLOCKS = ("relu", "leaky_bn")
+DISCRIMINATORS = ("dcgan", "avgpool")
+LEAKY_SLOPE = 0.2
+
+# DCGAN `weights_init`: every conv (transposed ones included) N(0, 0.02); BatchNorm weight N(1, 0.02).
+conv_kernel_init = nn.initializers.normal(stddev=0.02)
+
+
+def bn_scale_init(key, shape, dtype=jnp.float32):
+  return 1.0 + 0.02 * jax.random.normal(key, shape, dtype)
+
+
+def torch_conv_bias_init(fan_in: int) -> Callable:
+  """PyTorch's default Conv2d bias init: U(-1/sqrt(fan_in), 1/sqrt(fan_in)); DCGAN init keeps it."""
+  bound = 1.0 / math.sqrt(fan_in)
+  return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+def leaky_relu(x):
+  """LeakyReLU(0.2) with PyTorch's derivative at 0 (the slope; jax.nn.leaky_relu gives 1).
+
+  Exact zeros are common: G's output is exactly 0 where a ReLU stack went dead."""
+  return jnp.where(x > 0, x, LEAKY_SLOPE * x)
+
+
+def check_resolution(resolution: int) -> int:
+  """Number of stride-2 stages for a square power-of-two resolution >= 32 (128 -> 5)."""
+  if resolution < 32 or resolution & (resolution - 1):
+    raise ValueError(f"resolution must be a power of two >= 32, got {resolution}")
+  return int(math.log2(resolution)) - 2
+
+
+def conv2d(features: int, kernel_size: int, stride: int = 1, padding: int = 0, *,
+           in_features: int = 0, use_bias: bool = True, dtype=jnp.float32, name=None) -> nn.Conv:
+  """PyTorch `Conv2d(in_features, features, k, s, p)` as a flax Conv (NHWC, kernel HWIO).
+
+  `in_features` only sets the bias init's fan-in (PyTorch's default bias init, which DCGAN keeps).
+  """
+  bias_init = (torch_conv_bias_init(in_features * kernel_size ** 2) if use_bias
+               else nn.initializers.zeros)
+  return nn.Conv(features, (kernel_size,) * 2, strides=stride, padding=[(padding, padding)] * 2,
+                 use_bias=use_bias, kernel_init=conv_kernel_init, bias_init=bias_init,
+                 dtype=dtype, name=name)
+
+
+def conv_transpose2d(features: int, kernel_size: int = 4, stride: int = 2, padding: int = 1, *,
+                     dtype=jnp.float32, name=None) -> nn.ConvTranspose:
+  """PyTorch `ConvTranspose2d(in, features, k, s, p, bias=False)` as a flax ConvTranspose.
+
+  A transposed conv is the input-gradient of a conv: dilate by `s`, pad by `k - 1 - p`, correlate
+  with the spatially flipped kernel (`transpose_kernel=True`). The kernel is stored (k, k,
+  features, in): PyTorch's (in, features, k, k) weight transposed (2, 3, 1, 0), as for Conv2d.
+  """
+  pad = kernel_size - 1 - padding
+  return nn.ConvTranspose(features, (kernel_size,) * 2, strides=(stride,) * 2,
+                          padding=[(pad, pad)] * 2, use_bias=False, transpose_kernel=True,
+                          kernel_init=conv_kernel_init, dtype=dtype, name=name)
+
+
+def _channel_sum(v, axis_name):
+  """Sum over all but the channel axis (and over devices with `axis_name`)."""
+  total = v.sum(tuple(range(v.ndim - 1)))
+  return total if axis_name is None else lax.psum(total, axis_name)
+
+
+def _shifted_sum(v, axis_name):
+  """Per-channel sum, accurate where the values sit far from zero relative to their spread.
+
+  PyTorch's CPU kernels accumulate BatchNorm sums in float64. Summing v - v[0] keeps float32
+  sums of small numbers; the shift (one sample's value) is a constant to autodiff.
+  """
+  flat = v.reshape(-1, v.shape[-1])
+  shift = lax.stop_gradient(flat[0])
+  n = flat.shape[0] if axis_name is None else flat.shape[0] * lax.psum(1, axis_name)
+  shift_total = shift * n if axis_name is None else lax.psum(shift * flat.shape[0], axis_name)
+  return shift_total + _channel_sum(v - shift, axis_name), n
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def batch_norm_train(x, scale, bias, epsilon: float, axis_name: Optional[str]):
+  """Training-mode BatchNorm2d (NHWC, float32): returns (y, batch mean, biased batch var, n).
+
+  Forward and backward follow PyTorch's CPU kernel: y = x * alpha + beta, and
+  dx = (dy - mean(dy) - (x - mean) * k) * invstd * w with k = sum((x - mean) dy) invstd^2 / n.
+  Differentiating the forward instead cancels terms of size |mean| / std and loses digits.
+  """
+  return _batch_norm_fwd(x, scale, bias, epsilon, axis_name)[0]
+
+
+def _batch_norm_fwd(x, scale, bias, epsilon, axis_name):
+  total, n = _shifted_sum(x, axis_name)
+  mean = total / n
+  xmu = x - mean
+  var = _channel_sum(jnp.square(xmu), axis_name) / n  # two-pass, as PyTorch
+  invstd = 1.0 / jnp.sqrt(var + epsilon)
+  alpha = invstd * scale
+  y = x * alpha + (bias - mean * alpha)
+  return (y, mean, var, n), (xmu, invstd, scale, n)
+
+
+def _batch_norm_bwd(epsilon, axis_name, residuals, cotangents):
+  del epsilon
+  xmu, invstd, scale, n = residuals
+  dy = cotangents[0]  # mean, var and n only feed running statistics, which are not trained
+  sum_dy, _ = _shifted_sum(dy, axis_name)
+  dotp = _channel_sum(xmu * dy, axis_name)
+  k = dotp * invstd * invstd / n
+  dx = (dy - sum_dy / n - xmu * k) * (invstd * scale)
+  # Parameter gradients stay per device; the training step averages them across devices.
+  local_dotp = dotp if axis_name is None else _channel_sum(xmu * dy, None)
+  local_sum_dy = sum_dy if axis_name is None else _shifted_sum(dy, None)[0]
+  return dx, local_dotp * invstd, local_sum_dy
+
+
+batch_norm_train.defvjp(_batch_norm_fwd, _batch_norm_bwd)
+
+
+class BatchNorm(nn.Module):
+  """BatchNorm2d with PyTorch's semantics, which flax's BatchNorm does not have.
+
+  Training mode normalises with the biased batch variance but moves `var` towards the *unbiased*
+  one (flax uses the biased one); `momentum` is PyTorch's (weight of the new value).
+  `num_batches_tracked` is kept so PyTorch checkpoints round-trip exactly. With `axis_name`,
+  statistics are taken over the whole cross-device batch (sync BatchNorm).
+  """
+  momentum: float = 0.1
+  epsilon: float = 1e-5
+  axis_name: Optional[str] = None
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, use_running_average: bool):
+    c = x.shape[-1]
+    scale = self.param("scale", bn_scale_init, (c,))
+    bias = self.param("bias", nn.initializers.zeros, (c,))
+    ra_mean = self.variable("batch_stats", "mean", jnp.zeros, (c,), jnp.float32)
+    ra_var = self.variable("batch_stats", "var", jnp.ones, (c,), jnp.float32)
+    tracked = self.variable("batch_stats", "num_batches_tracked", jnp.zeros, (), jnp.int32)
+    xf = x.astype(jnp.float32)  # statistics in float32 whatever the compute dtype
+
+    if use_running_average:
+      alpha = scale / jnp.sqrt(ra_var.value + self.epsilon)
+      y = xf * alpha + (bias - ra_mean.value * alpha)
+    else:
+      y, mean, var, n = batch_norm_train(xf, scale, bias, self.epsilon, self.axis_name)
+      if not self.is_initializing():
+        m = self.momentum
+        ra_mean.value = (1 - m) * ra_mean.value + m * mean
+        ra_var.value = (1 - m) * ra_var.value + m * var * (n / (n - 1))
+        tracked.value = tracked.value + 1
+    return y.astype(self.dtype)
+
+
+class CSPup(nn.Module):
+  """Cross-stage-partial upsampling block: split channels, `left(x1) + right(x2)`.
+
+  `relu` (the original): right = conv1x1, ReLU, convT, conv1x1, ReLU, conv1x1.
+  `leaky_bn` (experiment 2): BatchNorm after both first 1x1 convs, LeakyReLU(0.2) for ReLU.
+  """
+  out_channels: int
+  kernel_size: int = 4
+  stride: int = 2
+  padding: int = 1
+  block: str = "relu"
+  bn_momentum: float = 0.1
+  bn_epsilon: float = 1e-5
+  axis_name: Optional[str] = None
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool = True):
+    split = x.shape[-1] // 2
+    x1, x2 = x[..., :split], x[..., split:]  # odd channel counts: x2 keeps the extra one
+    c, dt = self.out_channels, self.dtype
+    convt = functools.partial(conv_transpose2d, c, self.kernel_size, self.stride, self.padding,
+                              dtype=dt)
+    conv1x1 = functools.partial(conv2d, c, 1, dtype=dt)
+    left = convt(name="left_0")(x1)
+    if self.block == "relu":
+      h = nn.relu(conv1x1(in_features=x2.shape[-1], name="right_0")(x2))
+      h = convt(name="right_2")(h)
+      h = nn.relu(conv1x1(in_features=c, name="right_3")(h))
+      right = conv1x1(in_features=c, name="right_5")(h)
+    elif self.block == "leaky_bn":
+      bn = functools.partial(BatchNorm, self.bn_momentum, self.bn_epsilon, self.axis_name, dt)
+      h = conv1x1(in_features=x2.shape[-1], name="right_0")(x2)
+      h = leaky_relu(bn(name="right_1")(h, use_running_average=not train))
+      h = convt(name="right_3")(h)
+      h = conv1x1(in_features=c, name="right_4")(h)
+      h = leaky_relu(bn(name="right_5")(h, use_running_average=not train))
+      right = conv1x1(in_features=c, name="right_7")(h)
+    else:
+      raise ValueError(f"unknown block {self.block!r}; expected one of {BLOCKS}")
+    return left + right
+
+
+class Generator(nn.Module):
+  """z (N, nz) or (N, 1, 1, nz) -> images (N, R, R, nc) in [-1, 1].
+
+  128x128: CSPup(nz, 16ngf, 4, 1, 0) to 4x4, four CSPup doubling to 64x64 while halving channels,
+  then ConvTranspose(ngf, nc) to 128x128 and tanh. Smaller resolutions drop the widest blocks.
+  """
+  nz: int = 100
+  ngf: int = 64
+  nc: int = 3
+  resolution: int = 128
+  block: str = "relu"
+  bn_momentum: float = 0.1
+  bn_epsilon: float = 1e-5
+  axis_name: Optional[str] = None
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, z, train: bool = True):
+    n_blocks = check_resolution(self.resolution)  # 128 -> 5 CSPup blocks
+    x = z.reshape(z.shape[0], 1, 1, -1).astype(self.dtype)
+    block = functools.partial(CSPup, block=self.block, bn_momentum=self.bn_momentum,
+                              bn_epsilon=self.bn_epsilon, axis_name=self.axis_name,
+                              dtype=self.dtype)
+    for i in range(n_blocks):
+      c = self.ngf * 2 ** (n_blocks - 1 - i)
+      stride, pad = (1, 0) if i == 0 else (2, 1)
+      x = block(c, 4, stride, pad, name=f"main_{i}")(x, train)  # (N, 4 * 2**i, 4 * 2**i, c)
+    x = conv_transpose2d(self.nc, 4, 2, 1, dtype=self.dtype, name=f"main_{n_blocks}")(x)
+    return jnp.tanh(x.astype(jnp.float32))
+
+
+class Discriminator(nn.Module):
+  """Images (N, R, R, nc) -> logits (N,). The reference applies Sigmoid; the loss does here.
+
+  `dcgan`: Conv(nc, ndf)+LReLU, then Conv+BN+LReLU stages doubling channels down to 4x4, then
+  Conv(., 1, 4, 1, 0). `avgpool` (experiment 1): Conv(nc, 2ndf)+BN+LReLU, AvgPool2d(4, 2, 1)
+  (padding counted), then the same stages from 2ndf.
+  """
+  ndf: int = 64
+  nc: int = 3
+  resolution: int = 128
+  kind: str = "dcgan"
+  bn_momentum: float = 0.1
+  bn_epsilon: float = 1e-5
+  axis_name: Optional[str] = None
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool = True):
+    n_down = check_resolution(self.resolution)  # stride-2 steps from R down to 4x4 (128 -> 5)
+    bn = functools.partial(BatchNorm, self.bn_momentum, self.bn_epsilon, self.axis_name,
+                           self.dtype)
+    conv = functools.partial(conv2d, kernel_size=4, stride=2, padding=1, use_bias=False,
+                             dtype=self.dtype)
+    x = x.astype(self.dtype)
+    if self.kind == "dcgan":
+      x = leaky_relu(conv(self.ndf, name="main_0")(x))
+      c, idx, n_stages = self.ndf, 2, n_down - 1
+    elif self.kind == "avgpool":
+      x = conv(2 * self.ndf, name="main_0")(x)
+      x = leaky_relu(bn(name="main_1")(x, use_running_average=not train))
+      x = nn.avg_pool(x, (4, 4), strides=(2, 2), padding=((1, 1), (1, 1)),
+                      count_include_pad=True)  # main.3
+      c, idx, n_stages = 2 * self.ndf, 4, n_down - 2
+    else:
+      raise ValueError(f"unknown discriminator {self.kind!r}; expected one of {DISCRIMINATORS}")
+    for _ in range(n_stages):
+      c *= 2
+      x = conv(c, name=f"main_{idx}")(x)
+      x = leaky_relu(bn(name=f"main_{idx + 1}")(x, use_running_average=not train))
+      idx += 3
+    x = conv2d(1, 4, 1, 0, use_bias=False, dtype=self.dtype, name=f"main_{idx}")(x)  # (N,1,1,1)
+    return x.reshape(x.shape[0]).astype(jnp.float32)
+
+
+def build_models(model_config, axis_name: Optional[str] = None, dtype=jnp.float32):
+  """(Generator, Discriminator) from `config.model`."""
+  mc = model_config
+  if mc.block not in BLOCKS:
+    raise ValueError(f"unknown block {mc.block!r}; expected one of {BLOCKS}")
+  if mc.discriminator not in DISCRIMINATORS:
+    raise ValueError(f"unknown discriminator {mc.discriminator!r}; expected one of {DISCRIMINATORS}")
+  check_resolution(mc.resolution)
+  common = dict(nc=mc.nc, resolution=mc.resolution, bn_momentum=mc.bn_momentum,
+                bn_epsilon=mc.bn_epsilon, axis_name=axis_name, dtype=dtype)
+  gen = Generator(nz=mc.nz, ngf=mc.ngf, block=mc.block, **common)
+  disc = Discriminator(ndf=mc.ndf, kind=mc.discriminator, **common)
+  return gen, disc

@@ -1,0 +1,234 @@
+"""Numerical parity of the JAX models and training step with the PyTorch reference.
+
+Both sides start from the same weights (PyTorch-initialised or loaded), see the same images and
+latents, and every layer's output, loss, parameter, BatchNorm statistic and Adam moment is
+compared in PyTorch's key space. Relative error is ||jax - torch|| / ||torch|| over the tensor.
+Forward rows also carry PyTorch's own float32 error against a float64 run of the same module:
+the floor that no float32 implementation can beat by more than chance.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Dict, List, NamedTuple, Optional
+
+import jax
+import numpy as np
+from flax import traverse_util
+
+from cspgan_jax import models, torch_port, train
+
+
+class Row(NamedTuple):
+  group: str          # e.g. "forward G", "step 2", "params D", "adam_nu G"
+  name: str           # PyTorch module path or key, or a metric name
+  max_abs: float
+  rel: float
+  floor: Optional[float] = None  # torch float32 vs float64, where measured
+
+
+def errors(a, b):
+  """(max |a - b|, ||a - b|| / ||b||) in float64; exact equality gives (0, 0)."""
+  a = np.asarray(a, np.float64)
+  b = np.asarray(b, np.float64)
+  if a.shape != b.shape:
+    raise ValueError(f"shape mismatch {a.shape} vs {b.shape}")
+  diff = a - b
+  max_abs = float(np.max(np.abs(diff))) if diff.size else 0.0
+  norm_b, norm_d = float(np.linalg.norm(b)), float(np.linalg.norm(diff))
+  rel = norm_d / norm_b if norm_b else (0.0 if norm_d == 0 else float("inf"))
+  return max_abs, rel
+
+
+def _nhwc(x):
+  x = np.asarray(x)
+  return x.transpose(0, 2, 3, 1) if x.ndim == 4 else x
+
+
+def _torch_layer_outputs(net, x):
+  """{module path: output (NHWC numpy)} of one training-mode forward; `net` is not modified."""
+  import torch  # pylint: disable=import-outside-toplevel
+  outputs = {}
+  hooks = [m.register_forward_hook(
+      lambda _m, _i, out, name=name: outputs.__setitem__(name, _nhwc(out.detach().numpy())))
+           for name, m in net.named_modules() if name]
+  try:
+    with torch.no_grad():
+      net.train()(x)
+  finally:
+    for h in hooks:
+      h.remove()
+  return outputs
+
+
+def _flax_layer_outputs(module, variables, x):
+  """{PyTorch module path: output} of every Flax submodule, training mode."""
+  _, state = module.apply(variables, x, train=True, mutable=["batch_stats", "intermediates"],
+                          capture_intermediates=True)
+  flat = traverse_util.flatten_dict(state["intermediates"])
+  out = {}
+  for path, value in flat.items():
+    modules = path[:-1]  # the last element is '__call__'
+    if modules and all(torch_port._MODULE_NAME.match(p) for p in modules):  # flax's inner Conv too
+      out[torch_port.torch_module_path(modules)] = np.asarray(value[0])
+  return out
+
+
+def forward_rows(tag, module, variables, net, x_jax, x_torch, with_floor=True) -> List[Row]:
+  """One row per layer with a Flax counterpart, deepest first within a block, network last."""
+  import torch  # pylint: disable=import-outside-toplevel
+  # Copies: training-mode forwards move BatchNorm running statistics.
+  ref = _torch_layer_outputs(copy.deepcopy(net), x_torch)
+  ref64 = (_torch_layer_outputs(copy.deepcopy(net).double(), x_torch.double())
+           if with_floor else {})
+  mine = _flax_layer_outputs(module, variables, x_jax)
+  rows = []
+  for name in ref:  # PyTorch's module order
+    if name in mine:
+      floor = errors(ref[name], ref64[name])[1] if name in ref64 else None
+      rows.append(Row(f"forward {tag}", name, *errors(mine[name], ref[name]), floor))
+  return rows
+
+
+def adam_moments(opt_state):
+  """(mu, nu) of the ScaleByAdamState inside an optax.adam state."""
+  for s in jax.tree_util.tree_leaves(opt_state, is_leaf=lambda s: hasattr(s, "mu")):
+    if hasattr(s, "mu"):
+      return s.mu, s.nu
+  raise ValueError("no Adam state found")
+
+
+def torch_adam_moments(net, opt):
+  mu, nu = {}, {}
+  for name, p in net.named_parameters():
+    st = opt.state[p]
+    mu[name], nu[name] = st["exp_avg"].numpy(), st["exp_avg_sq"].numpy()
+  return mu, nu
+
+
+def _torch_state(net, opt):
+  """{group: {key: array}} of a reference network: params, bn_stats, adam_mu, adam_nu."""
+  out = {"params": {}, "bn_stats": {}}
+  for key, value in torch_port.module_state_dict(net).items():
+    is_stat = key.rsplit(".", 1)[1] in torch_port._TORCH_LEAF_ORDER[2:]
+    out["bn_stats" if is_stat else "params"][key] = value
+  out["adam_mu"], out["adam_nu"] = torch_adam_moments(net, opt)
+  return out
+
+
+def _flax_state(model_state: train.ModelState):
+  mine = torch_port.flax_to_torch({"params": model_state.params,
+                                   "batch_stats": model_state.batch_stats})
+  mu, nu = adam_moments(model_state.opt_state)
+  return {"params": mine, "bn_stats": mine,
+          "adam_mu": torch_port.flax_to_torch({"params": mu}),
+          "adam_nu": torch_port.flax_to_torch({"params": nu})}
+
+
+def state_rows(state: train.GANState, reference, reference64=None) -> List[Row]:
+  """Rows comparing every parameter, BN statistic and Adam moment with the reference.
+
+  `reference` (and the float64 `reference64`, for the floor) map "G"/"D" to (net, optimizer).
+  """
+  rows = []
+  for tag, model_state in (("G", state.g), ("D", state.d)):
+    mine = _flax_state(model_state)
+    ref = _torch_state(*reference[tag])
+    ref64 = _torch_state(*reference64[tag]) if reference64 else None
+    for group, values in ref.items():
+      for key, value in values.items():
+        floor = errors(value, ref64[group][key])[1] if ref64 else None
+        rows.append(Row(f"{group} {tag}", key, *errors(mine[group][key], value), floor))
+  return rows
+
+
+def parity_data(config, steps: int, seed: int):
+  """Deterministic images (NHWC, in (-1, 1)) and latents for `steps` iterations."""
+  rs = np.random.RandomState(seed)
+  m, b = config.model, config.train.batch_size
+  images = [np.tanh(rs.randn(b, m.resolution, m.resolution, m.nc)).astype(np.float32)
+            for _ in range(steps)]
+  latents = [rs.randn(b, m.nz).astype(np.float32) for _ in range(steps)]
+  return images, latents
+
+
+def run_parity(config, net_g_path: Optional[str] = None, net_d_path: Optional[str] = None,
+               steps: int = 3, seed: int = 0, with_floor: bool = True,
+               log=lambda msg: None) -> List[Row]:
+  """Builds both implementations from the same weights and compares forward and `steps` steps."""
+  import torch  # pylint: disable=import-outside-toplevel
+  from cspgan_jax import torch_reference  # pylint: disable=import-outside-toplevel
+
+  torch.use_deterministic_algorithms(True)
+  net_g, net_d = torch_reference.build_reference(config.model, seed=seed)
+  g_template, d_template = train.init_variables(config, jax.random.PRNGKey(0))
+  for path, net, role, template in ((net_g_path, net_g, "netG", g_template),
+                                    (net_d_path, net_d, "netD", d_template)):
+    if path:
+      sd = torch_port.strip_data_parallel(torch_port.load_torch_state_dict(path, role))
+      torch_port.check_keys(sd, torch_port.conversion_table(template), f"{role} ({path})")
+      net.load_state_dict({k: torch.from_numpy(v) for k, v in sd.items()}, strict=True)
+  g_vars = torch_port.torch_to_flax(torch_port.module_state_dict(net_g), g_template, "netG")
+  d_vars = torch_port.torch_to_flax(torch_port.module_state_dict(net_d), d_template, "netD")
+  gen, disc = models.build_models(config.model)
+  images, latents = parity_data(config, max(steps, 1), seed)
+
+  log("forward passes")
+  rows = forward_rows("G", gen, g_vars, net_g, latents[0],
+                      torch.from_numpy(latents[0])[:, :, None, None], with_floor)
+  rows += forward_rows("D", disc, d_vars, net_d, images[0],
+                       torch.from_numpy(images[0].transpose(0, 3, 1, 2).copy()), with_floor)
+
+  state = train.create_state(config, g_vars, d_vars)
+  reference = _with_optimizers(net_g, net_d, config)
+  # The same iterations in float64: how far PyTorch's own float32 result is from exact.
+  reference64 = (_with_optimizers(copy.deepcopy(net_g).double(), copy.deepcopy(net_d).double(),
+                                  config) if with_floor else None)
+  step_fn = train.jit_train_step(config, with_noise=True)
+  for k in range(steps):
+    log(f"training iteration {k + 1}/{steps}")
+    state, metrics = step_fn(state, images[k], latents[k])
+    real = torch.from_numpy(images[k].transpose(0, 3, 1, 2).copy())
+    z = torch.from_numpy(latents[k])[:, :, None, None]
+    ref = _reference_iteration(reference, real, z)
+    ref64 = _reference_iteration(reference64, real.double(), z.double()) if with_floor else {}
+    rows += [Row(f"step {k + 1}", name, *errors(metrics[name], ref[name]),
+                 errors(ref[name], ref64[name])[1] if ref64 else None) for name in ref]
+  if steps:
+    rows += state_rows(state, reference, reference64)
+  return rows
+
+
+def _with_optimizers(net_g, net_d, config):
+  from cspgan_jax import torch_reference  # pylint: disable=import-outside-toplevel
+  opt_g, opt_d = torch_reference.make_optimizers(net_g, net_d, config.train)
+  return {"G": (net_g, opt_g), "D": (net_d, opt_d)}
+
+
+def _reference_iteration(reference, real, z):
+  from cspgan_jax import torch_reference  # pylint: disable=import-outside-toplevel
+  (net_g, opt_g), (net_d, opt_d) = reference["G"], reference["D"]
+  return torch_reference.train_iteration(net_g, net_d, opt_g, opt_d, real, z)
+
+
+def format_table(rows: List[Row]) -> str:
+  """A fixed-width table; the last line is `max_rel_err=<largest rel>`."""
+  lines = [f"{'group':<14} {'layer / quantity':<36} {'max_abs_err':>12} {'rel_err':>10} "
+           f"{'fp32_floor':>10}"]
+  for r in rows:
+    floor = f"{r.floor:10.2e}" if r.floor is not None else f"{'':>10}"
+    lines.append(f"{r.group:<14} {r.name:<36} {r.max_abs:12.3e} {r.rel:10.2e} {floor}")
+  lines.append(f"max_rel_err={max_rel(rows):.3e}")
+  return "\n".join(lines)
+
+
+def max_rel(rows: List[Row]) -> float:
+  return max((r.rel for r in rows), default=0.0)
+
+
+def summarize(rows: List[Row]) -> Dict[str, float]:
+  """Largest relative error per group."""
+  out: Dict[str, float] = {}
+  for r in rows:
+    out[r.group] = max(out.get(r.group, 0.0), r.rel)
+  return out

@@ -1,0 +1,189 @@
+"""Strict conversion between PyTorch `state_dict`s (the report's key layout) and Flax variables.
+
+One rule maps every leaf: the Flax module path `main_0/right_3` is the PyTorch module path
+`main.0.right.3`; leaf names map by `_LEAF_NAMES`; every 4-D weight (Conv2d (O, I, kh, kw) and
+ConvTranspose2d (I, O, kh, kw) alike) transposes (2, 3, 1, 0) into Flax's (kh, kw, ., .). The
+table is built from the model's own variables, and conversion asserts that the key sets are
+equal and every shape matches, so nothing is silently dropped. Arrays here are numpy; only the
+file functions import torch.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from typing import Dict, List, Mapping, NamedTuple, Tuple
+
+import numpy as np
+from flax import traverse_util
+
+from cspgan_jax.errors import CheckpointError
+
+# (Flax collection, Flax leaf name) -> PyTorch parameter or buffer name.
+_LEAF_NAMES = {
+    ("params", "kernel"): "weight",
+    ("params", "scale"): "weight",
+    ("params", "bias"): "bias",
+    ("batch_stats", "mean"): "running_mean",
+    ("batch_stats", "var"): "running_var",
+    ("batch_stats", "num_batches_tracked"): "num_batches_tracked",
+}
+# PyTorch's registration order within a module, so written state_dicts read like the report's.
+_TORCH_LEAF_ORDER = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+_TO_FLAX = (2, 3, 1, 0)    # torch (O, I, kh, kw) / ConvT (I, O, kh, kw) -> flax (kh, kw, ., .)
+_TO_TORCH = (3, 2, 0, 1)   # the inverse
+_MODULE_NAME = re.compile(r"^(.*)_(\d+)$")
+_DATA_PARALLEL_PREFIX = "module."
+_LIST_AT_MOST = 6
+
+
+class Entry(NamedTuple):
+  torch_key: str
+  collection: str
+  path: Tuple[str, ...]      # Flax path within the collection
+  torch_shape: Tuple[int, ...]
+
+
+def torch_module_path(flax_path: Tuple[str, ...]) -> str:
+  """('main_0', 'right_3') -> 'main.0.right.3'."""
+  parts = []
+  for name in flax_path:
+    m = _MODULE_NAME.match(name)
+    if not m:
+      raise ValueError(f"Flax module name {name!r} does not mirror a PyTorch path")
+    parts += [m.group(1), m.group(2)]
+  return ".".join(parts)
+
+
+def _torch_order(key: str):
+  *modules, leaf = key.split(".")
+  return tuple(int(p) if p.isdigit() else p for p in modules), _TORCH_LEAF_ORDER.index(leaf)
+
+
+def conversion_table(variables: Mapping) -> List[Entry]:
+  """One entry per leaf of Flax `variables` ({'params': ..., 'batch_stats': ...}), torch order."""
+  table = []
+  for collection in ("params", "batch_stats"):
+    flat = traverse_util.flatten_dict(dict(variables.get(collection, {})))
+    for path, value in flat.items():
+      leaf = _LEAF_NAMES[(collection, path[-1])]
+      shape = tuple(np.shape(value))
+      torch_shape = tuple(shape[i] for i in _TO_TORCH) if len(shape) == 4 else shape
+      table.append(Entry(f"{torch_module_path(path[:-1])}.{leaf}", collection, path, torch_shape))
+  return sorted(table, key=lambda e: _torch_order(e.torch_key))
+
+
+def strip_data_parallel(state_dict: Mapping) -> Dict:
+  """Drops nn.DataParallel's `module.` prefix when every key has it."""
+  if state_dict and all(k.startswith(_DATA_PARALLEL_PREFIX) for k in state_dict):
+    return {k[len(_DATA_PARALLEL_PREFIX):]: v for k, v in state_dict.items()}
+  return dict(state_dict)
+
+
+def _some(keys) -> str:
+  keys = sorted(keys, key=lambda k: str(k))
+  more = f" (+{len(keys) - _LIST_AT_MOST} more)" if len(keys) > _LIST_AT_MOST else ""
+  return ", ".join(keys[:_LIST_AT_MOST]) + more
+
+
+def check_keys(state_dict: Mapping, table: List[Entry], what: str) -> None:
+  """Raises CheckpointError listing missing, unexpected and mis-shaped keys, if any."""
+  expected = {e.torch_key: e.torch_shape for e in table}
+  missing = expected.keys() - state_dict.keys()
+  unexpected = state_dict.keys() - expected.keys()
+  misshaped = [f"{k} {tuple(np.shape(state_dict[k]))} != {expected[k]}"
+               for k in expected.keys() & state_dict.keys()
+               if tuple(np.shape(state_dict[k])) != expected[k]]
+  problems = []
+  if missing:
+    problems.append(f"missing {len(missing)}: {_some(missing)}")
+  if unexpected:
+    problems.append(f"unexpected {len(unexpected)}: {_some(unexpected)}")
+  if misshaped:
+    problems.append(f"mis-shaped {len(misshaped)}: {_some(misshaped)}")
+  if problems:
+    raise CheckpointError(f"{what} does not fit the configured model: " + "; ".join(problems))
+
+
+def torch_to_flax(state_dict: Mapping, template: Mapping, what: str = "state_dict") -> Dict:
+  """PyTorch state_dict (numpy values) -> Flax variables shaped like `template`."""
+  state_dict = strip_data_parallel(state_dict)
+  table = conversion_table(template)
+  check_keys(state_dict, table, what)
+  out = {}
+  for e in table:
+    value = np.asarray(state_dict[e.torch_key])
+    if e.path[-1] == "num_batches_tracked":
+      if not 0 <= int(value) < 2 ** 31:
+        raise CheckpointError(f"{what}: {e.torch_key}={int(value)} does not fit int32")
+      value = value.astype(np.int32)
+    else:
+      value = value.astype(np.float32, copy=False)
+      if value.ndim == 4:
+        value = np.transpose(value, _TO_FLAX)
+    out[(e.collection,) + e.path] = value
+  return traverse_util.unflatten_dict(out)
+
+
+def flax_to_torch(variables: Mapping) -> Dict[str, np.ndarray]:
+  """Flax variables -> state_dict in PyTorch layout (numpy; num_batches_tracked int64)."""
+  out = {}
+  for e in conversion_table(variables):
+    value = np.asarray(traverse_util.flatten_dict(dict(variables[e.collection]))[e.path])
+    if e.path[-1] == "num_batches_tracked":
+      value = value.astype(np.int64)
+    elif value.ndim == 4:
+      value = np.ascontiguousarray(np.transpose(value, _TO_TORCH))
+    out[e.torch_key] = value
+  return out
+
+
+# ---- files (torch imported here only) ----
+
+def load_torch_state_dict(path: str, role: str) -> Dict[str, np.ndarray]:
+  """Reads a PyTorch checkpoint file: a state_dict, or a dict holding one under `role`.
+
+  `role` is "netG" or "netD". Loads with `weights_only=True`: no code in the file runs.
+  """
+  import torch  # pylint: disable=import-outside-toplevel
+
+  if not os.path.isfile(path):
+    raise CheckpointError(f"{role} checkpoint not found: {path}")
+  try:
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+  except Exception as e:  # truncated or not a torch file: say so in one line
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({first})") from e
+  if isinstance(obj, Mapping) and role in obj and isinstance(obj[role], Mapping):
+    obj = obj[role]
+  if not isinstance(obj, Mapping) or not obj or not all(
+      isinstance(v, torch.Tensor) for v in obj.values()):
+    raise CheckpointError(f"{path}: expected a {role} state_dict (a dict of tensors), "
+                          f"or a dict with a '{role}' entry")
+  return {k: v.detach().cpu().numpy() for k, v in obj.items()}
+
+
+def module_state_dict(module) -> Dict[str, np.ndarray]:
+  """A torch module's state_dict as numpy arrays."""
+  return {k: v.detach().cpu().numpy().copy() for k, v in module.state_dict().items()}
+
+
+def save_torch_state_dict(state_dict: Mapping[str, np.ndarray], path: str,
+                          overwrite: bool = False) -> None:
+  """Writes a state_dict of torch tensors atomically; refuses to replace a file unless asked."""
+  import torch  # pylint: disable=import-outside-toplevel
+
+  if os.path.exists(path) and not overwrite:
+    raise CheckpointError(f"{path} exists; not overwriting it (pass --overwrite to replace it)")
+  directory = os.path.dirname(os.path.abspath(path))
+  os.makedirs(directory, exist_ok=True)
+  tensors = {k: torch.from_numpy(np.array(v)) for k, v in state_dict.items()}
+  fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
+  os.close(fd)
+  try:
+    torch.save(tensors, tmp)
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)

@@ -1,0 +1,148 @@
+"""PyTorch reference of the CSPup-GAN, written from ../shared/SPEC.md (not the report's code).
+
+Module structure and therefore `state_dict` keys follow the report's layout (SPEC.md, last
+section), so checkpoints saved by the report's code load here with `strict=True`. Only parity,
+conversion and benchmarks import this module; nothing else in the package needs torch.
+"""
+
+from __future__ import annotations
+
+
+import torch
+from torch import nn
+
+from cspgan_jax.models import LEAKY_SLOPE, check_resolution
+
+
+class CSPup(nn.Module):
+  """split -> left: ConvT(x1); right: 1x1 conv, act, ConvT, 1x1 conv, act, 1x1 conv; sum."""
+
+  def __init__(self, in_channels, out_channels, kernel_size=4, stride=2, padding=1,
+               block="relu", bn_momentum=0.1, bn_eps=1e-5):
+    super().__init__()
+    self.split = in_channels // 2
+    rest = in_channels - self.split  # x2 keeps the odd channel (the report's code would crash)
+    c = out_channels
+    convt = lambda cin: nn.ConvTranspose2d(cin, c, kernel_size, stride, padding, bias=False)
+    self.left = nn.Sequential(convt(self.split))
+    if block == "relu":
+      self.right = nn.Sequential(
+          nn.Conv2d(rest, c, 1), nn.ReLU(), convt(c), nn.Conv2d(c, c, 1), nn.ReLU(),
+          nn.Conv2d(c, c, 1))
+    elif block == "leaky_bn":
+      bn = lambda: nn.BatchNorm2d(c, eps=bn_eps, momentum=bn_momentum)
+      self.right = nn.Sequential(
+          nn.Conv2d(rest, c, 1), bn(), nn.LeakyReLU(LEAKY_SLOPE), convt(c), nn.Conv2d(c, c, 1),
+          bn(), nn.LeakyReLU(LEAKY_SLOPE), nn.Conv2d(c, c, 1))
+    else:
+      raise ValueError(f"unknown block {block!r}")
+
+  def forward(self, x):
+    return self.left(x[:, :self.split]) + self.right(x[:, self.split:])
+
+
+class Generator(nn.Module):
+  def __init__(self, nz=100, ngf=64, nc=3, resolution=128, block="relu", bn_momentum=0.1,
+               bn_eps=1e-5):
+    super().__init__()
+    n_blocks = check_resolution(resolution)
+    layers, cin = [], nz
+    for i in range(n_blocks):
+      c = ngf * 2 ** (n_blocks - 1 - i)
+      stride, pad = (1, 0) if i == 0 else (2, 1)
+      layers.append(CSPup(cin, c, 4, stride, pad, block, bn_momentum, bn_eps))
+      cin = c
+    layers += [nn.ConvTranspose2d(ngf, nc, 4, 2, 1, bias=False), nn.Tanh()]
+    self.main = nn.Sequential(*layers)
+
+  def forward(self, z):
+    return self.main(z)
+
+
+class Discriminator(nn.Module):
+  """Ends in Sigmoid, as the report's; `kind` is "dcgan" or "avgpool"."""
+
+  def __init__(self, ndf=64, nc=3, resolution=128, kind="dcgan", bn_momentum=0.1, bn_eps=1e-5):
+    super().__init__()
+    n_down = check_resolution(resolution)
+    conv = lambda cin, cout: nn.Conv2d(cin, cout, 4, 2, 1, bias=False)
+    bn = lambda ch: nn.BatchNorm2d(ch, eps=bn_eps, momentum=bn_momentum)
+    lrelu = lambda: nn.LeakyReLU(LEAKY_SLOPE)  # not in place: parity hooks read BN outputs
+    if kind == "dcgan":
+      layers, c, n_stages = [conv(nc, ndf), lrelu()], ndf, n_down - 1
+    elif kind == "avgpool":
+      layers = [conv(nc, 2 * ndf), bn(2 * ndf), lrelu(), nn.AvgPool2d(4, 2, 1)]
+      c, n_stages = 2 * ndf, n_down - 2
+    else:
+      raise ValueError(f"unknown discriminator {kind!r}")
+    for _ in range(n_stages):
+      layers += [conv(c, 2 * c), bn(2 * c), lrelu()]
+      c *= 2
+    layers += [nn.Conv2d(c, 1, 4, 1, 0, bias=False), nn.Sigmoid()]
+    self.main = nn.Sequential(*layers)
+
+  def forward(self, x):
+    return self.main(x)
+
+
+def weights_init(m):
+  """DCGAN init: 'Conv' in the class name (ConvTranspose2d too) -> N(0, 0.02); BN -> N(1, 0.02), 0."""
+  name = m.__class__.__name__
+  if "Conv" in name:
+    nn.init.normal_(m.weight.data, 0.0, 0.02)
+  elif "BatchNorm" in name:
+    nn.init.normal_(m.weight.data, 1.0, 0.02)
+    nn.init.constant_(m.bias.data, 0)
+
+
+def build_reference(model_config, seed=None):
+  """(netG, netD) from `config.model`, DCGAN-initialised (seeded if `seed` is given)."""
+  mc = model_config
+  if seed is not None:
+    torch.manual_seed(seed)
+  net_g = Generator(mc.nz, mc.ngf, mc.nc, mc.resolution, mc.block, mc.bn_momentum, mc.bn_epsilon)
+  net_d = Discriminator(mc.ndf, mc.nc, mc.resolution, mc.discriminator, mc.bn_momentum,
+                        mc.bn_epsilon)
+  net_g.apply(weights_init)
+  net_d.apply(weights_init)
+  return net_g, net_d
+
+
+def make_optimizers(net_g, net_d, train_config):
+  t = train_config
+  betas = (t.beta1, t.beta2)
+  opt_g = torch.optim.Adam(net_g.parameters(), lr=t.lr_g, betas=betas, eps=t.adam_eps)
+  opt_d = torch.optim.Adam(net_d.parameters(), lr=t.lr_d, betas=betas, eps=t.adam_eps)
+  return opt_g, opt_d
+
+
+def train_iteration(net_g, net_d, opt_g, opt_d, real, noise):
+  """The seed's iteration (SPEC.md, "Training step"); real (b, nc, R, R), noise (b, nz, 1, 1)."""
+  criterion = nn.BCELoss()
+  net_g.train()
+  net_d.train()
+  b = real.size(0)
+  net_d.zero_grad()
+  label = torch.full((b,), 1.0, dtype=real.dtype)
+  output = net_d(real).view(-1)
+  err_d_real = criterion(output, label)
+  err_d_real.backward()
+  d_x = output.mean().item()
+  fake = net_g(noise)
+  label.fill_(0.0)
+  output = net_d(fake.detach()).view(-1)
+  err_d_fake = criterion(output, label)
+  err_d_fake.backward()
+  d_g_z1 = output.mean().item()
+  err_d = err_d_real + err_d_fake
+  opt_d.step()
+
+  net_g.zero_grad()
+  label.fill_(1.0)
+  output = net_d(fake).view(-1)
+  err_g = criterion(output, label)
+  err_g.backward()
+  d_g_z2 = output.mean().item()
+  opt_g.step()
+  return {"Loss_D": err_d.item(), "Loss_G": err_g.item(), "D_x": d_x, "D_G_z1": d_g_z1,
+          "D_G_z2": d_g_z2}

@@ -1,0 +1,152 @@
+"""Training state and the per-device training iteration of the seed's BCE GAN game.
+
+`train_step` is a pure function of (state, real batch, rng); mapping it over devices is the
+caller's one line (`jax.pmap(..., axis_name=...)`). Collectives appear only behind `axis_name`.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+from flax.training import train_state
+
+from cspgan_jax import losses, models, optim
+
+
+class ModelState(train_state.TrainState):
+  """One network: params, its optax state, and BatchNorm statistics (`{}` when it has none)."""
+  batch_stats: Any = None
+
+
+class GANState(struct.PyTreeNode):
+  """Everything a training run carries from one iteration to the next."""
+  step: jax.Array
+  g: ModelState
+  d: ModelState
+
+
+def make_optimizer(lr: float, train_config) -> optax.GradientTransformation:
+  """Adam(lr, betas=(beta1, beta2), eps): `torch_adam` (PyTorch's rounding) or optax's."""
+  t = train_config
+  if t.optimizer == "torch_adam":
+    return optim.torch_adam(lr, b1=t.beta1, b2=t.beta2, eps=t.adam_eps)
+  return optax.adam(lr, b1=t.beta1, b2=t.beta2, eps=t.adam_eps)
+
+
+def init_variables(config, rng):
+  """Fresh Flax variables {'params', 'batch_stats'} for G and D (DCGAN init in distribution)."""
+  gen, disc = models.build_models(config.model)
+  r = config.model.resolution
+  g_rng, d_rng = jax.random.split(rng)
+  g_vars = gen.init(g_rng, jnp.zeros((2, config.model.nz)), train=False)
+  d_vars = disc.init(d_rng, jnp.zeros((2, r, r, config.model.nc)), train=False)
+  return dict(g_vars), dict(d_vars)
+
+
+def create_state(config, g_vars, d_vars) -> GANState:
+  """A step-0 state from given variables, with fresh Adam states."""
+  gen, disc = models.build_models(config.model)
+  t = config.train
+
+  def model_state(module, variables, lr):
+    return ModelState.create(apply_fn=module.apply, params=variables["params"],
+                             tx=make_optimizer(lr, t),
+                             batch_stats=variables.get("batch_stats", {})).replace(
+                                 step=jnp.zeros((), jnp.int32))  # a stable dtype to checkpoint
+
+  return GANState(step=jnp.zeros((), jnp.int32), g=model_state(gen, g_vars, t.lr_g),
+                  d=model_state(disc, d_vars, t.lr_d))
+
+
+def init_state(config, rng) -> GANState:
+  return create_state(config, *init_variables(config, rng))
+
+
+def _apply(module: nn.Module, params, batch_stats, x, train: bool = True):
+  """module(x) in training mode; returns (output, updated batch_stats)."""
+  out, mutated = module.apply({"params": params, "batch_stats": batch_stats}, x, train=train,
+                              mutable=["batch_stats"])
+  return out, mutated.get("batch_stats", {})
+
+
+def train_step_with_noise(state: GANState, real, z, *, config, axis_name: Optional[str] = None):
+  """One seed iteration with explicit latents z (b, nz); `real` is (b, R, R, nc) in [-1, 1].
+
+  Order as in PyTorch: D on real, D on detached fake, D's Adam step; then G through the
+  *updated* D (still training mode). D's BatchNorm statistics thread through all three calls.
+  """
+  # BatchNorm statistics are per device (as nn.DataParallel) unless train.sync_bn asks otherwise.
+  bn_axis = axis_name if config.train.get("sync_bn", False) else None
+  gen, disc = models.build_models(config.model, axis_name=bn_axis)
+  loss_fn = losses.get_loss(config.train.loss)
+  sigmoid_mean = lambda logits: jax.nn.sigmoid(logits).mean()
+
+  # G forward once; its pullback is reused for G's gradient, like `fake` in PyTorch.
+  fake, g_vjp, g_stats = jax.vjp(lambda p: _apply(gen, p, state.g.batch_stats, z), state.g.params,
+                                 has_aux=True)
+
+  def d_loss(d_params):
+    logits_real, stats = _apply(disc, d_params, state.d.batch_stats, real)
+    logits_fake, stats = _apply(disc, d_params, stats, jax.lax.stop_gradient(fake))
+    err_real, err_fake = loss_fn(logits_real, 1.0), loss_fn(logits_fake, 0.0)
+    return err_real + err_fake, (stats, logits_real, logits_fake)
+
+  (err_d, (d_stats, logits_real, logits_fake)), d_grads = jax.value_and_grad(
+      d_loss, has_aux=True)(state.d.params)
+  if axis_name is not None:
+    d_grads = jax.lax.pmean(d_grads, axis_name)
+  new_d = state.d.apply_gradients(grads=d_grads)
+
+  def g_loss(fake_images):
+    logits, stats = _apply(disc, new_d.params, d_stats, fake_images)
+    return loss_fn(logits, 1.0), (stats, logits)
+
+  (err_g, (d_stats, logits_g)), fake_grad = jax.value_and_grad(g_loss, has_aux=True)(fake)
+  (g_grads,) = g_vjp(fake_grad)
+  if axis_name is not None:
+    g_grads = jax.lax.pmean(g_grads, axis_name)
+  new_g = state.g.apply_gradients(grads=g_grads, batch_stats=g_stats)
+  new_d = new_d.replace(batch_stats=d_stats)
+
+  metrics = {
+      "Loss_D": err_d,
+      "Loss_G": err_g,
+      "D_x": sigmoid_mean(logits_real),
+      "D_G_z1": sigmoid_mean(logits_fake),  # before D's step
+      "D_G_z2": sigmoid_mean(logits_g),     # after D's step
+  }
+  if axis_name is not None:
+    metrics = jax.lax.pmean(metrics, axis_name)
+  return GANState(step=state.step + 1, g=new_g, d=new_d), metrics
+
+
+def sample_latents(rng, batch_size: int, nz: int):
+  """z ~ N(0, 1), (b, nz): the seed's torch.randn(b, nz, 1, 1) without the unit dims."""
+  return jax.random.normal(rng, (batch_size, nz), jnp.float32)
+
+
+def train_step(state: GANState, real, rng, *, config, axis_name: Optional[str] = None):
+  """`train_step_with_noise` with z drawn from `rng`."""
+  z = sample_latents(rng, real.shape[0], config.model.nz)
+  return train_step_with_noise(state, real, z, config=config, axis_name=axis_name)
+
+
+def generate(config, g_params, g_batch_stats, z, use_running_average: bool = False):
+  """G(z) without touching the training state (batch-statistics updates are discarded)."""
+  gen, _ = models.build_models(config.model)
+  if use_running_average:
+    return gen.apply({"params": g_params, "batch_stats": g_batch_stats}, z, train=False)
+  out, _ = _apply(gen, g_params, g_batch_stats, z)
+  return out
+
+
+def jit_train_step(config, with_noise: bool = False):
+  """Single-device jitted step; the state is donated (updated in place)."""
+  fn = train_step_with_noise if with_noise else train_step
+  return jax.jit(functools.partial(fn, config=config), donate_argnums=0)

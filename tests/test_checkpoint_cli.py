@@ -1,0 +1,133 @@
+"""Orbax checkpoints and the `cspgan` command line (convert, sample, parity, errors)."""
+
+import os
+
+import jax
+import numpy as np
+import pytest
+import torch
+
+from cspgan_jax import checkpoint, cli, images, torch_port, torch_reference, train
+from cspgan_jax.errors import CheckpointError
+
+
+def _leaves_equal(a, b):
+  la, lb = jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)
+  return len(la) == len(lb) and all(
+      np.asarray(x).dtype == np.asarray(y).dtype and np.array_equal(x, y) for x, y in zip(la, lb))
+
+
+@pytest.mark.parametrize("block", ["relu", "leaky_bn"])
+def test_state_round_trips_through_orbax(tmp_path, tiny_config, block):
+  config = tiny_config(f"model.block={block}")
+  state = train.init_state(config, jax.random.PRNGKey(0))
+  step = train.jit_train_step(config)
+  real = np.tanh(np.random.RandomState(0).randn(8, 32, 32, 3)).astype(np.float32)
+  state, _ = step(state, real, jax.random.PRNGKey(1))
+  checkpoint.save(str(tmp_path), state, config)
+  restored, stored_config = checkpoint.restore(str(tmp_path))
+  assert int(restored.step) == 1 and stored_config.model.block == block
+  assert _leaves_equal(state, restored)
+  # The restored state trains on exactly as the original does.
+  a, _ = step(state, real, jax.random.PRNGKey(2))
+  b, _ = step(restored, real, jax.random.PRNGKey(2))
+  assert _leaves_equal(a, b)
+
+
+def test_restore_refuses_other_architecture_and_empty_dirs(tmp_path, tiny_config):
+  config = tiny_config()
+  checkpoint.save(str(tmp_path), train.init_state(config, jax.random.PRNGKey(0)), config)
+  with pytest.raises(CheckpointError, match="different architecture: model.block"):
+    checkpoint.restore(str(tmp_path), tiny_config("model.block=leaky_bn"))
+  (tmp_path / "empty").mkdir()
+  with pytest.raises(CheckpointError, match="no checkpoint"):
+    checkpoint.restore(str(tmp_path / "empty"))
+  with pytest.raises(CheckpointError, match="workdir not found"):
+    checkpoint.restore(str(tmp_path / "missing"))
+
+
+def test_make_grid_matches_torchvision_semantics():
+  x = np.random.RandomState(0).uniform(-1, 1, (10, 4, 5, 3)).astype(np.float32)
+  grid = images.make_grid(x)  # 8 per row, padding 2
+  assert grid.shape == (2 * 6 + 2, 8 * 7 + 2, 3)
+  assert grid.min() == 0.0 and grid.max() == 1.0
+  lo, hi = x.min(), x.max()
+  np.testing.assert_allclose(grid[2:6, 2:7], (x[0] - lo) / (hi - lo), rtol=1e-6)
+  np.testing.assert_allclose(grid[8:12, 9:14], (x[9] - lo) / (hi - lo), rtol=1e-6)
+  assert not grid[:2].any() and not grid[8:12, 16:].any()  # padding and the empty cells
+
+
+@pytest.fixture
+def torch_files(tmp_path, tiny_config):
+  config = tiny_config("model.block=leaky_bn")
+  net_g, net_d = torch_reference.build_reference(config.model, seed=5)
+  torch.save(torch.nn.DataParallel(net_g).state_dict(), tmp_path / "G.pt")
+  torch.save({"netD": net_d.state_dict()}, tmp_path / "D.pt")
+  return tmp_path, net_g, net_d
+
+
+def test_cli_convert_both_ways_sample_and_errors(torch_files, config_path, capsys):
+  tmp, net_g, net_d = torch_files
+  wd, out = str(tmp / "wd"), str(tmp / "out")
+  tiny = config_path("tiny")
+  args = ["convert", "torch2flax", "--netG", str(tmp / "G.pt"), "--netD", str(tmp / "D.pt"),
+          "--config", tiny, "--config.model.block=leaky_bn", "--workdir", wd]
+  assert cli.main(args) == 0
+  assert cli.main(args) == 2  # refuses to write over an existing checkpoint
+  assert "already holds a checkpoint" in capsys.readouterr().err
+  assert cli.main(["convert", "flax2torch", "--workdir", wd, "--out-dir", out]) == 0
+  for name, net in (("netG.pt", net_g), ("netD.pt", net_d)):
+    back = torch.load(os.path.join(out, name))
+    ref = net.state_dict()
+    assert list(back) == list(ref)
+    assert all(torch.equal(back[k], ref[k]) and back[k].dtype == ref[k].dtype for k in ref)
+  before = open(os.path.join(out, "netG.pt"), "rb").read()
+  assert cli.main(["convert", "flax2torch", "--workdir", wd, "--out-dir", out]) == 2
+  assert open(os.path.join(out, "netG.pt"), "rb").read() == before
+
+  # Sampling from given latents equals the reference generator (training-mode BatchNorm).
+  z = np.random.RandomState(3).randn(6, 16, 1, 1).astype(np.float32)
+  np.save(tmp / "z.npy", z)
+  assert cli.main(["sample", "--workdir", wd, "--latents", str(tmp / "z.npy"),
+                   "--out", str(tmp / "s.npy")]) == 0
+  got = np.load(tmp / "s.npy")
+  ref = net_g.train()(torch.from_numpy(z)).detach().numpy().transpose(0, 2, 3, 1)
+  assert got.dtype == np.float32 and got.shape == (6, 32, 32, 3)
+  assert np.linalg.norm(got - ref) / np.linalg.norm(ref) <= 1e-5
+  assert cli.main(["sample", "--workdir", wd, "--n", "9", "--seed", "1",
+                   "--out", str(tmp / "grid.png")]) == 0
+  from PIL import Image
+  assert Image.open(tmp / "grid.png").size == (8 * 34 + 2, 2 * 34 + 2)
+  # Sampling never changes the checkpoint.
+  state, _ = checkpoint.restore(wd)
+  assert int(state.g.batch_stats["main_0"]["right_1"]["num_batches_tracked"]) == 0
+
+  capsys.readouterr()
+  np.save(tmp / "bad_z.npy", np.zeros((4, 7), np.float32))
+  cases = [
+      (["sample", "--workdir", wd, "--latents", str(tmp / "bad_z.npy"), "--out",
+        str(tmp / "x.npy")], "latents must be shaped (N, 16)"),
+      (["sample", "--workdir", wd, "--out", str(tmp / "s.npy")], "exists; not overwriting"),
+      (["sample", "--workdir", str(tmp / "nope"), "--out", str(tmp / "y.png")],
+       "workdir not found"),
+      (["convert", "torch2flax", "--netG", str(tmp / "G.pt"), "--netD", str(tmp / "D.pt"),
+        "--config", tiny, "--workdir", str(tmp / "wd2")], "does not fit the configured model"),
+      (["parity", "--config", tiny, "--config.model.blok=relu"], "unknown config field"),
+      (["parity", "--config", tiny, "--config.train.lr_g=-0.1"], "train.lr_g must be positive"),
+      (["parity", "--config", tiny, "--config.model.block=gelu"], "model.block must be one of"),
+      (["parity", "--config", str(tmp / "none.py")], "config file not found"),
+  ]
+  for argv, message in cases:
+    assert cli.main(argv) == 2, argv
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], (argv, err)
+  assert not os.path.exists(tmp / "wd2")
+
+
+def test_cli_parity_prints_table_and_max_rel_err(config_path, capsys):
+  assert cli.main(["parity", "--config", config_path("tiny"), "--steps", "2"]) == 0
+  lines = capsys.readouterr().out.strip().splitlines()
+  assert lines[-1].startswith("max_rel_err=")
+  assert float(lines[-1].split("=")[1]) < 1e-5
+  assert any(l.startswith("forward G") and "main.0.right.3" in l for l in lines)
+  assert any(l.startswith("adam_nu D") for l in lines)

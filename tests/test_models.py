@@ -1,0 +1,145 @@
+"""Flax modules against the PyTorch reference, module by module (float32, CPU)."""
+
+import copy
+
+import jax
+import numpy as np
+import pytest
+import torch
+
+from cspgan_jax import models, parity, torch_port, torch_reference, train
+
+FORWARD_TOL = 1e-6
+
+
+def _rel(a, b):
+  return parity.errors(a, b)[1]
+
+
+def _nchw(x):
+  return torch.from_numpy(np.ascontiguousarray(np.transpose(x, (0, 3, 1, 2))))
+
+
+def _nhwc(t):
+  return t.detach().numpy().transpose(0, 2, 3, 1)
+
+
+def _flax_vars(net, module, x):
+  template = module.init(jax.random.PRNGKey(0), x, train=False)
+  return torch_port.torch_to_flax(torch_port.module_state_dict(net), template)
+
+
+@pytest.mark.parametrize("block", ["relu", "leaky_bn"])
+@pytest.mark.parametrize("in_ch,stride,pad,hw", [(100, 1, 0, 1), (64, 2, 1, 4), (33, 2, 1, 4)])
+def test_cspup_matches_reference(block, in_ch, stride, pad, hw):
+  torch.manual_seed(0)
+  net = torch_reference.CSPup(in_ch, 32, 4, stride, pad, block)
+  net.apply(torch_reference.weights_init)
+  x = np.random.RandomState(0).randn(8, hw, hw, in_ch).astype(np.float32)
+  module = models.CSPup(32, 4, stride, pad, block=block)
+  variables = _flax_vars(net, module, x)
+  y, mutated = module.apply(variables, x, train=True, mutable=["batch_stats"])
+  ref = net.train()(_nchw(x))
+  assert y.shape == _nhwc(ref).shape
+  assert _rel(y, _nhwc(ref)) <= FORWARD_TOL
+  if block == "leaky_bn":  # running statistics moved as PyTorch's
+    got = torch_port.flax_to_torch({"params": variables["params"], **mutated})
+    for key, value in net.state_dict().items():
+      if "running" in key:
+        assert _rel(got[key], value.numpy()) <= FORWARD_TOL, key
+      if "num_batches_tracked" in key:
+        assert got[key] == value.item() == 1
+
+
+def test_batch_norm_forward_backward_and_running_stats():
+  rs = np.random.RandomState(1)
+  x = (rs.randn(16, 6, 6, 8) * 0.5 + 3.0 * rs.randn(8)).astype(np.float32)  # |mean| >> std
+  dy = rs.randn(*x.shape).astype(np.float32)
+  bn = models.BatchNorm()
+  variables = bn.init(jax.random.PRNGKey(0), x, use_running_average=True)
+  tb = torch.nn.BatchNorm2d(8)
+  tb.weight.data = torch.from_numpy(np.array(variables["params"]["scale"]))
+
+  def f(x, params):
+    y, mutated = bn.apply({"params": params, "batch_stats": variables["batch_stats"]}, x,
+                          use_running_average=False, mutable=["batch_stats"])
+    return (y * dy).sum(), (y, mutated["batch_stats"])
+
+  (_, (y, stats)), (dx, dparams) = jax.value_and_grad(f, argnums=(0, 1), has_aux=True)(
+      x, variables["params"])
+  xt = _nchw(x).requires_grad_(True)
+  yt = tb.train()(xt)
+  (yt * _nchw(dy)).sum().backward()
+  assert _rel(y, _nhwc(yt)) <= FORWARD_TOL
+  assert _rel(dx, _nhwc(xt.grad)) <= 1e-5
+  assert _rel(dparams["scale"], tb.weight.grad.numpy()) <= 1e-5
+  assert _rel(dparams["bias"], tb.bias.grad.numpy()) <= 1e-5
+  assert _rel(stats["mean"], tb.running_mean.numpy()) <= FORWARD_TOL
+  assert _rel(stats["var"], tb.running_var.numpy()) <= FORWARD_TOL  # unbiased, unlike flax's
+  # Evaluation mode uses the running statistics.
+  y_eval = bn.apply({"params": variables["params"], "batch_stats": stats}, x,
+                    use_running_average=True)
+  assert _rel(y_eval, _nhwc(tb.eval()(_nchw(x)))) <= FORWARD_TOL
+
+
+@pytest.mark.parametrize("block", ["relu", "leaky_bn"])
+@pytest.mark.parametrize("kind", ["dcgan", "avgpool"])
+def test_networks_match_reference_layer_by_layer(tiny_config, block, kind):
+  # Real channel widths at 32x32: the widths set how well conditioned BatchNorm inputs are.
+  config = tiny_config(f"model.block={block}", f"model.discriminator={kind}", "model.ngf=64",
+                       "model.ndf=64", "model.nz=100")
+  net_g, net_d = torch_reference.build_reference(config.model, seed=0)
+  gen, disc = models.build_models(config.model)
+  g_t, d_t = train.init_variables(config, jax.random.PRNGKey(0))
+  g_vars = torch_port.torch_to_flax(torch_port.module_state_dict(net_g), g_t)
+  d_vars = torch_port.torch_to_flax(torch_port.module_state_dict(net_d), d_t)
+  images, latents = parity.parity_data(config, 1, seed=0)
+  rows = parity.forward_rows("G", gen, g_vars, net_g, latents[0],
+                             torch.from_numpy(latents[0])[:, :, None, None])
+  rows += parity.forward_rows("D", disc, d_vars, net_d, images[0], _nchw(images[0]))
+  # G: three CSPup blocks (their layers + the block) + final ConvT; D: convs and BatchNorms.
+  n_layers = {"relu": 3 * 6 + 1, "leaky_bn": 3 * 8 + 1}[block] + {"dcgan": 6, "avgpool": 5}[kind]
+  assert len(rows) == n_layers  # every conv, BatchNorm and CSPup block has a row
+  for r in rows:
+    # float32's own error (PyTorch fp32 vs fp64) grows along a deep BatchNorm stack.
+    assert r.rel <= max(FORWARD_TOL, 2 * r.floor), r
+
+
+def test_parameter_counts(config_path):
+  from cspgan_jax import config_lib
+  config = config_lib.load_config(config_path("baseline"))
+  g, d = train.init_variables(config, jax.random.PRNGKey(0))
+  count = lambda v: sum(x.size for x in jax.tree_util.tree_leaves(v["params"]))
+
+  def cspup(cin, c):  # left ConvT, 1x1 conv (+bias), ConvT, two 1x1 convs (+bias)
+    return cin // 2 * c * 16 + ((cin - cin // 2) * c + c) + c * c * 16 + 2 * (c * c + c)
+
+  g_expected = (cspup(100, 1024) + cspup(1024, 512) + cspup(512, 256) + cspup(256, 128)
+                + cspup(128, 64) + 64 * 3 * 16)
+  # dcgan: five 4x4 convs (no bias), four BatchNorms (scale + bias), final 4x4 conv to 1.
+  d_expected = (3 * 64 * 16 + 64 * 128 * 16 + 128 * 256 * 16 + 256 * 512 * 16
+                + 512 * 1024 * 16 + 2 * (128 + 256 + 512 + 1024) + 1024 * 16)
+  assert count(g) == g_expected
+  assert count(d) == d_expected
+  ref_g, ref_d = torch_reference.build_reference(config.model)
+  assert count(g) == sum(p.numel() for p in ref_g.parameters())
+  assert count(d) == sum(p.numel() for p in ref_d.parameters())
+
+
+def test_dcgan_initialisation_statistics(config_path):
+  from cspgan_jax import config_lib
+  config = config_lib.load_config(config_path("exp2"))  # leaky_bn: has BatchNorm in G too
+  g, d = train.init_variables(config, jax.random.PRNGKey(0))
+  from flax import traverse_util
+  flat = {**traverse_util.flatten_dict(g["params"]), **{("D",) + k: v for k, v in
+                                                         traverse_util.flatten_dict(d["params"]).items()}}
+  kernels = np.concatenate([np.ravel(v) for k, v in flat.items() if k[-1] == "kernel"])
+  scales = np.concatenate([np.ravel(v) for k, v in flat.items() if k[-1] == "scale"])
+  assert abs(kernels.std() - 0.02) < 0.0005 and abs(kernels.mean()) < 0.0005
+  assert abs(scales.mean() - 1.0) < 0.003 and abs(scales.std() - 0.02) < 0.003
+  for path, v in flat.items():
+    if path[-1] == "bias" and "right_0" in path and path[0] == "main_1":  # 1x1 conv on 512 ch
+      bound = 1 / np.sqrt(512)
+      assert np.abs(v).max() <= bound and np.abs(v).max() > 0.8 * bound
+    if path[-1] == "bias" and path[0] == "D":
+      assert not np.any(v)  # BatchNorm biases start at 0
