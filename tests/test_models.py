@@ -101,8 +101,9 @@ def test_networks_match_reference_layer_by_layer(tiny_config, block, kind):
   n_layers = {"relu": 3 * 6 + 1, "leaky_bn": 3 * 8 + 1}[block] + {"dcgan": 6, "avgpool": 5}[kind]
   assert len(rows) == n_layers  # every conv, BatchNorm and CSPup block has a row
   for r in rows:
-    # float32's own error (PyTorch fp32 vs fp64) grows along a deep BatchNorm stack.
-    assert r.rel <= max(FORWARD_TOL, 2 * r.floor), r
+    # Single modules meet 1e-6 (tests above); along a deep BatchNorm stack float32's own error
+    # (PyTorch fp32 vs fp64, the floor) grows past it, and two implementations differ by ~2x it.
+    assert r.rel <= max(FORWARD_TOL, 4 * r.floor), r
 
 
 def test_parameter_counts(config_path):

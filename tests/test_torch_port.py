@@ -53,7 +53,7 @@ def test_wrong_architecture_names_the_keys(tiny_config):
   assert "\n" not in msg
   assert "missing 6: main.0.right.2.weight" in msg
   assert "unexpected 36: main.0.right.1.bias" in msg
-  assert "mis-shaped 6: main.0.right.3.weight (8, 8, 4, 4) != (8, 8, 1, 1)" in msg
+  assert "mis-shaped 6: main.0.right.3.weight (32, 32, 4, 4) != (32, 32, 1, 1)" in msg
 
 
 def test_truncated_and_foreign_files(tmp_path, tiny_config):

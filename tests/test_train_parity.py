@@ -37,12 +37,14 @@ def test_five_iterations_match_pytorch(tiny_config, block, kind):
 
 
 def test_optax_adam_rounding_breaks_parity(tiny_config):
-  # Why the default optimizer is `torch_adam`: optax's mathematically equal Adam rounds
-  # differently, and the GAN amplifies one-ulp differences in D's step into G's gradient.
-  exact = parity.run_parity(tiny_config("model.ngf=64", "model.ndf=64", "model.nz=100",
-                                        "train.batch_size=16"), steps=1, with_floor=False)
-  optax_rows = parity.run_parity(tiny_config("model.ngf=64", "model.ndf=64", "model.nz=100",
-                                             "train.batch_size=16", "train.optimizer=adam"),
-                                 steps=1, with_floor=False)
-  assert parity.max_rel(exact) <= REL_TOL
-  assert parity.max_rel(optax_rows) > 10 * parity.max_rel(exact)
+  # Why the default optimizer is `torch_adam`: optax's mathematically equal Adam rounds D's
+  # step differently by one ulp, and the GAN amplifies that into G's gradient (3.6e-3 here).
+  def worst(optimizer):  # largest error in units of the bound used above
+    config = tiny_config("model.ngf=64", "model.ndf=64", "model.nz=100", "train.batch_size=16",
+                         f"train.optimizer={optimizer}")
+    rows = parity.run_parity(config, steps=1)
+    return max(r.rel / max(REL_TOL, 4 * r.floor) for r in rows if r.floor is not None)
+
+  exact, optax_adam = worst("torch_adam"), worst("adam")
+  assert optax_adam > 30 * exact, (exact, optax_adam)
+  assert optax_adam > 30
