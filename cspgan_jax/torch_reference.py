@@ -7,7 +7,6 @@ conversion and benchmarks import this module; nothing else in the package needs 
 
 from __future__ import annotations
 
-
 import torch
 from torch import nn
 
