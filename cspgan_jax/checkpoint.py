@@ -13,7 +13,6 @@ from typing import Optional, Tuple
 
 import jax
 import ml_collections
-import numpy as np
 import orbax.checkpoint as ocp
 from flax import serialization
 
@@ -112,12 +111,12 @@ def restore(workdir: str, config: Optional[ml_collections.ConfigDict] = None,
   if config is not None:
     check_architecture(stored, config, workdir)
   config = config or stored
-  template = train.init_state(config, jax.random.PRNGKey(0))
-  target = serialization.to_state_dict(template)
+  # Shapes only: no initialisation runs; the static parts (modules, optimizers) come along.
+  template = jax.eval_shape(lambda: train.init_state(config, jax.random.PRNGKey(0)))
   mngr = manager(workdir, create=False)
   try:
     restored = mngr.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(_abstract(target))))
+        state=ocp.args.StandardRestore(serialization.to_state_dict(template))))
   except Exception as e:  # corrupt or foreign files: one line naming the checkpoint
     first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
     raise CheckpointError(f"cannot restore checkpoint step {step} from "
@@ -126,9 +125,3 @@ def restore(workdir: str, config: Optional[ml_collections.ConfigDict] = None,
     mngr.close()
   state = serialization.from_state_dict(template, restored["state"])
   return state, config
-
-
-def _abstract(tree):
-  """Shapes and dtypes of a nested dict of arrays."""
-  return jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(np.shape(a), np.asarray(a).dtype),
-                                tree)

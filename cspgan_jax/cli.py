@@ -173,8 +173,10 @@ def main(argv: Optional[List[str]] = None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
   rest, overrides = _split_overrides(argv)
   args = build_parser().parse_args(rest)
-  if overrides and args.command not in ("parity", "convert"):
-    print(f"cspgan: error: {args.command} takes no --config.* overrides", file=sys.stderr)
+  if overrides and args.func not in (cmd_parity, cmd_torch2flax):
+    # The other commands read the config stored in the checkpoint.
+    print(f"cspgan: error: {args.command} takes no --config.* overrides (the checkpoint holds "
+          "the config)", file=sys.stderr)
     return 2
   try:
     args.func(args, overrides)

@@ -33,7 +33,7 @@ _LEAF_NAMES = {
 _TORCH_LEAF_ORDER = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 _TO_FLAX = (2, 3, 1, 0)    # torch (O, I, kh, kw) / ConvT (I, O, kh, kw) -> flax (kh, kw, ., .)
 _TO_TORCH = (3, 2, 0, 1)   # the inverse
-_MODULE_NAME = re.compile(r"^(.*)_(\d+)$")
+MODULE_NAME = re.compile(r"^(.*)_(\d+)$")  # a Flax name that mirrors a PyTorch path part
 _DATA_PARALLEL_PREFIX = "module."
 _LIST_AT_MOST = 6
 
@@ -49,11 +49,16 @@ def torch_module_path(flax_path: Tuple[str, ...]) -> str:
   """('main_0', 'right_3') -> 'main.0.right.3'."""
   parts = []
   for name in flax_path:
-    m = _MODULE_NAME.match(name)
+    m = MODULE_NAME.match(name)
     if not m:
       raise ValueError(f"Flax module name {name!r} does not mirror a PyTorch path")
     parts += [m.group(1), m.group(2)]
   return ".".join(parts)
+
+
+def is_bn_statistic(torch_key: str) -> bool:
+  """True for BatchNorm buffers (running statistics, num_batches_tracked)."""
+  return torch_key.rsplit(".", 1)[1] in _TORCH_LEAF_ORDER[2:]
 
 
 def _torch_order(key: str):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from cspgan_jax import checkpoint, cli, images, torch_port, torch_reference, train
+from cspgan_jax import checkpoint, cli, images, torch_reference, train
 from cspgan_jax.errors import CheckpointError
 
 
