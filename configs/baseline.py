@@ -42,7 +42,18 @@ def get_config():
   config.train.sample_use_running_average = False
 
   config.data = ml_collections.ConfigDict()
-  config.data.source = "synthetic"       # "synthetic", "folder" (prepared) or "tfds"
+  # "tfds": a dataset written by `cspgan prepare-data` (or a TFDS catalogue name such as the
+  # official "celeb_a", which needs TensorFlow); "synthetic": cartoon faces drawn in memory.
+  config.data.source = "tfds"
   config.data.name = "celeba"
-  config.data.data_dir = ""
+  config.data.data_dir = ""              # "" = TFDS's default, ~/tensorflow_datasets
+  config.data.split = "train"
+  config.data.num_examples = 0           # tfds: use the first N (0 = all); synthetic: size (0 = 10,000)
+  config.data.synthetic_seed = 0
+  config.data.shuffle_seed = 0           # the per-epoch order is permutation(seed, epoch, shard)
+  # "device": the uint8 dataset lives on the accelerator and the step gathers its batch;
+  # "streaming": a host thread feeds batches; "auto": device if it fits device_budget_gb.
+  config.data.pipeline = "auto"
+  config.data.device_budget_gb = 0.0     # 0 = 40% of the device's memory (25% of RAM on a CPU)
+  config.data.prefetch = 2               # streaming: batches put on the devices ahead of the step
   return config

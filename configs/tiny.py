@@ -13,4 +13,6 @@ def get_config():
   config.model.nz = 16
   config.model.resolution = 32
   config.train.batch_size = 8
+  config.data.source = "synthetic"
+  config.data.num_examples = 256
   return config

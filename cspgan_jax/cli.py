@@ -1,4 +1,4 @@
-"""`cspgan` command line: convert, sample, parity.
+"""`cspgan` command line: prepare-data, convert, sample, parity.
 
 User errors (bad config, file, checkpoint) print one line `cspgan: error: ...` and exit 2;
 nothing existing is overwritten unless `--overwrite` says so.
@@ -25,6 +25,22 @@ def _split_overrides(argv: List[str]):
 def _load_config(path, overrides):
   from cspgan_jax import config_lib  # pylint: disable=import-outside-toplevel
   return config_lib.load_config(path, overrides)
+
+
+# ---- prepare-data ----
+
+def cmd_prepare_data(args, overrides):
+  del overrides
+  from cspgan_jax import prepare_data  # pylint: disable=import-outside-toplevel
+  if args.workers is not None and args.workers < 1:
+    raise CspganError(f"--workers must be >= 1, got {args.workers}")
+  summary = prepare_data.prepare(args.input, args.out, resolution=args.resolution, name=args.name,
+                                 workers=args.workers, overwrite=args.overwrite)
+  for line in summary.lines():
+    print(f"[prepare-data] {line}")
+  print(f"[prepare-data] read it with tfds.data_source({args.name!r}, data_dir={args.out!r}), or "
+        f"train with --config.data.source=tfds --config.data.name={args.name} "
+        f"--config.data.data_dir={args.out}")
 
 
 # ---- convert ----
@@ -125,9 +141,24 @@ def cmd_parity(args, overrides):
 
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
-      prog="cspgan", description="CSPup-GAN in JAX: convert, sample, parity with PyTorch.",
+      prog="cspgan",
+      description="CSPup-GAN in JAX: prepare data, convert, sample, parity with PyTorch.",
       epilog="Config fields can be overridden with --config.group.field=value.")
   sub = parser.add_subparsers(dest="command", required=True)
+
+  prep = sub.add_parser(
+      "prepare-data", help="image folder (e.g. CelebA's img_align_celeba) -> TFDS array_record")
+  prep.add_argument("--input", required=True,
+                    help="folder of images, searched recursively; list_eval_partition.txt beside "
+                         "or inside it gives CelebA's train/validation/test splits")
+  prep.add_argument("--out", required=True, help="TFDS data_dir to write NAME/1.0.0 into")
+  prep.add_argument("--resolution", type=int, default=128, help="output size (default 128)")
+  prep.add_argument("--name", default="celeba", help="TFDS dataset name (default celeba)")
+  prep.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+  prep.add_argument("--overwrite", action="store_true",
+                    help="rebuild a dataset already prepared there (the old one stays until "
+                         "the new one is complete)")
+  prep.set_defaults(func=cmd_prepare_data)
 
   conv = sub.add_parser("convert", help="convert checkpoints between PyTorch and Flax")
   conv_sub = conv.add_subparsers(dest="direction", required=True)

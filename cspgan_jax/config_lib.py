@@ -14,6 +14,9 @@ from cspgan_jax import losses, models
 from cspgan_jax.errors import ConfigError
 
 OPTIMIZERS = ("torch_adam", "adam")
+# Kept here (not imported from datasets / input_pipeline) so that checking a config imports no data code.
+DATA_SOURCES = ("synthetic", "tfds")
+PIPELINES = ("auto", "device", "streaming")
 
 
 def load_config(path: str, overrides: Iterable[str] = ()) -> ml_collections.ConfigDict:
@@ -74,7 +77,7 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Iterable[str])
 def validate_config(config: ml_collections.ConfigDict) -> None:
   """Raises ConfigError naming the first field that cannot work."""
   try:
-    m, t = config.model, config.train
+    m, t, d = config.model, config.train, config.data
     checks = [
         (m.block in models.BLOCKS, f"model.block must be one of {models.BLOCKS}, got {m.block!r}"),
         (m.discriminator in models.DISCRIMINATORS,
@@ -91,6 +94,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         (0 <= t.beta1 < 1 and 0 <= t.beta2 < 1, "train.beta1 and beta2 must be in [0, 1)"),
         (t.optimizer in OPTIMIZERS, f"train.optimizer must be one of {OPTIMIZERS}, got {t.optimizer!r}"),
         (t.loss in losses.LOSSES, f"train.loss must be one of {tuple(losses.LOSSES)}, got {t.loss!r}"),
+        (d.source in DATA_SOURCES, f"data.source must be one of {DATA_SOURCES}, got {d.source!r}"),
+        (d.pipeline in PIPELINES, f"data.pipeline must be one of {PIPELINES}, got {d.pipeline!r}"),
+        (d.num_examples >= 0, f"data.num_examples must be >= 0, got {d.num_examples}"),
+        (d.device_budget_gb >= 0, f"data.device_budget_gb must be >= 0, got {d.device_budget_gb}"),
+        (d.prefetch >= 1, f"data.prefetch must be >= 1, got {d.prefetch}"),
     ]
   except AttributeError as e:
     raise ConfigError(f"config lacks a required field: {e}") from e

@@ -1,0 +1,170 @@
+"""Random-access image sources for training: synthetic faces, prepared folders, TFDS's catalogue.
+
+Every source answers `len(source)` and `source.get(indices) -> uint8 (n, R, R, 3)`, already
+through the seed's Resize + CenterCrop: input_pipeline.py decides whether those bytes go to the
+accelerator once (device-resident) or batch by batch (streaming), and both read the same indices.
+
+`config.data.source`:
+- "synthetic": procedurally drawn cartoon faces (synthetic.py), the embedded default;
+- "tfds": `tfds.data_source(name, data_dir)`. A dataset written by `cspgan prepare-data` is read
+  from its files, without TensorFlow. A TFDS catalogue name (e.g. the official `celeb_a`) is built
+  by its own builder first, which needs TensorFlow and a working download or manual files.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+from typing import Optional, Sequence
+
+import numpy as np
+
+from cspgan_jax import preprocess, prepare_data
+from cspgan_jax.errors import DataError
+
+SOURCES = ("synthetic", "tfds")
+DEFAULT_SYNTHETIC_SIZE = 10_000
+
+
+class ArraySource:
+  """An in-memory uint8 array (N, R, R, 3)."""
+
+  def __init__(self, images: np.ndarray, description: str):
+    self.images = images
+    self.description = description
+
+  def __len__(self) -> int:
+    return len(self.images)
+
+  def get(self, indices: Sequence[int]) -> np.ndarray:
+    return self.images[np.asarray(indices)]
+
+
+class TfdsSource:
+  """A TFDS random-access data source; images not already R x R go through the seed's transform."""
+
+  def __init__(self, source, resolution: int, description: str, limit: int = 0):
+    self._source = source
+    self._resolution = resolution
+    self._len = min(len(source), limit) if limit else len(source)
+    self.description = description
+    self._pool = None
+
+  def __len__(self) -> int:
+    return self._len
+
+  def get(self, indices: Sequence[int]) -> np.ndarray:
+    indices = [int(i) for i in indices]
+    if indices and (min(indices) < 0 or max(indices) >= self._len):
+      raise IndexError(f"index out of range for {self.description} ({self._len} images)")
+    images = [e["image"] for e in self._source.__getitems__(indices)]
+    r = self._resolution
+    if all(im.shape == (r, r, 3) for im in images):
+      return np.stack(images).astype(np.uint8, copy=False)
+    # A catalogue dataset of full-size images: PIL releases the GIL while resizing, so threads help.
+    if self._pool is None:
+      self._pool = concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1)
+    return np.stack(list(self._pool.map(
+        lambda im: preprocess.resize_and_crop_array(_rgb(im), r), images)))
+
+
+def _rgb(image: np.ndarray) -> np.ndarray:
+  if image.ndim == 2 or image.shape[-1] == 1:
+    return np.repeat(image.reshape(image.shape[0], image.shape[1], 1), 3, axis=-1)
+  return image[..., :3]
+
+
+def synthetic_source(data_config, resolution: int) -> ArraySource:
+  from cspgan_jax import synthetic  # pylint: disable=import-outside-toplevel
+  n = data_config.num_examples or DEFAULT_SYNTHETIC_SIZE
+  images = synthetic.cartoon_faces(n, resolution, seed=data_config.synthetic_seed)
+  return ArraySource(images, f"synthetic cartoon faces (seed {data_config.synthetic_seed}, {n})")
+
+
+def default_data_dir() -> str:
+  """TFDS's own default (`~/tensorflow_datasets`, or $TFDS_DATA_DIR)."""
+  return os.environ.get("TFDS_DATA_DIR") or os.path.join(os.path.expanduser("~"), "tensorflow_datasets")
+
+
+def _is_catalogue_name(name: str) -> bool:
+  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+  try:
+    tfds.builder_cls(name)
+    return True
+  except Exception:  # pylint: disable=broad-except  # DatasetNotFoundError and kin
+    return False
+
+
+def prepared_dataset_path(data_dir: str, name: str) -> str:
+  """`data_dir/name/1.0.0` after checking it is complete; one-line errors otherwise."""
+  path = prepare_data.dataset_path(data_dir, name)
+  if not os.path.isdir(data_dir):
+    raise DataError(f"data_dir not found: {data_dir}")
+  if not os.path.isdir(path):
+    if prepare_data.incomplete_paths(data_dir, name):
+      raise DataError(f"the preparation of {name!r} in {data_dir} was interrupted; "
+                      f"run `cspgan prepare-data --name {name} --out {data_dir} --input ...` again")
+    found = sorted(d for d in os.listdir(data_dir) if os.path.isdir(os.path.join(data_dir, d))
+                   and d != "downloads")
+    raise DataError(f"no prepared dataset {name!r} in {data_dir} (found: {', '.join(found) or 'none'}); "
+                    f"run `cspgan prepare-data --input IMAGES --out {data_dir} --name {name}`")
+  problem = prepare_data.prepared_problem(path)
+  if problem:
+    raise DataError(f"{problem}; run `cspgan prepare-data` again to rebuild it")
+  return path
+
+
+def tfds_source(data_config, resolution: int, split: str) -> TfdsSource:
+  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+  name = data_config.name
+  data_dir = data_config.data_dir or default_data_dir()
+  if not _is_catalogue_name(name):
+    path = prepared_dataset_path(data_dir, name)
+    builder = tfds.builder_from_directory(path)
+  else:
+    # The official route (e.g. celeb_a): TFDS's builder downloads (Google Drive, often over quota)
+    # or reads the original files from its manual dir, and needs TensorFlow to do so.
+    try:
+      builder = tfds.builder(name, data_dir=data_dir, file_format="array_record")
+      builder.download_and_prepare()
+    except (ImportError, ModuleNotFoundError) as e:
+      raise DataError(f"TFDS's {name!r} builder needs TensorFlow ({e}); prepare the image folder "
+                      "with `cspgan prepare-data` instead") from e
+    except Exception as e:  # pylint: disable=broad-except  # download quota, missing files, ...
+      raise DataError(f"TFDS could not prepare {name!r}: {type(e).__name__}: "
+                      f"{str(e).splitlines()[0] if str(e) else ''}") from e
+  if split not in builder.info.splits:
+    raise DataError(f"dataset {name!r} has no split {split!r} (it has: "
+                    f"{', '.join(builder.info.splits.keys())})")
+  if "image" not in builder.info.features:
+    raise DataError(f"dataset {name!r} has no 'image' feature")
+  shape = tuple(builder.info.features["image"].shape)
+  if len(shape) == 3 and shape[0] is not None and shape[0] == shape[1] != resolution:
+    # Already square: it was prepared for another resolution. Resizing it again would not give
+    # the seed's transform of the original images.
+    raise DataError(f"{name!r} in {data_dir} holds {shape[0]}x{shape[1]} images, the model needs "
+                    f"{resolution}x{resolution}: prepare it with --resolution {resolution} "
+                    "(under another --name) or set model.resolution")
+  source = builder.as_data_source(split=split)
+  return TfdsSource(source, resolution, f"{name}/{split} from {data_dir}",
+                    limit=data_config.num_examples)
+
+
+def load_source(data_config, resolution: int, split: Optional[str] = None):
+  """The source named by `config.data` (split: `config.data.split` unless given)."""
+  split = split or data_config.get("split", "train")
+  if data_config.source == "synthetic":
+    return synthetic_source(data_config, resolution)
+  if data_config.source == "tfds":
+    return tfds_source(data_config, resolution, split)
+  raise DataError(f"data.source must be one of {SOURCES}, got {data_config.source!r}")
+
+
+def read_all(source, indices: np.ndarray, chunk: int = 1024, desc: str = "") -> np.ndarray:
+  """source.get over many indices, in chunks, with a progress bar for large reads."""
+  from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
+  indices = np.asarray(indices)
+  parts = [source.get(indices[i:i + chunk]) for i in tqdm(
+      range(0, len(indices), chunk), desc=desc or "read", unit=" chunks",
+      disable=len(indices) <= 16 * chunk, leave=False)]
+  return np.concatenate(parts) if parts else np.zeros((0,), np.uint8)

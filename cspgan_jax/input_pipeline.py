@@ -1,0 +1,270 @@
+"""Training input: uint8 images on the accelerator, batches gathered inside the jitted step.
+
+Layout. The dataset is cut into one shard per device over all processes (shard s holds examples
+s, s + S, s + 2S, ...; the remainder that does not fill every shard is dropped). Each process
+loads only its own devices' shards. In epoch e, shard s is visited in the order
+`permutation(fold_in(fold_in(PRNGKey(seed), e), s), shard_size)`, `per_device_batch` examples a
+step; an epoch is `shard_size // per_device_batch` steps (the last partial batch is dropped, so
+every step has the same shapes). Position and epoch are functions of the training step alone,
+so a resumed run sees exactly the batches an uninterrupted one would.
+
+Two paths produce the same batches:
+- device-resident: each device holds its shard as uint8, and `gather_batch` runs *inside* the
+  jitted step (permutation, slice, gather, conversion to [-1, 1]); the host does nothing per step.
+  The shard is an argument of the jitted function, never a closure (a closed-over array becomes
+  a constant compiled into the program).
+- streaming, where the shards exceed the device-memory budget: a host thread computes the same
+  indices, reads uint8 batches from the source (random access into array_record), and puts them
+  on the devices ahead of time; the step converts them to float.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import queue
+import threading
+from typing import Iterator, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cspgan_jax import datasets
+from cspgan_jax.errors import ConfigError, DataError
+
+PIPELINES = ("auto", "device", "streaming")
+
+
+# ---- what every path agrees on ----
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+  """How the dataset is split over devices and steps."""
+  num_examples: int      # examples in the source
+  num_shards: int        # devices over all processes
+  first_shard: int       # this process's first shard (process_index * local devices)
+  local_shards: int      # shards on this process's devices
+  per_device_batch: int
+
+  @property
+  def shard_size(self) -> int:
+    return self.num_examples // self.num_shards
+
+  @property
+  def steps_per_epoch(self) -> int:
+    return self.shard_size // self.per_device_batch
+
+  @property
+  def used_examples(self) -> int:
+    return self.steps_per_epoch * self.per_device_batch * self.num_shards
+
+  def shard_indices(self, shard: int) -> np.ndarray:
+    """Source indices held by global shard `shard`."""
+    return np.arange(self.shard_size, dtype=np.int64) * self.num_shards + shard
+
+  def local_shard_ids(self) -> np.ndarray:
+    return np.arange(self.first_shard, self.first_shard + self.local_shards, dtype=np.int32)
+
+  def bytes_per_device(self, image_shape: Sequence[int]) -> int:
+    return self.shard_size * int(np.prod(image_shape))
+
+
+def make_layout(num_examples: int, global_batch: int, *, num_shards: Optional[int] = None,
+                first_shard: Optional[int] = None, local_shards: Optional[int] = None) -> Layout:
+  """The layout for this process's devices (defaults: all of JAX's devices)."""
+  local = jax.local_device_count() if local_shards is None else local_shards
+  total = jax.device_count() if num_shards is None else num_shards
+  first = jax.process_index() * local if first_shard is None else first_shard
+  if global_batch % total:
+    raise ConfigError(f"train.batch_size {global_batch} does not divide evenly over {total} devices")
+  layout = Layout(num_examples, total, first, local, global_batch // total)
+  if layout.steps_per_epoch < 1:
+    raise DataError(f"{num_examples} images are fewer than one batch of {global_batch} "
+                    f"({layout.per_device_batch} on each of {total} devices)")
+  return layout
+
+
+def epoch_permutation(seed: int, epoch, shard, shard_size: int) -> jax.Array:
+  """The visiting order of one shard in one epoch; identical under jit on any backend."""
+  key = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(seed), epoch), shard)
+  return jax.random.permutation(key, shard_size)
+
+
+def batch_positions(seed: int, step, shard, *, shard_size: int, per_device_batch: int,
+                    steps_per_epoch: int) -> jax.Array:
+  """Indices into shard `shard` of its batch at training step `step` (traceable)."""
+  epoch, position = jnp.divmod(step, steps_per_epoch)
+  perm = epoch_permutation(seed, epoch, shard, shard_size)
+  return jax.lax.dynamic_slice_in_dim(perm, position * per_device_batch, per_device_batch)
+
+
+# torchvision's ToTensor + Normalize(0.5, 0.5), `(x / 255 - 0.5) / 0.5` in float32, for each of
+# the 256 byte values. A lookup instead of arithmetic: under jit XLA may rewrite x / 255 as
+# x * (1 / 255), which is off by one ulp for most values; the table is exact on every backend.
+UNIT_RANGE_TABLE = ((np.arange(256, dtype=np.float32) / np.float32(255.0) - np.float32(0.5))
+                    / np.float32(0.5)).astype(np.float32)
+
+
+def to_unit_range(images_uint8) -> jax.Array:
+  """uint8 pixels -> float32 in [-1, 1], bit-identical to torchvision's ToTensor + Normalize."""
+  return jnp.asarray(UNIT_RANGE_TABLE)[jnp.asarray(images_uint8).astype(jnp.int32)]
+
+
+def gather_batch(shard_images, shard_id, step, *, seed: int, per_device_batch: int,
+                 steps_per_epoch: int) -> jax.Array:
+  """Inside the step: this device's float batch (b, R, R, 3) in [-1, 1] at `step`."""
+  idx = batch_positions(seed, step, shard_id, shard_size=shard_images.shape[0],
+                        per_device_batch=per_device_batch, steps_per_epoch=steps_per_epoch)
+  return to_unit_range(jnp.take(shard_images, idx, axis=0))
+
+
+# ---- placing arrays on the local devices (pmap's layout: leading axis = device) ----
+
+def put_sharded(shards: Sequence[np.ndarray], devices=None) -> jax.Array:
+  """One host array per local device -> a (n_devices, ...) array pmap consumes without copies."""
+  devices = list(devices or jax.local_devices())
+  mesh = jax.sharding.Mesh(np.array(devices), ("devices",))
+  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("devices"))
+  arrays = [jax.device_put(np.asarray(s)[None], d) for s, d in zip(shards, devices)]
+  shape = (len(devices),) + tuple(np.shape(shards[0]))
+  return jax.make_array_from_single_device_arrays(shape, sharding, arrays)
+
+
+# ---- the two paths ----
+
+class DeviceResidentInput:
+  """Every local device holds its uint8 shard; batches are gathered in the step."""
+
+  kind = "device"
+
+  def __init__(self, source, layout: Layout, seed: int, devices=None):
+    self.layout = layout
+    self.seed = seed
+    devices = list(devices or jax.local_devices())
+    # Read and place one shard at a time: host memory peaks at one shard, not the dataset.
+    shards = [datasets.read_all(source, layout.shard_indices(s), desc=f"shard {s}")
+              for s in layout.local_shard_ids()]
+    self.images = put_sharded(shards, devices)
+    self.shard_ids = put_sharded(list(layout.local_shard_ids()), devices)
+
+  def batch_fn(self):
+    """(shard_images, shard_id, step) -> float batch; use inside the pmapped step."""
+    return functools.partial(gather_batch, seed=self.seed,
+                             per_device_batch=self.layout.per_device_batch,
+                             steps_per_epoch=self.layout.steps_per_epoch)
+
+
+class StreamingInput:
+  """Host-side twin of `gather_batch`: the same indices, read from the source ahead of the step."""
+
+  kind = "streaming"
+
+  def __init__(self, source, layout: Layout, seed: int, devices=None, prefetch: int = 2):
+    self.source = source
+    self.layout = layout
+    self.seed = seed
+    self.devices = list(devices or jax.local_devices())
+    self.prefetch = max(1, prefetch)
+    self._perm_cache = {}
+    cpu = jax.local_devices(backend="cpu")[0]
+    self._cpu = cpu
+    self._perms = jax.jit(jax.vmap(
+        lambda epoch, shard: epoch_permutation(seed, epoch, shard, layout.shard_size),
+        in_axes=(None, 0)))
+
+  def _epoch_perms(self, epoch: int) -> np.ndarray:
+    if epoch not in self._perm_cache:
+      with jax.default_device(self._cpu):
+        perms = self._perms(np.int32(epoch), self.layout.local_shard_ids())
+      self._perm_cache = {epoch: np.asarray(perms)}  # keep one epoch: bounded memory
+    return self._perm_cache[epoch]
+
+  def host_batch(self, step: int) -> np.ndarray:
+    """uint8 (local devices, per_device_batch, R, R, 3) for training step `step`."""
+    lay = self.layout
+    epoch, position = divmod(int(step), lay.steps_per_epoch)
+    perms = self._epoch_perms(epoch)
+    b = lay.per_device_batch
+    out = []
+    for i, shard in enumerate(lay.local_shard_ids()):
+      positions = perms[i, position * b:(position + 1) * b]
+      out.append(self.source.get(lay.shard_indices(int(shard))[positions]))
+    return np.stack(out)
+
+  def batches(self, start_step: int, num_steps: int) -> Iterator[jax.Array]:
+    """Device batches for steps start_step ... start_step + num_steps - 1, prefetched by a thread."""
+    q: queue.Queue = queue.Queue(maxsize=self.prefetch)
+    stop = threading.Event()
+    end = object()
+
+    def produce():
+      try:
+        for step in range(start_step, start_step + num_steps):
+          if stop.is_set():
+            return
+          q.put(put_sharded(list(self.host_batch(step)), self.devices))
+        q.put(end)
+      except BaseException as e:  # pylint: disable=broad-except  # re-raised in the consumer
+        q.put(e)
+
+    thread = threading.Thread(target=produce, daemon=True, name="cspgan-prefetch")
+    thread.start()
+    try:
+      while True:
+        item = q.get()
+        if item is end:
+          return
+        if isinstance(item, BaseException):
+          raise item
+        yield item
+    finally:
+      stop.set()
+      while thread.is_alive():  # unblock a producer waiting on a full queue
+        try:
+          q.get_nowait()
+        except queue.Empty:
+          thread.join(timeout=0.05)
+
+
+# ---- choosing ----
+
+def device_budget_bytes(data_config, device=None) -> int:
+  """config.data.device_budget_gb, or 40% of the device's memory (25% of RAM on a CPU)."""
+  if data_config.device_budget_gb > 0:
+    return int(data_config.device_budget_gb * 2**30)
+  device = device or jax.local_devices()[0]
+  try:
+    stats = device.memory_stats() or {}
+  except Exception:  # pylint: disable=broad-except  # backends without memory_stats
+    stats = {}
+  if stats.get("bytes_limit"):
+    return int(0.4 * stats["bytes_limit"])
+  try:
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+  except (ValueError, OSError, AttributeError):
+    ram = 8 * 2**30
+  return int(0.25 * ram)
+
+
+def choose_pipeline(data_config, layout: Layout, image_shape, device=None) -> str:
+  wanted = data_config.pipeline
+  if wanted not in PIPELINES:
+    raise ConfigError(f"data.pipeline must be one of {PIPELINES}, got {wanted!r}")
+  if wanted != "auto":
+    return wanted
+  fits = layout.bytes_per_device(image_shape) <= device_budget_bytes(data_config, device)
+  return "device" if fits else "streaming"
+
+
+def make_input(config, devices=None, layout: Optional[Layout] = None):
+  """The training input named by `config.data`, for `config.train.batch_size` global batches."""
+  r = config.model.resolution
+  source = datasets.load_source(config.data, r)
+  layout = layout or make_layout(len(source), config.train.batch_size)
+  kind = choose_pipeline(config.data, layout, (r, r, 3))
+  seed = config.data.shuffle_seed
+  if kind == "device":
+    return DeviceResidentInput(source, layout, seed, devices)
+  return StreamingInput(source, layout, seed, devices, prefetch=config.data.get("prefetch", 2))

@@ -1,0 +1,202 @@
+"""Data benchmark: preparation speed, input throughput of both paths, and the training step
+with device-resident data against the same step on a constant batch.
+
+  python scripts/bench_data.py                      # CPU-sized defaults, a few minutes
+  python scripts/bench_data.py --prepare 2000,8000 --resolution 128 --batch 64 --train-config configs/baseline.py
+
+Prints one table; `--json PATH` also writes the figures. Preparation runs on CelebA-shaped
+(178x218) JPEGs drawn from the synthetic faces, at two sizes so that linearity shows; the
+projected CelebA time divides 202,599 images by the larger run's rate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+CELEBA_IMAGES = 202_599
+
+
+def write_celeba_like_jpegs(folder: str, n: int, start: int = 0) -> None:
+  """n JPEGs of 178x218 (CelebA's aligned size), quality 95 like the originals."""
+  from PIL import Image
+  from cspgan_jax import synthetic
+  os.makedirs(folder, exist_ok=True)
+  for i in range(0, n, 256):
+    faces = synthetic.cartoon_faces(min(256, n - i), 218, seed=1, start=start + i)
+    for k, face in enumerate(faces):
+      Image.fromarray(face[:, 20:198]).save(os.path.join(folder, f"{start + i + k:06d}.jpg"),
+                                            quality=95)
+
+
+def bench_prepare(sizes, resolution, workers, root):
+  from cspgan_jax import prepare_data
+  rows, made = [], 0
+  images = os.path.join(root, "img_align_celeba")
+  for n in sizes:
+    write_celeba_like_jpegs(images, n - made, start=made)
+    made = n
+    out = os.path.join(root, f"tfds_{n}")
+    s = prepare_data.prepare(images, out, resolution=resolution, name="celeba", workers=workers)
+    rows.append(dict(images=n, seconds=s.seconds, images_per_s=s.images_per_second,
+                     workers=s.workers, data_dir=out))
+  return rows
+
+
+def timed(fn, repeats: int, warmup: int = 2) -> float:
+  """Median seconds of fn() (which must block until its work is done)."""
+  for _ in range(warmup):
+    fn()
+  times = []
+  for _ in range(repeats):
+    t = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - t)
+  return float(np.median(times))
+
+
+def bench_input(data_dir, resolution, batch, steps, synthetic_n):
+  """images/s delivered to the device: device-resident gather, and streaming from array_record."""
+  import jax
+  import ml_collections
+  from cspgan_jax import datasets, input_pipeline
+  rows = []
+  cfg = ml_collections.ConfigDict(dict(source="synthetic", num_examples=synthetic_n,
+                                       synthetic_seed=0, name="", data_dir="", split="train"))
+  sources = [("synthetic, in memory", datasets.load_source(cfg, resolution))]
+  if data_dir:
+    cfg = ml_collections.ConfigDict(dict(source="tfds", name="celeba", data_dir=data_dir,
+                                         split="train", num_examples=0))
+    sources.append(("prepared array_record", datasets.load_source(cfg, resolution)))
+  for name, source in sources:
+    layout = input_pipeline.make_layout(len(source), batch)
+    resident = input_pipeline.DeviceResidentInput(source, layout, seed=0)
+    gather = jax.pmap(resident.batch_fn(), in_axes=(0, 0, None))
+    counter = iter(range(10**9))
+    dev_s = timed(lambda: gather(resident.images, resident.shard_ids,
+                                 np.int32(next(counter))).block_until_ready(), steps)
+    rows.append(dict(path="device-resident gather", source=name, images_per_s=batch / dev_s))
+    streaming = input_pipeline.StreamingInput(source, layout, seed=0)
+    n = steps + 2
+    t = time.perf_counter()
+    for b in streaming.batches(0, n):
+      b.block_until_ready()
+    rows.append(dict(path="streaming (host thread)", source=name,
+                     images_per_s=batch * n / (time.perf_counter() - t)))
+  return rows
+
+
+def bench_train_step(config_path, batch, steps, overrides):
+  """The training step on a constant device batch vs gathering from the device-resident data."""
+  import jax
+  from cspgan_jax import config_lib, input_pipeline, train
+  config = config_lib.load_config(config_path, [f"--config.train.batch_size={batch}",
+                                                "--config.data.source=synthetic", *overrides])
+  r = config.model.resolution
+  inp = input_pipeline.make_input(config)
+  batch_fn = inp.batch_fn() if inp.kind == "device" else None
+  step_fn = functools.partial(train.train_step, config=config, axis_name="devices")
+
+  def constant_step(state, real, rng):
+    return step_fn(state, real, jax.random.fold_in(rng, state.step))
+
+  def device_data_step(state, images, shard_id, rng):
+    return step_fn(state, batch_fn(images, shard_id, state.step),
+                   jax.random.fold_in(rng, state.step))
+
+  n_dev = jax.local_device_count()
+  replicate = lambda tree: jax.tree_util.tree_map(lambda x: np.stack([np.asarray(x)] * n_dev), tree)
+  rng = replicate(jax.random.PRNGKey(0))
+  results = {}
+  const = jax.pmap(constant_step, axis_name="devices", donate_argnums=0)
+  real = input_pipeline.put_sharded(
+      [np.zeros((batch // n_dev, r, r, 3), np.float32)] * n_dev)
+  state = replicate(train.init_state(config, jax.random.PRNGKey(0)))
+  holder = {"s": state}
+
+  def run_const():
+    holder["s"], m = const(holder["s"], real, rng)
+    m["Loss_D"].block_until_ready()
+  results["constant batch"] = batch / timed(run_const, steps)
+
+  if batch_fn is not None:
+    dev = jax.pmap(device_data_step, axis_name="devices", donate_argnums=0)
+    holder["s"] = replicate(train.init_state(config, jax.random.PRNGKey(0)))
+
+    def run_dev():
+      holder["s"], m = dev(holder["s"], inp.images, inp.shard_ids, rng)
+      m["Loss_D"].block_until_ready()
+    results["device-resident data"] = batch / timed(run_dev, steps)
+  return dict(config=os.path.basename(config_path), resolution=r, batch=batch, **results)
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--prepare", default="500,2000",
+                      help="comma-separated image counts for the preparation runs ('' to skip)")
+  parser.add_argument("--resolution", type=int, default=128)
+  parser.add_argument("--workers", type=int, default=None)
+  parser.add_argument("--batch", type=int, default=64)
+  parser.add_argument("--steps", type=int, default=20, help="timed repeats per figure")
+  parser.add_argument("--synthetic", type=int, default=2048, help="in-memory dataset size")
+  parser.add_argument("--train-config", default="configs/tiny.py")
+  parser.add_argument("--train-batch", type=int, default=64)
+  parser.add_argument("--json", default=None, help="also write the figures here")
+  args, overrides = parser.parse_known_args(argv)
+
+  import jax
+  import tensorflow_datasets as tfds
+  device = jax.devices()[0]
+  header = (f"{platform.node()} | {os.cpu_count()} CPU cores | {device.platform}: "
+            f"{getattr(device, 'device_kind', '')} x{jax.device_count()} | jax {jax.__version__}, "
+            f"tfds {tfds.__version__} | {time.strftime('%Y-%m-%d')}")
+  report = dict(machine=header)
+  with tempfile.TemporaryDirectory() as root:
+    sizes = [int(s) for s in args.prepare.split(",") if s]
+    prep = bench_prepare(sizes, args.resolution, args.workers, root) if sizes else []
+    report["prepare"] = [{k: v for k, v in r.items() if k != "data_dir"} for r in prep]
+    report["input"] = bench_input(prep[-1]["data_dir"] if prep else None, args.resolution,
+                                  args.batch, args.steps, args.synthetic)
+  report["train_step"] = bench_train_step(args.train_config, args.train_batch, args.steps,
+                                          overrides)
+
+  print(header)
+  if prep:
+    print(f"\nprepare-data at {args.resolution}x{args.resolution} "
+          f"(CelebA-shaped 178x218 JPEGs, {prep[-1]['workers']} workers)")
+    print(f"{'images':>8} {'seconds':>9} {'images/s':>9}")
+    for r in prep:
+      print(f"{r['images']:>8} {r['seconds']:>9.1f} {r['images_per_s']:>9.0f}")
+    rate = prep[-1]["images_per_s"]
+    report["celeba_projected_minutes"] = CELEBA_IMAGES / rate / 60
+    print(f"projected for CelebA ({CELEBA_IMAGES:,} images): "
+          f"{report['celeba_projected_minutes']:.1f} min")
+  print(f"\ninput delivered to the device, batch {args.batch} at {args.resolution}x{args.resolution}")
+  print(f"{'path':<26} {'source':<24} {'images/s':>10}")
+  for r in report["input"]:
+    print(f"{r['path']:<26} {r['source']:<24} {r['images_per_s']:>10.0f}")
+  t = report["train_step"]
+  print(f"\ntraining step ({t['config']}, {t['resolution']}x{t['resolution']}, batch {t['batch']}), images/s")
+  for k in ("constant batch", "device-resident data"):
+    if k in t:
+      print(f"  {k:<22} {t[k]:>10.0f}")
+  if "device-resident data" in t:
+    print(f"  ratio device-resident / constant: {t['device-resident data'] / t['constant batch']:.3f}")
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump(report, f, indent=1)
+  return report
+
+
+if __name__ == "__main__":
+  main()

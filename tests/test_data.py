@@ -1,0 +1,425 @@
+"""prepare-data, the seed's transform, the TFDS reader and both input paths, on a few dozen
+JPEGs the tests draw themselves (no download, no TensorFlow)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+from PIL import Image
+
+from cspgan_jax import cli, datasets, input_pipeline, prepare_data, preprocess
+from cspgan_jax.errors import ConfigError, DataError
+
+R = 32
+SIZES = [(178, 218), (218, 178), (200, 200), (64, 40), (33, 90)]  # (width, height)
+NUM_GOOD = 36
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _smooth_image(rng, width, height):
+  """Blurry colour blobs: JPEG keeps them sharp enough to make resizing errors visible."""
+  small = rng.integers(0, 256, (max(2, height // 16), max(2, width // 16), 3), dtype=np.uint8)
+  return Image.fromarray(small).resize((width, height), Image.BICUBIC)
+
+
+def make_image_folder(root, num_good=NUM_GOOD, seed=0, corrupt=True):
+  """num_good images of several sizes and modes in nested folders, plus a corrupt and a truncated JPEG."""
+  rng = np.random.default_rng(seed)
+  names = []
+  for i in range(num_good):
+    sub = os.path.join(root, "part_a" if i % 3 else "part_b", "deeper" if i % 7 == 0 else "")
+    os.makedirs(sub, exist_ok=True)
+    image = _smooth_image(rng, *SIZES[i % len(SIZES)])
+    if i % 11 == 5:
+      path = os.path.join(sub, f"{i:06d}.png")
+      image.convert("L").save(path)  # greyscale: the loader's convert("RGB") must handle it
+    else:
+      path = os.path.join(sub, f"{i:06d}.jpg")
+      image.save(path, quality=92)
+    names.append(os.path.relpath(path, root))
+  if corrupt:
+    with open(os.path.join(root, "corrupt.jpg"), "wb") as f:
+      f.write(b"\xff\xd8\xff\xe0 this is not a JPEG")
+    whole = open(os.path.join(root, names[0]), "rb").read()
+    with open(os.path.join(root, "truncated.jpg"), "wb") as f:
+      f.write(whole[:len(whole) // 3])
+  with open(os.path.join(root, "notes.txt"), "w") as f:  # not an image: ignored, not "skipped"
+    f.write("hello")
+  return sorted(names)
+
+
+def pil_reference(path, size):
+  """torchvision's Resize(size) + CenterCrop(size) on a PIL image, written out independently."""
+  image = Image.open(path).convert("RGB")
+  w, h = image.size
+  if w <= h:
+    new = (size, int(size * h / w))
+  else:
+    new = (int(size * w / h), size)
+  image = image.resize(new, Image.BILINEAR)
+  top, left = int(round((new[1] - size) / 2.0)), int(round((new[0] - size) / 2.0))
+  return np.asarray(image.crop((left, top, left + size, top + size)), np.int32)
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+  root = tmp_path_factory.mktemp("data")
+  images = str(root / "img_align_celeba")
+  names = make_image_folder(images)
+  out = str(root / "tfds")
+  summary = prepare_data.prepare(images, out, resolution=R, name="celeba", workers=2)
+  return dict(images=images, out=out, names=names, summary=summary)
+
+
+def data_config(**fields):
+  c = ml_collections.ConfigDict(dict(
+      source="tfds", name="celeba", data_dir="", split="train", num_examples=0,
+      synthetic_seed=0, shuffle_seed=3, pipeline="auto", device_budget_gb=0.0, prefetch=2))
+  c.update(fields)
+  return c
+
+
+# ---- preparation ----
+
+def test_data_source_returns_every_readable_image_with_the_seeds_pixels(prepared):
+  source = tfds.data_source("celeba", data_dir=prepared["out"])["train"]
+  assert len(source) == NUM_GOOD == prepared["summary"].num_written
+  examples = source.__getitems__(list(range(len(source))))
+  assert [e["file_name"].decode() for e in examples] == prepared["names"]  # file order kept
+  worst = 0
+  for e in examples:
+    image = e["image"]
+    assert image.shape == (R, R, 3) and image.dtype == np.uint8
+    ref = pil_reference(os.path.join(prepared["images"], e["file_name"].decode()), R)
+    worst = max(worst, int(np.abs(image.astype(np.int32) - ref).max()))
+  assert worst <= 1
+  # Each record holds the pixels as raw bytes (R*R*3 plus a few dozen bytes of framing), not as
+  # int64 varints (two bytes for every value >= 128).
+  from array_record.python import array_record_module  # pylint: disable=import-outside-toplevel
+  path = prepared["summary"].data_path
+  shard = [f for f in os.listdir(path) if ".array_record-" in f]
+  reader = array_record_module.ArrayRecordReader(os.path.join(path, shard[0]))
+  sizes = [len(r) for r in reader.read(list(range(NUM_GOOD)))]
+  assert all(R * R * 3 < n < R * R * 3 + 100 for n in sizes), sizes
+
+
+def test_transform_matches_pytorch_antialiased_bilinear_within_one_grey_level():
+  torch = pytest.importorskip("torch")
+  rng = np.random.default_rng(1)
+  for (w, h) in SIZES:
+    image = _smooth_image(rng, w, h)
+    for size in (32, 64, 128):
+      ours = preprocess.resize_and_crop(image, size).astype(np.int32)
+      nw, nh = preprocess.resized_size(w, h, size)
+      t = torch.from_numpy(np.array(image)).permute(2, 0, 1)[None]
+      resized = torch.nn.functional.interpolate(t, size=(nh, nw), mode="bilinear", antialias=True,
+                                                align_corners=False)[0].permute(1, 2, 0).numpy()
+      left, top, _, _ = preprocess.center_crop_box(nw, nh, size)
+      theirs = resized[top:top + size, left:left + size].astype(np.int32)
+      assert ours.shape == theirs.shape == (size, size, 3)
+      assert np.abs(ours - theirs).max() <= 1, (w, h, size)
+
+
+def test_celeba_sizes_follow_torchvision():
+  assert preprocess.resized_size(178, 218, 128) == (128, 156)
+  assert preprocess.center_crop_box(128, 156, 128) == (0, 14, 128, 142)
+  assert preprocess.resized_size(218, 178, 64) == (78, 64)
+
+
+def test_unreadable_files_are_skipped_and_listed(prepared, capsys):
+  skipped = dict(prepared["summary"].skipped)
+  assert set(skipped) == {"corrupt.jpg", "truncated.jpg"}
+  assert "truncated" in skipped["truncated.jpg"]
+  text = "\n".join(prepared["summary"].lines())
+  assert "skipped 2 unreadable images: corrupt.jpg" in text and "truncated.jpg" in text
+  with open(os.path.join(prepared["summary"].data_path, "metadata.json")) as f:
+    meta = json.load(f)
+  assert meta["resolution"] == R and sorted(n for n, _ in meta["skipped"]) == sorted(skipped)
+
+
+def test_celeba_partition_file_gives_splits(tmp_path):
+  images = tmp_path / "CelebA" / "Img" / "img_align_celeba"
+  names = make_image_folder(str(images), num_good=9, corrupt=False)
+  eval_dir = tmp_path / "CelebA" / "Eval"
+  eval_dir.mkdir()
+  listed = names[:-1]  # the last file is missing from the list: it goes to train
+  (eval_dir / "list_eval_partition.txt").write_text(
+      "".join(f"{os.path.basename(n)} {i % 3}\n" for i, n in enumerate(listed)))
+  summary = prepare_data.prepare(str(images), str(tmp_path / "out"), resolution=R, workers=1)
+  assert summary.written == {"train": 4, "validation": 3, "test": 2}
+  assert summary.unlisted == 1
+  sources = tfds.data_source("celeba", data_dir=str(tmp_path / "out"))
+  assert {k: len(v) for k, v in sources.items()} == summary.written
+  test_names = [e["file_name"].decode() for e in sources["test"].__getitems__([0, 1])]
+  assert test_names == [listed[2], listed[5]]
+
+
+def test_bad_partition_line_is_one_clear_error(tmp_path):
+  images = tmp_path / "imgs"
+  make_image_folder(str(images), num_good=2, corrupt=False)
+  (images / "list_eval_partition.txt").write_text("000000.jpg 0\n000001.jpg seven\n")
+  with pytest.raises(DataError, match=r"list_eval_partition.txt:2: expected"):
+    prepare_data.prepare(str(images), str(tmp_path / "out"), resolution=R, workers=1)
+
+
+def test_existing_dataset_is_kept_unless_overwrite(prepared, tmp_path):
+  info = os.path.join(prepared["summary"].data_path, "dataset_info.json")
+  before = open(info).read()
+  with pytest.raises(DataError, match="already holds a prepared dataset"):
+    prepare_data.prepare(prepared["images"], prepared["out"], resolution=R, workers=1)
+  assert open(info).read() == before
+
+
+def test_interrupted_preparation_is_detected_and_rebuilt(tmp_path):
+  images = tmp_path / "imgs"
+  make_image_folder(str(images), num_good=5, corrupt=False)
+  out = tmp_path / "out"
+  # What a killed run leaves: TFDS's temporary folder, never renamed to 1.0.0.
+  stale = out / "celeba" / "incomplete.ABC123_1.0.0"
+  stale.mkdir(parents=True)
+  (stale / "celeba-train.array_record-00000-of-00001").write_bytes(b"half a shard")
+  config = data_config(data_dir=str(out))
+  with pytest.raises(DataError, match="was interrupted"):
+    datasets.load_source(config, R)
+  summary = prepare_data.prepare(str(images), str(out), resolution=R, workers=1)
+  assert summary.removed_incomplete == [str(stale)] and not stale.exists()
+  assert len(datasets.load_source(config, R)) == 5
+  # A final folder that lost a shard file is not read either, and is rebuilt.
+  shard = [f for f in os.listdir(summary.data_path) if ".array_record-" in f][0]
+  os.remove(os.path.join(summary.data_path, shard))
+  with pytest.raises(DataError, match="lacks its shard file"):
+    datasets.load_source(config, R)
+  summary = prepare_data.prepare(str(images), str(out), resolution=R, workers=1)
+  assert summary.removed_incomplete == [summary.data_path]
+  assert len(datasets.load_source(config, R)) == 5
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--input", "{tmp}/missing"], "input folder not found"),
+    (["--input", "{tmp}/empty"], "no image files"),
+    (["--input", "{tmp}/imgs", "--resolution", "48"], "--resolution 48 is not supported"),
+    (["--input", "{tmp}/imgs", "--name", "mnist"], "TFDS catalogue"),
+    (["--input", "{tmp}/imgs", "--name", "Bad-Name"], "lower_snake_case"),
+    (["--input", "{tmp}/only_corrupt"], "none of the 1 image files"),
+])
+def test_prepare_data_errors_are_one_line(tmp_path, capsys, args, message):
+  (tmp_path / "empty").mkdir()
+  (tmp_path / "only_corrupt").mkdir()
+  (tmp_path / "only_corrupt" / "x.jpg").write_bytes(b"nope")
+  make_image_folder(str(tmp_path / "imgs"), num_good=1, corrupt=False)
+  argv = ["prepare-data", "--out", str(tmp_path / "out"), "--workers", "1"]
+  argv += [a.format(tmp=tmp_path) for a in args]
+  assert cli.main(argv) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  errors = [line for line in err if "error" in line.lower()]  # progress bars may precede it
+  assert errors == [err[-1]] and err[-1].startswith("cspgan: error: ") and message in err[-1]
+  assert not os.path.exists(tmp_path / "out" / "celeba" / "1.0.0")
+
+
+def test_prepare_data_cli_prints_the_summary(tmp_path, capsys):
+  make_image_folder(str(tmp_path / "imgs"), num_good=3)
+  assert cli.main(["prepare-data", "--input", str(tmp_path / "imgs"), "--out",
+                   str(tmp_path / "out"), "--resolution", "32", "--workers", "1"]) == 0
+  out = capsys.readouterr().out
+  assert "wrote 3 images (train 3) at 32x32" in out
+  assert "skipped 2 unreadable images: corrupt.jpg" in out and "images/s" in out
+
+
+# ---- reading for training ----
+
+def test_reader_errors_name_the_problem(prepared, tmp_path):
+  with pytest.raises(DataError, match=r"no prepared dataset 'faces' in .* \(found: celeba\)"):
+    datasets.load_source(data_config(name="faces", data_dir=prepared["out"]), R)
+  with pytest.raises(DataError, match="holds 32x32 images, the model needs 64x64"):
+    datasets.load_source(data_config(data_dir=prepared["out"]), 64)
+  with pytest.raises(DataError, match="data_dir not found"):
+    datasets.load_source(data_config(data_dir=str(tmp_path / "nowhere")), R)
+  with pytest.raises(DataError, match="has no split 'test'"):
+    datasets.load_source(data_config(data_dir=prepared["out"], split="test"), R)
+
+
+def test_tfds_source_limits_and_reads_in_any_order(prepared):
+  source = datasets.load_source(data_config(data_dir=prepared["out"], num_examples=10), R)
+  assert len(source) == 10
+  full = tfds.data_source("celeba", data_dir=prepared["out"])["train"]
+  got = source.get([7, 2, 7])
+  assert got.shape == (3, R, R, 3) and got.dtype == np.uint8
+  np.testing.assert_array_equal(got[1], full[2]["image"])
+  np.testing.assert_array_equal(got[0], got[2])
+  with pytest.raises(IndexError):
+    source.get([10])
+
+
+def test_full_size_images_go_through_the_seeds_transform():
+  """A catalogue dataset (e.g. official celeb_a, 218x178) is transformed on the host."""
+  rng = np.random.default_rng(2)
+  raw = [np.asarray(_smooth_image(rng, 178, 218)) for _ in range(3)]
+
+  class FakeSource:
+    def __len__(self):
+      return len(raw)
+
+    def __getitems__(self, idx):
+      return [{"image": raw[i]} for i in idx]
+
+  source = datasets.TfdsSource(FakeSource(), R, "fake")
+  got = source.get([2, 0])
+  for g, i in zip(got, [2, 0]):
+    np.testing.assert_array_equal(g, preprocess.resize_and_crop(Image.fromarray(raw[i]), R))
+
+
+def test_to_unit_range_is_torchvision_normalize():
+  torch = pytest.importorskip("torch")
+  x = np.arange(256, dtype=np.uint8).reshape(1, 16, 16, 1).repeat(3, -1)
+  theirs = ((torch.from_numpy(x).float().div(255)).sub(0.5)).div(0.5).numpy()
+  ours = np.asarray(input_pipeline.to_unit_range(x))
+  np.testing.assert_array_equal(ours, theirs)
+  # Also inside a compiled step, where XLA is free to rewrite a division by a constant.
+  np.testing.assert_array_equal(np.asarray(jax.jit(input_pipeline.to_unit_range)(x)), theirs)
+  assert ours.min() == -1.0 and ours.max() == 1.0
+
+
+def _indexed_source(n):
+  """Image i carries i in its pixels, so a batch says which examples it holds."""
+  images = np.zeros((n, 8, 8, 3), np.uint8)
+  images[:, :, :, 0] = (np.arange(n) // 256)[:, None, None]
+  images[:, :, :, 1] = (np.arange(n) % 256)[:, None, None]
+  return datasets.ArraySource(images, "indexed")
+
+
+def _ids(batch):
+  batch = np.asarray(batch)
+  return batch[..., 0, 0, 0].astype(np.int64) * 256 + batch[..., 0, 0, 1]
+
+
+def test_layout_and_its_errors():
+  lay = input_pipeline.make_layout(103, 8, num_shards=4, first_shard=0, local_shards=4)
+  assert (lay.shard_size, lay.per_device_batch, lay.steps_per_epoch, lay.used_examples) == (25, 2, 12, 96)
+  all_indices = np.concatenate([lay.shard_indices(s) for s in range(4)])
+  assert len(set(all_indices.tolist())) == 100 and all_indices.max() < 103
+  with pytest.raises(ConfigError, match="does not divide evenly over 4 devices"):
+    input_pipeline.make_layout(103, 6, num_shards=4, first_shard=0, local_shards=4)
+  with pytest.raises(DataError, match="fewer than one batch"):
+    input_pipeline.make_layout(7, 8, num_shards=1, first_shard=0, local_shards=1)
+
+
+def test_device_resident_and_streaming_give_identical_batches(prepared):
+  source = datasets.load_source(data_config(data_dir=prepared["out"]), R)
+  layout = input_pipeline.make_layout(len(source), 8)
+  seed = 3
+  resident = input_pipeline.DeviceResidentInput(source, layout, seed)
+  streaming = input_pipeline.StreamingInput(source, layout, seed)
+  gather = jax.jit(resident.batch_fn())
+  steps = 2 * layout.steps_per_epoch + 1  # across two epoch boundaries
+  streamed = list(streaming.batches(0, steps))
+  seen = []
+  for step in range(steps):
+    on_device = gather(resident.images[0], resident.shard_ids[0], np.int32(step))
+    from_host = input_pipeline.to_unit_range(streamed[step][0])
+    np.testing.assert_array_equal(np.asarray(on_device), np.asarray(from_host))
+    np.testing.assert_array_equal(np.asarray(streamed[step][0]), streaming.host_batch(step)[0])
+    seen.append(np.asarray(on_device))
+  # An epoch visits distinct examples; the next epoch visits them in another order.
+  epoch = np.concatenate(seen[:layout.steps_per_epoch]).reshape(layout.steps_per_epoch * 8, -1)
+  assert len({row.tobytes() for row in epoch}) == len(epoch)
+  assert not np.array_equal(seen[0], seen[layout.steps_per_epoch])
+
+
+def test_epoch_order_depends_on_seed_and_epoch_only():
+  source = _indexed_source(64)
+  layout = input_pipeline.make_layout(64, 8, num_shards=1, first_shard=0, local_shards=1)
+  a = input_pipeline.StreamingInput(source, layout, seed=0)
+  b = input_pipeline.StreamingInput(source, layout, seed=0)
+  c = input_pipeline.StreamingInput(source, layout, seed=1)
+  epoch0 = np.concatenate([_ids(a.host_batch(s)[0]) for s in range(8)])
+  assert sorted(epoch0.tolist()) == list(range(64))
+  np.testing.assert_array_equal(_ids(b.host_batch(13)[0]), _ids(a.host_batch(13)[0]))
+  assert not np.array_equal(_ids(c.host_batch(0)[0]), _ids(a.host_batch(0)[0]))
+
+
+def test_pipeline_choice_follows_the_budget():
+  layout = input_pipeline.make_layout(1000, 8, num_shards=1, first_shard=0, local_shards=1)
+  shape = (128, 128, 3)  # 1000 images: 47 MiB
+  assert input_pipeline.choose_pipeline(data_config(device_budget_gb=1.0), layout, shape) == "device"
+  assert input_pipeline.choose_pipeline(data_config(device_budget_gb=0.01), layout, shape) == "streaming"
+  assert input_pipeline.choose_pipeline(data_config(pipeline="device", device_budget_gb=0.01),
+                                        layout, shape) == "device"
+  with pytest.raises(ConfigError, match="data.pipeline must be one of"):
+    input_pipeline.choose_pipeline(data_config(pipeline="gpu"), layout, shape)
+
+
+def test_make_input_uses_synthetic_faces_by_config(tiny_config):
+  config = tiny_config()
+  config.data.pipeline = "device"
+  resident = input_pipeline.make_input(config)
+  assert resident.kind == "device"
+  assert resident.images.shape == (1, config.data.num_examples, 32, 32, 3)
+  config.data.pipeline = "streaming"
+  streaming = input_pipeline.make_input(config)
+  batch = next(iter(streaming.batches(5, 1)))
+  gather = jax.jit(resident.batch_fn())
+  np.testing.assert_array_equal(
+      np.asarray(gather(resident.images[0], resident.shard_ids[0], np.int32(5))),
+      np.asarray(input_pipeline.to_unit_range(batch[0])))
+
+
+FOUR_DEVICES = r"""
+import jax, numpy as np
+from cspgan_jax import datasets, input_pipeline
+assert jax.local_device_count() == 4
+n = 203
+images = np.zeros((n, 8, 8, 3), np.uint8)
+images[..., 0] = (np.arange(n) // 256)[:, None, None]
+images[..., 1] = (np.arange(n) % 256)[:, None, None]
+source = datasets.ArraySource(images, "indexed")
+ids = lambda b: np.asarray(b)[..., 0, 0, 0].astype(int) * 256 + np.asarray(b)[..., 0, 0, 1]
+result = {}
+# This process alone (4 shards), and as process 1 of 2 (shards 4..7 of 8).
+for name, kw in [("single", {}), ("second_host", dict(num_shards=8, first_shard=4, local_shards=4))]:
+  layout = input_pipeline.make_layout(n, 16 if not kw else 32, **kw)
+  resident = input_pipeline.DeviceResidentInput(source, layout, seed=5)
+  held = [sorted(ids(s.data[0]).tolist()) for s in
+          sorted(resident.images.addressable_shards, key=lambda s: s.index[0].start)]
+  pmapped = jax.pmap(resident.batch_fn(), in_axes=(0, 0, None))
+  streaming = input_pipeline.StreamingInput(source, layout, seed=5)
+  batches = []
+  for step in range(layout.steps_per_epoch + 2):
+    dev = np.asarray(pmapped(resident.images, resident.shard_ids, np.int32(step)))
+    host = np.asarray(input_pipeline.to_unit_range(streaming.host_batch(step)))
+    assert np.array_equal(dev, host), (name, step)
+    batches.append(np.asarray(ids(((dev + 1) / 2 * 255).round().astype(np.uint8))).tolist())
+  result[name] = dict(held=held, batches=batches, steps=layout.steps_per_epoch,
+                      shard_size=layout.shard_size)
+import json; print("RESULT" + json.dumps(result))
+"""
+
+
+def test_four_devices_each_draw_from_a_disjoint_shard():
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+             JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
+  proc = subprocess.run([sys.executable, "-c", FOUR_DEVICES], env=env, capture_output=True,
+                        text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  result = json.loads(proc.stdout.split("RESULT", 1)[1])
+  for name, num_shards, first in [("single", 4, 0), ("second_host", 8, 4)]:
+    r = result[name]
+    shard_size = 203 // num_shards
+    assert r["shard_size"] == shard_size
+    # Each device holds exactly its shard, in memory on that device.
+    assert r["held"] == [[first + d + k * num_shards for k in range(shard_size)] for d in range(4)]
+    for step_batches in r["batches"]:
+      per_device = [set(b) for b in step_batches]
+      for d, ids in enumerate(per_device):
+        # Device d only ever sees its own shard: examples first + d (mod num_shards).
+        assert all(i % num_shards == first + d and i < shard_size * num_shards for i in ids)
+      assert len(set().union(*per_device)) == sum(len(b) for b in step_batches)
+    # Over one epoch each device visits distinct examples of its shard.
+    for d in range(4):
+      epoch = [i for step in r["batches"][:r["steps"]] for i in step[d]]
+      assert len(epoch) == len(set(epoch))
