@@ -343,6 +343,20 @@ def test_epoch_order_depends_on_seed_and_epoch_only():
   assert not np.array_equal(_ids(c.host_batch(0)[0]), _ids(a.host_batch(0)[0]))
 
 
+@pytest.mark.parametrize("n", [1, 2, 3, 7, 64, 65, 1000, 4097])
+def test_epoch_order_is_a_permutation_that_changes_with_epoch_seed_and_shard(n):
+  order = lambda seed, epoch, shard: np.asarray(jax.jit(
+      input_pipeline.epoch_order, static_argnums=(0, 4))(seed, epoch, shard, np.arange(n), n))
+  base = order(0, 0, 0)
+  assert sorted(base.tolist()) == list(range(n))
+  if n >= 64:
+    for other in (order(0, 1, 0), order(1, 0, 0), order(0, 0, 1)):
+      assert sorted(other.tolist()) == list(range(n))
+      assert np.mean(other != base) > 0.9
+    # Shuffled, not shifted: position and example are uncorrelated.
+    assert abs(np.corrcoef(np.arange(n), base)[0, 1]) < 0.3
+
+
 def test_pipeline_choice_follows_the_budget():
   layout = input_pipeline.make_layout(1000, 8, num_shards=1, first_shard=0, local_shards=1)
   shape = (128, 128, 3)  # 1000 images: 47 MiB
