@@ -26,8 +26,9 @@ def get_config():
   config.model.bn_epsilon = 1e-5
 
   config.train = ml_collections.ConfigDict()
-  config.train.batch_size = 64
+  config.train.batch_size = 64            # global: split evenly over all devices
   config.train.epochs = 10
+  config.train.num_steps = 0             # > 0: train this many steps instead of `epochs`
   config.train.lr_g = 1e-4
   config.train.lr_d = 5e-5
   config.train.beta1 = 0.5               # not printed in the report; the DCGAN value it inherits
@@ -40,6 +41,19 @@ def get_config():
   config.train.sync_bn = False           # multi-device: BatchNorm statistics per device, as DataParallel
   # The report samples the fixed-noise grid with G in training mode (batch statistics).
   config.train.sample_use_running_average = False
+  config.train.num_samples = 64          # fixed latents of the sample grid
+  config.train.log_every = 1000          # the seed's cadence: scalars and a console line
+  config.train.sample_every = 500        # the seed's cadence: G(fixed_noise) grid
+  config.train.checkpoint_every = 5000   # also at the end and on SIGTERM / SIGINT
+  config.train.keep_checkpoints = 3
+  config.train.stop_check_every = 1      # steps between checks of SIGTERM (a collective multi-host)
+
+  # Multi-host: empty = one process, or JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES /
+  # JAX_PROCESS_ID from the environment.
+  config.dist = ml_collections.ConfigDict()
+  config.dist.coordinator_address = ""
+  config.dist.num_processes = 0
+  config.dist.process_id = -1
 
   config.data = ml_collections.ConfigDict()
   # "tfds": a dataset written by `cspgan prepare-data` (or a TFDS catalogue name such as the

@@ -1,6 +1,7 @@
-"""Tiny model for tests: 32x32, narrow layers, batch 8. Seconds on a CPU.
+"""Tiny model for tests: 32x32, narrow layers, batch 8, synthetic faces. Seconds on a CPU.
 
   cspgan parity --config configs/tiny.py --steps 5
+  cspgan train --config configs/tiny.py --workdir /tmp/tiny
 """
 
 from configs import baseline
@@ -13,6 +14,11 @@ def get_config():
   config.model.nz = 16
   config.model.resolution = 32
   config.train.batch_size = 8
+  config.train.num_steps = 8
+  config.train.num_samples = 16
+  config.train.log_every = 2
+  config.train.sample_every = 4
+  config.train.checkpoint_every = 4
   config.data.source = "synthetic"
   config.data.num_examples = 256
   return config

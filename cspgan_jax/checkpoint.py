@@ -12,6 +12,7 @@ import os
 from typing import Optional, Tuple
 
 import jax
+import numpy as np
 import ml_collections
 import orbax.checkpoint as ocp
 from flax import serialization
@@ -54,12 +55,31 @@ def save(workdir: str, state: train.GANState, config: ml_collections.ConfigDict,
   return step
 
 
+def save_async(mngr: ocp.CheckpointManager, state: train.GANState,
+               config: ml_collections.ConfigDict) -> int:
+  """Starts writing `state` (host arrays) at its step and returns; `mngr.wait_until_finished()`
+  before exiting. Every process of a multi-host run calls it, as orbax requires."""
+  step = int(np.asarray(state.step))
+  mngr.save(step, args=ocp.args.Composite(
+      state=ocp.args.StandardSave(serialization.to_state_dict(state)),
+      config=ocp.args.JsonSave(json.loads(config.to_json_best_effort()))), force=True)
+  return step
+
+
 def latest_step(workdir: str) -> Optional[int]:
   if not os.path.isdir(checkpoint_dir(workdir)):
     return None
   mngr = manager(workdir, create=False)
   try:
     return mngr.latest_step()
+  finally:
+    mngr.close()
+
+
+def all_steps(workdir: str):
+  mngr = manager(workdir, create=False)
+  try:
+    return sorted(mngr.all_steps())
   finally:
     mngr.close()
 

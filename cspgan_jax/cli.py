@@ -1,4 +1,4 @@
-"""`cspgan` command line: prepare-data, convert, sample, parity.
+"""`cspgan` command line: train, info, prepare-data, convert, sample, parity.
 
 User errors (bad config, file, checkpoint) print one line `cspgan: error: ...` and exit 2;
 nothing existing is overwritten unless `--overwrite` says so.
@@ -25,6 +25,37 @@ def _split_overrides(argv: List[str]):
 def _load_config(path, overrides):
   from cspgan_jax import config_lib  # pylint: disable=import-outside-toplevel
   return config_lib.load_config(path, overrides)
+
+
+# ---- train, info ----
+
+def cmd_train(args, overrides):
+  from cspgan_jax import trainer  # pylint: disable=import-outside-toplevel
+  config = _load_config(args.config, overrides)
+  trainer.train_and_evaluate(config, args.workdir, progress=not args.no_progress)
+
+
+def cmd_info(args, overrides):
+  del overrides
+  import json  # pylint: disable=import-outside-toplevel
+  from cspgan_jax import checkpoint, trainer  # pylint: disable=import-outside-toplevel
+  step = checkpoint._resolve_step(args.workdir, None)  # pylint: disable=protected-access
+  config = checkpoint.read_config(args.workdir, step)
+  print(f"workdir: {os.path.abspath(args.workdir)}")
+  print(f"checkpoint step: {step} (all: {', '.join(map(str, checkpoint.all_steps(args.workdir)))})")
+  metrics_path = os.path.join(args.workdir, trainer.METRICS_FILE)
+  last = None
+  if os.path.isfile(metrics_path):
+    with open(metrics_path) as f:
+      lines = [line for line in f if line.strip()]
+    last = json.loads(lines[-1]) if lines else None
+  if last:
+    print("latest metrics (step {}): {}".format(
+        last.pop("step"), ", ".join(f"{k} {v:.4g}" for k, v in last.items())))
+  else:
+    print("latest metrics: none logged yet")
+  print("config:")
+  print(config)
 
 
 # ---- prepare-data ----
@@ -135,16 +166,27 @@ def cmd_parity(args, overrides):
     raise ConfigError(f"--steps must be >= 0, got {args.steps}")
   log = lambda msg: print(f"[parity] {msg}", file=sys.stderr, flush=True)
   rows = parity.run_parity(config, args.netG, args.netD, steps=args.steps, seed=args.seed,
-                           with_floor=not args.no_floor, log=log)
+                           with_floor=not args.no_floor, log=log, images_kind=args.images)
   print(parity.format_table(rows))
 
 
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
       prog="cspgan",
-      description="CSPup-GAN in JAX: prepare data, convert, sample, parity with PyTorch.",
+      description="CSPup-GAN in JAX: train, prepare data, convert, sample, parity with PyTorch.",
       epilog="Config fields can be overridden with --config.group.field=value.")
   sub = parser.add_subparsers(dest="command", required=True)
+
+  trn = sub.add_parser("train", help="train (or resume) a run in WORKDIR")
+  trn.add_argument("--config", required=True, help="ml_collections config file")
+  trn.add_argument("--workdir", required=True,
+                   help="checkpoints, tensorboard/, samples/, metrics.jsonl; resumed if present")
+  trn.add_argument("--no-progress", action="store_true", help="no progress bar")
+  trn.set_defaults(func=cmd_train)
+
+  inf = sub.add_parser("info", help="a run's config, step and latest metrics")
+  inf.add_argument("workdir")
+  inf.set_defaults(func=cmd_info)
 
   prep = sub.add_parser(
       "prepare-data", help="image folder (e.g. CelebA's img_align_celeba) -> TFDS array_record")
@@ -194,6 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
   par.add_argument("--netD", default=None, help="start from this discriminator state_dict")
   par.add_argument("--steps", type=int, default=3, help="training iterations to compare")
   par.add_argument("--seed", type=int, default=0, help="weights (if not given), data, noise")
+  par.add_argument("--images", choices=("faces", "noise"), default="faces",
+                   help="real-like synthetic faces (default) or tanh(N(0, 1)) noise")
   par.add_argument("--no-floor", action="store_true",
                    help="skip the float64 PyTorch run that measures float32's own error")
   par.set_defaults(func=cmd_parity)
@@ -204,7 +248,7 @@ def main(argv: Optional[List[str]] = None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
   rest, overrides = _split_overrides(argv)
   args = build_parser().parse_args(rest)
-  if overrides and args.func not in (cmd_parity, cmd_torch2flax):
+  if overrides and args.func not in (cmd_parity, cmd_torch2flax, cmd_train):
     # The other commands read the config stored in the checkpoint.
     print(f"cspgan: error: {args.command} takes no --config.* overrides (the checkpoint holds "
           "the config)", file=sys.stderr)

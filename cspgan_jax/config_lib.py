@@ -99,6 +99,12 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         (d.num_examples >= 0, f"data.num_examples must be >= 0, got {d.num_examples}"),
         (d.device_budget_gb >= 0, f"data.device_budget_gb must be >= 0, got {d.device_budget_gb}"),
         (d.prefetch >= 1, f"data.prefetch must be >= 1, got {d.prefetch}"),
+        (t.epochs >= 1 or t.num_steps >= 1, "train.epochs or train.num_steps must be >= 1"),
+        (t.num_steps >= 0, f"train.num_steps must be >= 0, got {t.num_steps}"),
+        (t.num_samples >= 2, f"train.num_samples must be >= 2 (BatchNorm), got {t.num_samples}"),
+        (min(t.log_every, t.sample_every, t.checkpoint_every, t.stop_check_every) >= 1,
+         "train.log_every, sample_every, checkpoint_every and stop_check_every must be >= 1"),
+        (t.keep_checkpoints >= 1, f"train.keep_checkpoints must be >= 1, got {t.keep_checkpoints}"),
     ]
   except AttributeError as e:
     raise ConfigError(f"config lacks a required field: {e}") from e

@@ -165,21 +165,38 @@ def state_rows(state: train.GANState, reference, reference64=None) -> List[Row]:
   return rows
 
 
-def parity_data(config, steps: int, seed: int):
-  """Deterministic images (NHWC, in (-1, 1)) and latents, drawn step by step so that the first
-  k iterations of a longer comparison are the same as those of a k-step one."""
+IMAGE_KINDS = ("faces", "noise")
+
+
+def parity_data(config, steps: int, seed: int, images_kind: str = "faces"):
+  """Deterministic images (NHWC, in [-1, 1]) and latents, drawn step by step so that the first
+  k iterations of a longer comparison are the same as those of a k-step one.
+
+  "faces": the synthetic cartoon faces through the training input's exact uint8 -> [-1, 1]
+  conversion, statistics like real images (flat regions, a mean far from 0). They also make
+  one-ulp ties likelier: a pre-activation or a first-step gradient within rounding of zero takes
+  a different branch (LeakyReLU, Adam's sign) in different float32 programs (docs/PARITY.md).
+  "noise": tanh(N(0, 1)), smooth errors only; the tests bound those tightly.
+  """
+  if images_kind not in IMAGE_KINDS:
+    raise ValueError(f"images_kind must be one of {IMAGE_KINDS}, got {images_kind!r}")
+  from cspgan_jax import input_pipeline, synthetic  # pylint: disable=import-outside-toplevel
   rs = np.random.RandomState(seed)
   m, b = config.model, config.train.batch_size
   images, latents = [], []
-  for _ in range(steps):
-    images.append(np.tanh(rs.randn(b, m.resolution, m.resolution, m.nc)).astype(np.float32))
+  for step in range(steps):
+    if images_kind == "faces" and m.nc == 3:
+      faces = synthetic.cartoon_faces(b, m.resolution, seed=seed, start=step * b)
+      images.append(input_pipeline.UNIT_RANGE_TABLE[faces])
+    else:
+      images.append(np.tanh(rs.randn(b, m.resolution, m.resolution, m.nc)).astype(np.float32))
     latents.append(rs.randn(b, m.nz).astype(np.float32))
   return images, latents
 
 
 def run_parity(config, net_g_path: Optional[str] = None, net_d_path: Optional[str] = None,
                steps: int = 3, seed: int = 0, with_floor: bool = True,
-               log=lambda msg: None) -> List[Row]:
+               log=lambda msg: None, images_kind: str = "faces") -> List[Row]:
   """Builds both implementations from the same weights and compares forward and `steps` steps."""
   import torch  # pylint: disable=import-outside-toplevel
   from cspgan_jax import torch_reference  # pylint: disable=import-outside-toplevel
@@ -196,7 +213,7 @@ def run_parity(config, net_g_path: Optional[str] = None, net_d_path: Optional[st
   g_vars = torch_port.torch_to_flax(torch_port.module_state_dict(net_g), g_template, "netG")
   d_vars = torch_port.torch_to_flax(torch_port.module_state_dict(net_d), d_template, "netD")
   gen, disc = models.build_models(config.model)
-  images, latents = parity_data(config, max(steps, 1), seed)
+  images, latents = parity_data(config, max(steps, 1), seed, images_kind)
 
   log("forward passes")
   rows = forward_rows("G", gen, g_vars, net_g, latents[0],

@@ -7,6 +7,8 @@ conversion and benchmarks import this module; nothing else in the package needs 
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
@@ -145,3 +147,60 @@ def train_iteration(net_g, net_d, opt_g, opt_d, real, noise):
   opt_g.step()
   return {"Loss_D": err_d.item(), "Loss_G": err_g.item(), "D_x": d_x, "D_G_z1": d_g_z1,
           "D_G_z2": d_g_z2}
+
+
+def train_iteration_per_chunk(net_g, net_d, opt_g, opt_d, real, noise, chunks: int):
+  """The seed's iteration as `nn.DataParallel` over `chunks` devices runs it, written out.
+
+  Each chunk has its own BatchNorm batch statistics (as each replica does); the gradient is the
+  average of the chunks' gradients (the mean loss over the whole batch, equal chunks); running
+  statistics are averaged over chunks afterwards (the JAX trainer's rule, so replicas never
+  drift; DataParallel itself keeps device 0's). The reference for per-device BatchNorm.
+  """
+  criterion = nn.BCELoss()
+  reals, noises = real.chunk(chunks), noise.chunk(chunks)
+  ones = lambda n: torch.full((n,), 1.0, dtype=real.dtype)
+  zeros = lambda n: torch.full((n,), 0.0, dtype=real.dtype)
+  g_reps = [copy.deepcopy(net_g).train() for _ in range(chunks)]
+  d_reps = [copy.deepcopy(net_d).train() for _ in range(chunks)]
+  fakes, m = [], {"Loss_D": 0.0, "Loss_G": 0.0, "D_x": 0.0, "D_G_z1": 0.0, "D_G_z2": 0.0}
+  for g, d, x, z in zip(g_reps, d_reps, reals, noises):
+    d.zero_grad()
+    out = d(x).view(-1)
+    err_real = criterion(out, ones(len(x)))
+    err_real.backward()
+    m["D_x"] += out.mean().item() / chunks
+    fake = g(z)
+    fakes.append(fake)
+    out = d(fake.detach()).view(-1)
+    err_fake = criterion(out, zeros(len(x)))
+    err_fake.backward()
+    m["D_G_z1"] += out.mean().item() / chunks
+    m["Loss_D"] += (err_real + err_fake).item() / chunks
+  _average_into(net_d, d_reps, grads=True)
+  opt_d.step()
+  d_news = [copy.deepcopy(net_d).train() for _ in range(chunks)]
+  for g, d, fake in zip(g_reps, d_news, fakes):
+    g.zero_grad()
+    out = d(fake).view(-1)
+    err_g = criterion(out, ones(len(out)))
+    err_g.backward()
+    m["D_G_z2"] += out.mean().item() / chunks
+    m["Loss_G"] += err_g.item() / chunks
+  _average_into(net_g, g_reps, grads=True)
+  opt_g.step()
+  _average_into(net_d, d_news, grads=False)
+  return m
+
+
+def _average_into(net, replicas, grads: bool):
+  """net's float buffers (and gradients) := the replicas' average."""
+  with torch.no_grad():
+    if grads:
+      for p, *reps in zip(net.parameters(), *[r.parameters() for r in replicas]):
+        p.grad = torch.stack([r.grad for r in reps]).mean(0)
+    for (name, b), *reps in zip(net.named_buffers(), *[r.buffers() for r in replicas]):
+      if b.is_floating_point():
+        b.copy_(torch.stack(list(reps)).mean(0))
+      else:
+        b.copy_(reps[0])

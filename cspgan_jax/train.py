@@ -111,6 +111,10 @@ def train_step_with_noise(state: GANState, real, z, *, config, axis_name: Option
   (g_grads,) = g_vjp(fake_grad)
   if axis_name is not None:
     g_grads = jax.lax.pmean(g_grads, axis_name)
+  if axis_name is not None and bn_axis is None:
+    # Per-device BatchNorm statistics: average the running estimates so replicas never drift
+    # (the average of the per-device updates is the update by the average batch statistic).
+    g_stats, d_stats = _pmean_floats(g_stats, axis_name), _pmean_floats(d_stats, axis_name)
   new_g = state.g.apply_gradients(grads=g_grads, batch_stats=g_stats)
   new_d = new_d.replace(batch_stats=d_stats)
 
@@ -124,6 +128,12 @@ def train_step_with_noise(state: GANState, real, z, *, config, axis_name: Option
   if axis_name is not None:
     metrics = jax.lax.pmean(metrics, axis_name)
   return GANState(step=state.step + 1, g=new_g, d=new_d), metrics
+
+
+def _pmean_floats(tree, axis_name):
+  """pmean of the float leaves (num_batches_tracked counts stay integers, equal everywhere)."""
+  return jax.tree_util.tree_map(
+      lambda x: jax.lax.pmean(x, axis_name) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
 
 
 def sample_latents(rng, batch_size: int, nz: int):

@@ -5,8 +5,15 @@ Tolerance: 1e-5 relative (parameters also 1e-5 absolute), or 4x PyTorch's own fl
 - `leaky_bn`: a conv bias followed by training-mode BatchNorm has an exactly-zero gradient, so
   both frameworks step it by Adam-normalised rounding noise (+-lr); PyTorch's fp32 and fp64
   runs disagree there as much as we disagree with PyTorch.
-- `relu` + `avgpool`: the rows beyond 1e-5 (D's first BatchNorm, up to 5.9e-4) equal PyTorch's
-  floor: there JAX agrees with float64 and PyTorch's float32 is the outlier.
+- `relu` + `avgpool`: rows beyond 1e-5 (D's first BatchNorm) can equal PyTorch's floor: there
+  JAX agrees with float64 and PyTorch's float32 is the outlier.
+
+These bounds are for smooth rounding errors, so the images are tanh(N(0, 1)) noise. Real-like
+images also produce one-ulp ties, which no smooth bound covers: with the synthetic faces and
+seed 0, one of D's 16,384 pre-activations in the avgpool discriminator's fake pass at step 4 is
+7.0e-8 in float64; PyTorch's float32 keeps its sign, ours rounds it to -6.0e-8, LeakyReLU takes
+the other branch there, and D's first two layers' gradients move by 1e-4 (docs/PARITY.md).
+`test_faces_match_pytorch` runs the faces with a seed (1) that holds no tie.
 """
 
 import pytest
@@ -15,13 +22,14 @@ from cspgan_jax import parity
 
 REL_TOL = 1e-5
 ABS_TOL = 1e-5
+FACES_SEED = 1  # see the docstring: seed 0 holds a one-ulp LeakyReLU tie at step 4 (avgpool)
 
 
 @pytest.mark.parametrize("block", ["relu", "leaky_bn"])
 @pytest.mark.parametrize("kind", ["dcgan", "avgpool"])
 def test_five_iterations_match_pytorch(tiny_config, block, kind):
   config = tiny_config(f"model.block={block}", f"model.discriminator={kind}")
-  rows = parity.run_parity(config, steps=5, seed=0)
+  rows = parity.run_parity(config, steps=5, seed=0, images_kind="noise")
   groups = {r.group for r in rows}
   assert {f"step {k}" for k in range(1, 6)} <= groups
   assert {"params G", "params D", "bn_stats D", "adam_mu G", "adam_nu D"} <= groups
@@ -33,6 +41,15 @@ def test_five_iterations_match_pytorch(tiny_config, block, kind):
   assert sorted(f"{r.group[-1]} {r.name}" for r in rows if r.group.startswith("params")) == sorted(
       config_params(block, kind))
   # The bound is not vacuous: test_optax_adam_rounding_breaks_parity exceeds it 30-fold.
+
+
+@pytest.mark.parametrize("kind", ["dcgan", "avgpool"])
+def test_faces_match_pytorch(tiny_config, kind):
+  config = tiny_config(f"model.discriminator={kind}")
+  rows = parity.run_parity(config, steps=5, seed=FACES_SEED, images_kind="faces")
+  assert len(rows) > 100
+  for r in rows:
+    assert parity.within_floor(r, REL_TOL), r
 
 
 def config_params(block, kind):
@@ -56,7 +73,7 @@ def test_optax_adam_rounding_breaks_parity(tiny_config):
   def worst(optimizer):  # largest error in units of the bound used above
     config = tiny_config("model.ngf=64", "model.ndf=64", "model.nz=100", "train.batch_size=16",
                          f"train.optimizer={optimizer}")
-    rows = parity.run_parity(config, steps=1)
+    rows = parity.run_parity(config, steps=1, images_kind="noise")
     return max(r.rel / max(REL_TOL, parity.FLOOR_FACTOR * r.floor) for r in rows)
 
   exact, optax_adam = worst("torch_adam"), worst("adam")

@@ -1,0 +1,25 @@
+"""Quickstart: the embedded default. Synthetic cartoon faces, a small model, no download.
+
+  cspgan train --config configs/quickstart.py --workdir runs/quickstart
+
+32x32 faces, ngf = ndf = 32, batch 64, 300 steps: about 2 minutes on a 2-core CPU (compilation
+included); seconds on a GPU. Leaves runs/quickstart/samples/*.png, TensorBoard events in
+runs/quickstart/tensorboard (`tensorboard --logdir runs/quickstart`) and a checkpoint
+(`cspgan sample --workdir runs/quickstart --out grid.png`, `cspgan info runs/quickstart`).
+"""
+
+from configs import baseline
+
+
+def get_config():
+  config = baseline.get_config()
+  config.model.resolution = 32
+  config.model.ngf = 32
+  config.model.ndf = 32
+  config.data.source = "synthetic"
+  config.data.num_examples = 4096
+  config.train.num_steps = 300
+  config.train.log_every = 50
+  config.train.sample_every = 100
+  config.train.checkpoint_every = 100
+  return config

@@ -1,0 +1,274 @@
+"""`cspgan train`: the training loop over all local devices, on one or several processes.
+
+One pmapped step per iteration: the per-device `train_step` gathers its batch from the
+device-resident data (or takes the streamed one), draws its noise from
+`fold_in(fold_in(rng, step), device)`, averages gradients (and, with per-device BatchNorm, the
+running statistics) over devices. Everything a step depends on (data position, noise, step) is
+a function of `state.step`, so a resumed run repeats an uninterrupted one bit for bit.
+
+Only process 0 writes logs, samples and `metrics.jsonl`; every process takes part in
+checkpointing, as orbax requires.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+from typing import Optional
+
+import jax
+import numpy as np
+
+from cspgan_jax import checkpoint, images, input_pipeline, train
+from cspgan_jax.errors import ConfigError, CspganError
+
+AXIS = "devices"
+TENSORBOARD_DIR = "tensorboard"
+SAMPLES_DIR = "samples"
+METRICS_FILE = "metrics.jsonl"
+METRIC_TAGS = {"Loss_D": "iter/Loss_D", "Loss_G": "iter/Loss_G", "D_x": "iter/D_x",
+               "D_G_z1": "iter/D_G_z1", "D_G_z2": "iter/D_G_z2"}
+
+
+# ---- processes and devices ----
+
+def maybe_initialize_distributed(config) -> None:
+  """Joins the processes of a multi-host run, from `config.dist` or the usual environment."""
+  dist = config.get("dist", None)
+
+  def get(key, unset, env):  # the config wins where set, else the environment
+    value = dist.get(key, unset) if dist is not None else unset
+    return os.environ.get(env, unset) if value == unset else value
+
+  address = get("coordinator_address", "", "JAX_COORDINATOR_ADDRESS")
+  if not address:
+    return
+  num_processes = int(get("num_processes", 0, "JAX_NUM_PROCESSES"))
+  process_id = int(get("process_id", -1, "JAX_PROCESS_ID"))
+  if num_processes < 1 or not 0 <= process_id < num_processes:
+    raise ConfigError(f"multi-host run at {address} needs dist.num_processes >= 1 and "
+                      f"0 <= dist.process_id < num_processes, got {num_processes}, {process_id}")
+  # Collectives between CPU processes (tests, CPU clusters); GPUs use NCCL regardless.
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(coordinator_address=address, num_processes=num_processes,
+                             process_id=process_id)
+
+
+def replicate(tree):
+  """One copy per local device, laid out as pmap takes it (leading device axis)."""
+  n = jax.local_device_count()
+  return jax.tree_util.tree_map(lambda x: input_pipeline.put_sharded([np.asarray(x)] * n), tree)
+
+
+def unreplicate(tree):
+  """Device 0's copy, on the host."""
+  return jax.tree_util.tree_map(lambda x: np.asarray(x.addressable_shards[0].data)[0], tree)
+
+
+def make_step(config, kind: str, batch_fn=None):
+  """The pmapped iteration: (state, data, shard_id, rng) -> (state, metrics)."""
+
+  def device_step(state, data, shard_id, rng):
+    if kind == "device":
+      real = batch_fn(data, shard_id, state.step)
+    else:
+      real = input_pipeline.to_unit_range(data)
+    rng = jax.random.fold_in(jax.random.fold_in(rng, state.step), shard_id)
+    return train.train_step(state, real, rng, config=config, axis_name=AXIS)
+
+  # The one line that maps the step over devices (a later jax.shard_map changes only this).
+  return jax.pmap(device_step, axis_name=AXIS, in_axes=(0, 0, 0, None), donate_argnums=0)
+
+
+# ---- workdir ----
+
+def prepare_workdir(workdir: str) -> None:
+  """Creates the workdir and proves it writable before any work is done."""
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    probe = os.path.join(workdir, f".write_test_{os.getpid()}")
+    with open(probe, "w") as f:
+      f.write("ok")
+    os.remove(probe)
+  except OSError as e:
+    raise CspganError(f"workdir {workdir} is not writable: {e.strerror or e}") from e
+
+
+class StopRequest:
+  """SIGTERM / SIGINT set a flag; the loop saves a checkpoint and exits cleanly at the next step."""
+
+  def __init__(self):
+    self.signal = None
+    self._previous = {}
+
+  def __enter__(self):
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      try:
+        self._previous[sig] = signal.signal(sig, self._handle)
+      except ValueError:  # not the main thread: no handlers, no clean stop
+        pass
+    return self
+
+  def _handle(self, signum, frame):
+    del frame
+    if self.signal is not None and signum == signal.SIGINT:
+      raise KeyboardInterrupt  # a second Ctrl-C: stop now
+    self.signal = signum
+
+  def __exit__(self, *exc):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+    return False
+
+  def requested(self) -> bool:
+    """The same answer on every process (any process signalled => all stop)."""
+    flag = self.signal is not None
+    if jax.process_count() == 1:
+      return flag
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    return bool(np.asarray(multihost_utils.process_allgather(np.array([flag]))).any())
+
+
+# ---- logging ----
+
+class RunLog:
+  """Console line, TensorBoard scalars and images, metrics.jsonl and sample PNGs (process 0)."""
+
+  def __init__(self, workdir: str, enabled: bool):
+    self.enabled = enabled
+    self.workdir = workdir
+    self.writer = None
+    if enabled:
+      from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
+      self.writer = SummaryWriter(os.path.join(workdir, TENSORBOARD_DIR))
+      os.makedirs(os.path.join(workdir, SAMPLES_DIR), exist_ok=True)
+
+  def scalars(self, step: int, metrics: dict, images_per_sec: Optional[float]) -> None:
+    if not self.enabled:
+      return
+    for name, tag in METRIC_TAGS.items():
+      self.writer.add_scalar(tag, metrics[name], step)
+    record = {"step": step, **{k: float(v) for k, v in metrics.items()}}
+    if images_per_sec is not None:
+      self.writer.add_scalar("perf/images_per_sec", images_per_sec, step)
+      record["images_per_sec"] = images_per_sec
+    with open(os.path.join(self.workdir, METRICS_FILE), "a") as f:
+      f.write(json.dumps(record) + "\n")
+
+  def samples(self, step: int, grid: np.ndarray) -> str:
+    path = os.path.join(self.workdir, SAMPLES_DIR, f"fixed_noise_{step:08d}.png")
+    images.save_png(grid, path)
+    self.writer.add_image("samples/fixed_noise", images.to_uint8(grid), step, dataformats="HWC")
+    return path
+
+  def close(self):
+    if self.writer is not None:
+      self.writer.close()
+
+
+def console_line(epoch, epochs, step_in_epoch, steps_per_epoch, m) -> str:
+  """The seed's (PyTorch DCGAN tutorial's) line."""
+  return (f"[{epoch}/{epochs}][{step_in_epoch}/{steps_per_epoch}]\tLoss_D: {m['Loss_D']:.4f}\t"
+          f"Loss_G: {m['Loss_G']:.4f}\tD(x): {m['D_x']:.4f}\t"
+          f"D(G(z)): {m['D_G_z1']:.4f} / {m['D_G_z2']:.4f}")
+
+
+# ---- the loop ----
+
+def train_and_evaluate(config, workdir: str, progress: bool = True) -> train.GANState:
+  """Trains to `config.train.num_steps` (or `epochs`), resuming from the latest checkpoint."""
+  maybe_initialize_distributed(config)
+  main_process = jax.process_index() == 0
+  prepare_workdir(workdir)
+  t = config.train
+  say = (lambda msg: print(f"[train] {msg}", file=sys.stderr, flush=True)) if main_process else (
+      lambda msg: None)
+
+  start = checkpoint.latest_step(workdir)
+  if start is not None:
+    state, _ = checkpoint.restore(workdir, config)
+    say(f"resuming from the checkpoint at step {start} in {checkpoint.checkpoint_dir(workdir)}")
+  else:
+    state = train.init_state(config, jax.random.PRNGKey(t.seed))
+  start = int(state.step)
+
+  data = input_pipeline.make_input(config)
+  layout = data.layout
+  total = t.num_steps or t.epochs * layout.steps_per_epoch
+  epochs = -(-total // layout.steps_per_epoch)
+  say(f"{jax.process_count()} process(es), {jax.device_count()} device(s) "
+      f"({jax.local_device_count()} here, {jax.devices()[0].platform}); data: {data.kind}, "
+      f"{layout.used_examples} images a pass, {layout.steps_per_epoch} steps an epoch; "
+      f"steps {start} -> {total}")
+
+  step_fn = make_step(config, data.kind, data.batch_fn() if data.kind == "device" else None)
+  p_state = replicate(state)
+  del state
+  shard_ids = data.shard_ids if data.kind == "device" else input_pipeline.put_sharded(
+      list(layout.local_shard_ids()))
+  base = jax.random.PRNGKey(t.seed)
+  noise_rng, fixed_rng = jax.random.fold_in(base, 1), jax.random.fold_in(base, 2)
+  fixed_noise = train.sample_latents(fixed_rng, t.num_samples, config.model.nz)
+  use_ra = t.get("sample_use_running_average", False)
+  sample_fn = jax.jit(lambda p, s, z: train.generate(config, p, s, z, use_ra))
+  streamed = None if data.kind == "device" else data.batches(start, max(total - start, 0))
+
+  log = RunLog(workdir, main_process)
+  mngr = checkpoint.manager(workdir, keep=t.keep_checkpoints)
+  bar = None
+  if main_process and progress:
+    from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
+    bar = tqdm(total=total, initial=start, unit=" steps", dynamic_ncols=True, file=sys.stderr)
+  last_saved = start if start else None
+  step = start
+  try:
+    with StopRequest() as stop:
+      tick, tick_step = time.perf_counter(), start
+      while step < total:
+        batch = data.images if data.kind == "device" else next(streamed)
+        p_state, metrics = step_fn(p_state, batch, shard_ids, noise_rng)
+        step += 1
+        if bar is not None:
+          bar.update(1)
+        if step % t.log_every == 0 or step == total:
+          m = {k: float(v) for k, v in unreplicate(metrics).items()}  # the only sync per log
+          now = time.perf_counter()
+          rate = (step - tick_step) * t.batch_size / max(now - tick, 1e-9)
+          tick, tick_step = now, step
+          log.scalars(step, m, rate)
+          epoch, in_epoch = divmod(step - 1, layout.steps_per_epoch)
+          line = console_line(epoch, epochs, in_epoch + 1, layout.steps_per_epoch, m)
+          if bar is not None:
+            bar.set_postfix(epoch=epoch, Loss_D=f"{m['Loss_D']:.3f}", Loss_G=f"{m['Loss_G']:.3f}",
+                            img_s=f"{rate:.0f}")
+            bar.write(line, file=sys.stderr)
+          elif main_process:
+            print(line, file=sys.stderr, flush=True)
+        if main_process and (step % t.sample_every == 0 or step == total):
+          g = unreplicate(p_state.g)
+          grid = images.make_grid(np.asarray(sample_fn(g.params, g.batch_stats, fixed_noise)))
+          log.samples(step, grid)
+        stopping = stop.requested() if (step % t.stop_check_every == 0 or step == total) else False
+        if step % t.checkpoint_every == 0 or step == total or stopping:
+          _save(mngr, p_state, config)
+          last_saved = step
+        if stopping:
+          say(f"signal {stop.signal or '(another process)'}: saved step {step}, exiting")
+          break
+  finally:
+    if bar is not None:
+      bar.close()
+    mngr.wait_until_finished()  # asynchronous saves complete before the program ends
+    mngr.close()
+    log.close()
+  if main_process and last_saved is not None:
+    say(f"checkpoint at step {last_saved} in {checkpoint.checkpoint_dir(workdir)}")
+  return unreplicate(p_state)
+
+
+def _save(mngr, p_state, config) -> None:
+  """Copies device 0's state to the host, then lets orbax write it in the background."""
+  checkpoint.save_async(mngr, unreplicate(p_state), config)

@@ -1,0 +1,117 @@
+"""Run with 4 CPU devices (XLA_FLAGS=--xla_force_host_platform_device_count=4); prints RESULT json.
+
+(a) per-device BatchNorm: the pmapped step vs PyTorch's per-chunk iteration (averaged gradients);
+(b) sync_bn: the pmapped step vs the single-device step on the whole batch;
+(c) the trainer's step: noise fold_in(fold_in(rng, step), device), batches from the data.
+"""
+import functools
+import json
+import sys
+
+import jax
+import numpy as np
+import torch
+
+from cspgan_jax import config_lib, input_pipeline, parity, torch_port, torch_reference, train, trainer
+
+assert jax.local_device_count() == 4
+N = 4
+config_path = sys.argv[1]
+
+
+def tree_errors(a, b):
+  """Largest per-leaf relative error ||a - b|| / ||b||, and largest absolute error."""
+  rel, absolute = 0.0, 0.0
+  for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    absolute = max(absolute, float(np.abs(x - y).max()))
+    rel = max(rel, float(np.linalg.norm(x - y) / max(np.linalg.norm(y), 1e-30)))
+  return rel, absolute
+
+
+def split(x):
+  return x.reshape((N, x.shape[0] // N) + x.shape[1:])
+
+
+def replicas_identical(tree):
+  return all(np.array_equal(np.asarray(x)[0], np.asarray(x)[i])
+             for x in jax.tree_util.tree_leaves(tree) for i in range(N))
+
+
+def start(config, seed=0):
+  net_g, net_d = torch_reference.build_reference(config.model, seed=seed)
+  g_t, d_t = train.init_variables(config, jax.random.PRNGKey(0))
+  g = torch_port.torch_to_flax(torch_port.module_state_dict(net_g), g_t, "netG")
+  d = torch_port.torch_to_flax(torch_port.module_state_dict(net_d), d_t, "netD")
+  return net_g, net_d, train.create_state(config, g, d)
+
+
+result = {}
+# (a) per-device statistics against PyTorch, chunk by chunk
+config = config_lib.load_config(config_path, ["--config.model.discriminator=avgpool",
+                                              "--config.train.batch_size=16"])
+images, latents = parity.parity_data(config, 1, 0, "noise")
+net_g, net_d, state = start(config)
+pstep = jax.pmap(functools.partial(train.train_step_with_noise, config=config, axis_name="d"),
+                 axis_name="d")
+new, metrics = pstep(trainer.replicate(state), split(images[0]), split(latents[0]))
+result["a_replicas_identical"] = replicas_identical(new)
+opt_g, opt_d = torch_reference.make_optimizers(net_g, net_d, config.train)
+ref_m = torch_reference.train_iteration_per_chunk(
+    net_g, net_d, opt_g, opt_d, torch.from_numpy(images[0].transpose(0, 3, 1, 2).copy()),
+    torch.from_numpy(latents[0])[:, :, None, None], N)
+ours = trainer.unreplicate(new)
+g_ref = torch_port.torch_to_flax(torch_port.module_state_dict(net_g),
+                                 {"params": ours.g.params, "batch_stats": ours.g.batch_stats}, "G")
+d_ref = torch_port.torch_to_flax(torch_port.module_state_dict(net_d),
+                                 {"params": ours.d.params, "batch_stats": ours.d.batch_stats}, "D")
+result["a_params"] = tree_errors((ours.g.params, ours.d.params), (g_ref["params"], d_ref["params"]))
+result["a_batch_stats"] = tree_errors(ours.d.batch_stats, d_ref["batch_stats"])
+m = {k: float(np.asarray(v)[0]) for k, v in metrics.items()}
+result["a_metrics"] = max(abs(m[k] - ref_m[k]) / abs(ref_m[k]) for k in ref_m)
+
+# (b) cross-device statistics: equal to one device on the whole batch. Two variants: relu G with
+# avgpool D (BatchNorm in D), where every leaf is compared; leaky_bn G (BatchNorm in G too),
+# where G's parameters and Adam moments are left out: conv biases feeding training-mode BatchNorm
+# have an exactly-zero gradient and Adam's first step moves every near-zero gradient by +-lr, so
+# any change of summation order (psum of partial sums) flips them. G's statistics are compared.
+for block in ("relu", "leaky_bn"):
+  config = config_lib.load_config(config_path, [f"--config.model.block={block}",
+                                                "--config.model.discriminator=avgpool",
+                                                "--config.train.batch_size=16",
+                                                "--config.train.sync_bn=True"])
+  _, _, state = start(config)
+  images, latents = parity.parity_data(config, 1, 0, "faces")
+  single, single_m = jax.jit(functools.partial(train.train_step_with_noise, config=config))(
+      state, images[0], latents[0])
+  pstep = jax.pmap(functools.partial(train.train_step_with_noise, config=config, axis_name="d"),
+                   axis_name="d")
+  mapped, mapped_m = pstep(trainer.replicate(state), split(images[0]), split(latents[0]))
+  result[f"b_{block}_replicas_identical"] = replicas_identical(mapped)
+  mapped = trainer.unreplicate(mapped)
+  pick = lambda s: ((s.g.params, s.d.params, s.g.batch_stats, s.d.batch_stats) if block == "relu"
+                    else (s.d.params, s.g.batch_stats, s.d.batch_stats))
+  adam = lambda s: (s.g.opt_state, s.d.opt_state) if block == "relu" else s.d.opt_state
+  result[f"b_{block}_state"] = tree_errors(pick(mapped), pick(single))
+  # Adam's second moment is g^2: twice the gradient's relative error.
+  result[f"b_{block}_adam"] = tree_errors(adam(mapped), adam(single))
+  result[f"b_{block}_metrics"] = max(abs(float(np.asarray(mapped_m[k])[0]) - float(single_m[k]))
+                                     / abs(float(single_m[k])) for k in single_m)
+
+# (c) the trainer's step: per-device noise and the streamed uint8 batch
+config = config_lib.load_config(config_path, ["--config.train.batch_size=16"])
+_, _, state = start(config)
+rng = jax.random.PRNGKey(7)
+data = np.random.default_rng(0).integers(0, 256, (N, 4, 32, 32, 3), dtype=np.uint8)
+shard_ids = input_pipeline.put_sharded(list(np.arange(N, dtype=np.int32)))
+step_fn = trainer.make_step(config, "streaming")
+state5 = state.replace(step=state.step + 5)
+got, _ = step_fn(trainer.replicate(state5), input_pipeline.put_sharded(list(data)), shard_ids, rng)
+z = np.stack([np.asarray(train.sample_latents(
+    jax.random.fold_in(jax.random.fold_in(rng, 5), d), 4, config.model.nz)) for d in range(N)])
+want, _ = jax.pmap(
+    functools.partial(train.train_step_with_noise, config=config, axis_name="devices"),
+    axis_name="devices")(trainer.replicate(state5), np.asarray(input_pipeline.to_unit_range(data)), z)
+result["c_equal"] = all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(
+    jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)))
+print("RESULT" + json.dumps(result))

@@ -1,0 +1,196 @@
+"""`cspgan train`: multi-device steps, bit-exact resume, SIGTERM, two processes, outputs, errors."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from cspgan_jax import checkpoint, cli, trainer
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPTS = os.path.join(REPO, "tests", "scripts")
+TINY = os.path.join(REPO, "configs", "tiny.py")
+
+
+def _env(devices):
+  return dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+              JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
+
+
+def _leaves_equal(a, b):
+  la, lb = jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)
+  return len(la) == len(lb) and all(np.array_equal(np.asarray(x), np.asarray(y))
+                                    for x, y in zip(la, lb))
+
+
+def test_four_device_steps_match_references():
+  proc = subprocess.run([sys.executable, os.path.join(SCRIPTS, "multi_device_step.py"), TINY],
+                        env=_env(4), capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  r = json.loads(proc.stdout.split("RESULT", 1)[1])
+  # Per-device BatchNorm: PyTorch's iteration per chunk with averaged gradients and statistics.
+  assert r["a_replicas_identical"]
+  assert r["a_params"][0] <= 1e-5 and r["a_batch_stats"][0] <= 1e-5 and r["a_metrics"] <= 1e-5
+  # sync_bn: the single-device step on the whole batch.
+  for block in ("relu", "leaky_bn"):
+    assert r[f"b_{block}_replicas_identical"]
+    assert r[f"b_{block}_state"][0] <= 1e-5, r
+    assert r[f"b_{block}_metrics"] <= 1e-5, r
+    assert r[f"b_{block}_adam"][0] <= 2e-5, r  # Adam's nu is g^2: twice the gradient's error
+  # The trainer's step: noise fold_in(fold_in(rng, step), device), the streamed uint8 batch.
+  assert r["c_equal"]
+
+
+def _train(workdir, *overrides):
+  config = cli._load_config(TINY, list(overrides))  # pylint: disable=protected-access
+  return trainer.train_and_evaluate(config, str(workdir), progress=False)
+
+
+@pytest.mark.parametrize("resumed_pipeline", ["device", "streaming"])
+def test_resume_is_bit_identical(tmp_path, resumed_pipeline):
+  whole = _train(tmp_path / "whole", "--config.train.num_steps=8", "--config.data.pipeline=device")
+  # Half, stop, resume: with the streaming input on the second leg's both halves, which must
+  # read the very batches the device-resident input gathered.
+  half = _train(tmp_path / "half", "--config.train.num_steps=4",
+                f"--config.data.pipeline={resumed_pipeline}")
+  assert int(half.step) == 4
+  resumed = _train(tmp_path / "half", "--config.train.num_steps=8",
+                   f"--config.data.pipeline={resumed_pipeline}")
+  assert int(resumed.step) == 8
+  assert _leaves_equal(whole, resumed)
+  restored, _ = checkpoint.restore(str(tmp_path / "half"))
+  assert _leaves_equal(restored, resumed)
+  assert checkpoint.all_steps(str(tmp_path / "half")) == [4, 8]
+  assert not _leaves_equal(half.g.params, resumed.g.params)  # it did train on
+
+
+def test_sigterm_saves_and_the_run_completes(tmp_path):
+  workdir = tmp_path / "run"
+  cmd = [sys.executable, "-m", "cspgan_jax.cli", "train", "--config", TINY, "--workdir",
+         str(workdir), "--no-progress", "--config.train.num_steps=100000",
+         "--config.train.log_every=1", "--config.train.sample_every=100000",
+         "--config.train.checkpoint_every=100000"]
+  proc = subprocess.Popen(cmd, env=_env(1), stderr=subprocess.PIPE, text=True)
+  try:
+    for line in proc.stderr:  # wait until it trains
+      if "][3/32]" in line:
+        break
+    proc.send_signal(signal.SIGTERM)
+    rest = proc.stderr.read()
+    assert proc.wait(timeout=120) == 0, rest[-2000:]
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+  assert "signal 15: saved step" in rest
+  stopped = checkpoint.latest_step(str(workdir))
+  assert 3 <= stopped < 100000
+  done = _train(workdir, f"--config.train.num_steps={stopped + 2}")
+  assert int(done.step) == stopped + 2
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_train_like_one(tmp_path):
+  common = ["--config.train.batch_size=8", "--config.train.num_steps=6"]
+  port = _free_port()
+  procs = [subprocess.Popen(
+      [sys.executable, os.path.join(SCRIPTS, "train_process.py"), TINY, str(tmp_path / "multi"),
+       str(tmp_path / f"p{i}.npz"), *common, f"--config.dist.coordinator_address=localhost:{port}",
+       "--config.dist.num_processes=2", f"--config.dist.process_id={i}"],
+      env=_env(2), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+  outputs = [p.communicate(timeout=600)[0] for p in procs]
+  assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-2000:] for o in outputs)
+  single = subprocess.run(
+      [sys.executable, os.path.join(SCRIPTS, "train_process.py"), TINY, str(tmp_path / "single"),
+       str(tmp_path / "single.npz"), *common], env=_env(4), capture_output=True, text=True,
+      timeout=600)
+  assert single.returncode == 0, single.stderr[-2000:]
+  p0, p1, one = (np.load(tmp_path / f"{n}.npz") for n in ("p0", "p1", "single"))
+  assert (int(p0["process_count"]), int(p1["process_index"]), int(p0["device_count"])) == (2, 1, 4)
+  keys = [k for k in p0.files if "/" in k]
+  assert len(keys) > 10
+  for k in keys:
+    np.testing.assert_array_equal(p0[k], p1[k])  # the processes never drift apart
+    # Same global batches and noise as one process on 4 devices; only the order of the
+    # cross-process all-reduce (gloo) differs from the in-process one.
+    np.testing.assert_allclose(p0[k], one[k], rtol=1e-5, atol=1e-7)
+  # Only process 0 wrote logs; the checkpoint (written by both, as orbax does) restores.
+  assert checkpoint.latest_step(str(tmp_path / "multi")) == 6
+  state, _ = checkpoint.restore(str(tmp_path / "multi"))
+  np.testing.assert_array_equal(np.asarray(state.d.params["main_0"]["kernel"]), p0["d/main_0/kernel"])
+  assert len(open(tmp_path / "multi" / trainer.METRICS_FILE).read().splitlines()) == 3
+
+
+def test_train_command_leaves_samples_events_checkpoints_and_info(tmp_path, capsys):
+  workdir = str(tmp_path / "run")
+  assert cli.main(["train", "--config", TINY, "--workdir", workdir]) == 0
+  err = capsys.readouterr().err
+  assert "[0/1][8/32]\tLoss_D:" in err and "Loss_G:" in err
+  assert "8/8" in err and " steps" in err  # the progress bar
+  assert sorted(os.listdir(os.path.join(workdir, "samples"))) == [
+      "fixed_noise_00000004.png", "fixed_noise_00000008.png"]
+  events = os.listdir(os.path.join(workdir, "tensorboard"))
+  assert len(events) == 1 and events[0].startswith("events.out.tfevents")
+  from tensorboardX.proto import event_pb2  # read the tags back
+  tags = set()
+  with open(os.path.join(workdir, "tensorboard", events[0]), "rb") as f:
+    data = f.read()
+  pos = 0
+  while pos < len(data):  # TFRecord framing: length, crc, payload, crc
+    n = int.from_bytes(data[pos:pos + 8], "little")
+    event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + n])
+    tags |= {v.tag for v in event.summary.value}
+    pos += 12 + n + 4
+  assert {"iter/Loss_D", "iter/Loss_G", "iter/D_x", "iter/D_G_z1", "iter/D_G_z2",
+          "perf/images_per_sec", "samples/fixed_noise"} <= tags
+  assert checkpoint.all_steps(workdir) == [4, 8]
+  metrics = [json.loads(l) for l in open(os.path.join(workdir, trainer.METRICS_FILE))]
+  assert [m["step"] for m in metrics] == [2, 4, 6, 8] and all(np.isfinite(m["Loss_D"]) for m in metrics)
+  assert cli.main(["info", workdir]) == 0
+  out = capsys.readouterr().out
+  assert "checkpoint step: 8 (all: 4, 8)" in out and "latest metrics (step 8)" in out
+  assert f"Loss_D {metrics[-1]['Loss_D']:.4g}" in out and "resolution: 32" in out
+  assert cli.main(["sample", "--workdir", workdir, "--out", str(tmp_path / "g.png"), "--n", "4"]) == 0
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--config.train.lr_g=-1e-4"], "train.lr_g must be positive"),
+    (["--config.train.nonsense=1"], "unknown config field 'train.nonsense'"),
+    (["--config.model.block=cspx"], "model.block must be one of"),
+    (["--config.data.source=imagenet"], "data.source must be one of"),
+    (["--config.train.batch_size=6", "--config.data.num_examples=4"], "fewer than one batch"),
+])
+def test_train_config_errors_are_one_line(tmp_path, capsys, args, message):
+  assert cli.main(["train", "--config", TINY, "--workdir", str(tmp_path / "w"), *args]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert err[-1].startswith("cspgan: error: ") and message in err[-1], err
+  assert not os.path.exists(tmp_path / "w" / "checkpoints")
+
+
+def test_unwritable_workdir_and_foreign_checkpoint_are_one_line(tmp_path, capsys):
+  blocker = tmp_path / "a_file"
+  blocker.write_text("not a folder")
+  assert cli.main(["train", "--config", TINY, "--workdir", str(blocker / "run")]) == 2
+  err = capsys.readouterr().err.strip().splitlines()[-1]
+  assert err.startswith("cspgan: error: workdir ") and "is not writable" in err
+  workdir = str(tmp_path / "run")
+  assert cli.main(["train", "--config", TINY, "--workdir", workdir,
+                   "--config.train.num_steps=2", "--no-progress"]) == 0
+  before = checkpoint.all_steps(workdir)
+  capsys.readouterr()
+  assert cli.main(["train", "--config", TINY, "--workdir", workdir,
+                   "--config.model.ngf=16", "--no-progress"]) == 2
+  err = capsys.readouterr().err.strip().splitlines()[-1]
+  assert "different architecture: model.ngf: checkpoint 8, config 16" in err
+  assert checkpoint.all_steps(workdir) == before
