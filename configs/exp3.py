@@ -1,6 +1,14 @@
 """Experiment 3: the baseline architecture with batch 256 for 15 epochs; lr "left the same".
 
   cspgan parity --config configs/exp3.py --steps 3
+
+Training on CelebA prepared by `cspgan prepare-data`:
+  cspgan prepare-data --input img_align_celeba --out ~/tensorflow_datasets   # once
+  cspgan train --config configs/exp3.py --workdir runs/exp3
+
+Hardware: one or more GPUs (all local ones are used). Time: not measured on a GPU yet (the
+performance issue). On the 2-core CPU VM one baseline step (batch 64, 128x128) took 42 s,
+i.e. weeks for the full run: the CPU is for the quickstart, tests and parity only.
 """
 
 from configs import baseline

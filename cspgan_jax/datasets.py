@@ -14,6 +14,7 @@ accelerator once (device-resident) or batch by batch (streaming), and both read 
 from __future__ import annotations
 
 import concurrent.futures
+import importlib.util
 import os
 from typing import Optional, Sequence
 
@@ -123,7 +124,11 @@ def tfds_source(data_config, resolution: int, split: str) -> TfdsSource:
     builder = tfds.builder_from_directory(path)
   else:
     # The official route (e.g. celeb_a): TFDS's builder downloads (Google Drive, often over quota)
-    # or reads the original files from its manual dir, and needs TensorFlow to do so.
+    # and needs TensorFlow to build. Say so before a download is attempted.
+    if importlib.util.find_spec("tensorflow") is None:
+      raise DataError(f"TFDS's catalogue dataset {name!r} needs TensorFlow to build (pip install "
+                      "tensorflow) and a working download; or prepare the image folder with "
+                      f"`cspgan prepare-data --input IMAGES --out {data_dir}` and use its name")
     try:
       builder = tfds.builder(name, data_dir=data_dir, file_format="array_record")
       builder.download_and_prepare()

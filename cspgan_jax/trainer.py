@@ -251,7 +251,9 @@ def train_and_evaluate(config, workdir: str, progress: bool = True) -> train.GAN
           g = unreplicate(p_state.g)
           grid = images.make_grid(np.asarray(sample_fn(g.params, g.batch_stats, fixed_noise)))
           log.samples(step, grid)
-        stopping = stop.requested() if (step % t.stop_check_every == 0 or step == total) else False
+        # One process: the flag is free to read. Several: agreeing is a collective, so not every step.
+        check = jax.process_count() == 1 or step % t.stop_check_every == 0 or step == total
+        stopping = stop.requested() if check else False
         if step % t.checkpoint_every == 0 or step == total or stopping:
           _save(mngr, p_state, config)
           last_saved = step
@@ -259,6 +261,8 @@ def train_and_evaluate(config, workdir: str, progress: bool = True) -> train.GAN
           say(f"signal {stop.signal or '(another process)'}: saved step {step}, exiting")
           break
   finally:
+    if streamed is not None:
+      streamed.close()  # stops the prefetching thread
     if bar is not None:
       bar.close()
     mngr.wait_until_finished()  # asynchronous saves complete before the program ends

@@ -244,6 +244,14 @@ def test_reader_errors_name_the_problem(prepared, tmp_path):
     datasets.load_source(data_config(data_dir=prepared["out"], split="test"), R)
 
 
+@pytest.mark.skipif(__import__("importlib").util.find_spec("tensorflow") is not None,
+                    reason="TensorFlow installed: the official route would start a download")
+def test_official_celeb_a_without_tensorflow_is_one_clear_error(tmp_path):
+  with pytest.raises(DataError, match="'celeb_a' needs TensorFlow to build"):
+    datasets.load_source(data_config(name="celeb_a", data_dir=str(tmp_path)), R)
+  assert not os.path.exists(tmp_path / "celeb_a")  # no half-started download left behind
+
+
 def test_tfds_source_limits_and_reads_in_any_order(prepared):
   source = datasets.load_source(data_config(data_dir=prepared["out"], num_examples=10), R)
   assert len(source) == 10
