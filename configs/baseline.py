@@ -46,6 +46,9 @@ def get_config():
   config.train.optimizer = "torch_adam"
   config.train.seed = 0
   config.train.loss = "torch_bce"        # "torch_bce" (PyTorch's clamped BCELoss) or "bce_logits"
+  config.train.dtype = "float32"         # "bfloat16": convolutions in bf16 (params, Adam, BN stats, losses f32)
+  config.train.steps_per_dispatch = 1    # > 1: a lax.scan of that many steps per launch
+  config.train.scan_unroll = 1           # lax.scan's unroll for steps_per_dispatch > 1
   config.train.sync_bn = False           # multi-device: BatchNorm statistics per device, as DataParallel
   # The report samples the fixed-noise grid with G in training mode (batch statistics).
   config.train.sample_use_running_average = False

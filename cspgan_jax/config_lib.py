@@ -16,6 +16,7 @@ from cspgan_jax.errors import ConfigError
 OPTIMIZERS = ("torch_adam", "adam")
 # Kept here (not imported from datasets / input_pipeline) so that checking a config imports no data code.
 DATA_SOURCES = ("synthetic", "tfds")
+DTYPES = ("float32", "bfloat16")
 PIPELINES = ("auto", "device", "streaming")
 
 
@@ -94,6 +95,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         (0 <= t.beta1 < 1 and 0 <= t.beta2 < 1, "train.beta1 and beta2 must be in [0, 1)"),
         (t.optimizer in OPTIMIZERS, f"train.optimizer must be one of {OPTIMIZERS}, got {t.optimizer!r}"),
         (t.loss in losses.LOSSES, f"train.loss must be one of {tuple(losses.LOSSES)}, got {t.loss!r}"),
+        (t.dtype in DTYPES, f"train.dtype must be one of {DTYPES}, got {t.dtype!r}"),
         (d.source in DATA_SOURCES, f"data.source must be one of {DATA_SOURCES}, got {d.source!r}"),
         (d.pipeline in PIPELINES, f"data.pipeline must be one of {PIPELINES}, got {d.pipeline!r}"),
         (d.num_examples >= 0, f"data.num_examples must be >= 0, got {d.num_examples}"),
@@ -104,6 +106,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         (t.num_samples >= 2, f"train.num_samples must be >= 2 (BatchNorm), got {t.num_samples}"),
         (min(t.log_every, t.sample_every, t.checkpoint_every, t.stop_check_every) >= 1,
          "train.log_every, sample_every, checkpoint_every and stop_check_every must be >= 1"),
+        (t.scan_unroll >= 1, f"train.scan_unroll must be >= 1, got {t.scan_unroll}"),
+        (t.steps_per_dispatch >= 1, f"train.steps_per_dispatch must be >= 1, got {t.steps_per_dispatch}"),
+        (all(e % t.steps_per_dispatch == 0 for e in (t.log_every, t.sample_every, t.checkpoint_every)),
+         f"train.log_every, sample_every and checkpoint_every must be multiples of "
+         f"train.steps_per_dispatch ({t.steps_per_dispatch})"),
         (t.keep_checkpoints >= 1, f"train.keep_checkpoints must be >= 1, got {t.keep_checkpoints}"),
     ]
   except AttributeError as e:

@@ -31,6 +31,15 @@ class GANState(struct.PyTreeNode):
   d: ModelState
 
 
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def compute_dtype(config):
+  """The convolutions' dtype (`config.train.dtype`). Parameters, Adam state, BatchNorm
+  statistics and losses stay float32; "float32" is the default and the parity mode."""
+  return DTYPES[config.train.get("dtype", "float32")]
+
+
 def make_optimizer(lr: float, train_config) -> optax.GradientTransformation:
   """Adam(lr, betas=(beta1, beta2), eps): `torch_adam` (PyTorch's rounding) or optax's."""
   t = train_config
@@ -83,9 +92,11 @@ def train_step_with_noise(state: GANState, real, z, *, config, axis_name: Option
   """
   # BatchNorm statistics are per device (as nn.DataParallel) unless train.sync_bn asks otherwise.
   bn_axis = axis_name if config.train.get("sync_bn", False) else None
-  gen, disc = models.build_models(config.model, axis_name=bn_axis)
-  loss_fn = losses.get_loss(config.train.loss)
-  sigmoid_mean = lambda logits: jax.nn.sigmoid(logits).mean()
+  gen, disc = models.build_models(config.model, axis_name=bn_axis, dtype=compute_dtype(config))
+  # Losses and probabilities in float32 whatever the convolutions ran in.
+  loss_fn = lambda logits, target: losses.get_loss(config.train.loss)(
+      logits.astype(jnp.float32), target)
+  sigmoid_mean = lambda logits: jax.nn.sigmoid(logits.astype(jnp.float32)).mean()
 
   # G forward once; its pullback is reused for G's gradient, like `fake` in PyTorch.
   fake, g_vjp, g_stats = jax.vjp(lambda p: _apply(gen, p, state.g.batch_stats, z), state.g.params,

@@ -68,8 +68,12 @@ def unreplicate(tree):
   return jax.tree_util.tree_map(lambda x: np.asarray(x.addressable_shards[0].data)[0], tree)
 
 
-def make_step(config, kind: str, batch_fn=None):
-  """The pmapped iteration: (state, data, shard_id, rng) -> (state, metrics)."""
+def make_step(config, kind: str, batch_fn=None, steps: int = 1):
+  """The pmapped iteration: (state, data, shard_id, rng) -> (state, metrics).
+
+  With `steps` > 1 (device-resident data only) one dispatch runs that many iterations in a
+  `lax.scan` and returns the last one's metrics: fewer launches, the same arithmetic.
+  """
 
   def device_step(state, data, shard_id, rng):
     if kind == "device":
@@ -78,6 +82,17 @@ def make_step(config, kind: str, batch_fn=None):
       real = input_pipeline.to_unit_range(data)
     rng = jax.random.fold_in(jax.random.fold_in(rng, state.step), shard_id)
     return train.train_step(state, real, rng, config=config, axis_name=AXIS)
+
+  if steps > 1:
+    if kind != "device":
+      raise ConfigError("train.steps_per_dispatch > 1 needs the device-resident data "
+                        "(data.pipeline device or auto)")
+    one_step = device_step
+
+    def device_step(state, data, shard_id, rng):  # pylint: disable=function-redefined
+      state, metrics = jax.lax.scan(lambda s, _: one_step(s, data, shard_id, rng), state, None,
+                                    length=steps, unroll=config.train.get("scan_unroll", 1))
+      return state, jax.tree_util.tree_map(lambda m: m[-1], metrics)
 
   # The one line that maps the step over devices (a later jax.shard_map changes only this).
   return jax.pmap(device_step, axis_name=AXIS, in_axes=(0, 0, 0, None), donate_argnums=0)
@@ -204,7 +219,11 @@ def train_and_evaluate(config, workdir: str, progress: bool = True) -> train.GAN
       f"{layout.used_examples} images a pass, {layout.steps_per_epoch} steps an epoch; "
       f"steps {start} -> {total}")
 
-  step_fn = make_step(config, data.kind, data.batch_fn() if data.kind == "device" else None)
+  batch_fn = data.batch_fn() if data.kind == "device" else None
+  k = t.get("steps_per_dispatch", 1)
+  step_fns = {1: make_step(config, data.kind, batch_fn)}
+  if k > 1:
+    step_fns[k] = make_step(config, data.kind, batch_fn, steps=k)
   p_state = replicate(state)
   del state
   shard_ids = data.shard_ids if data.kind == "device" else input_pipeline.put_sharded(
@@ -229,10 +248,11 @@ def train_and_evaluate(config, workdir: str, progress: bool = True) -> train.GAN
       tick, tick_step = time.perf_counter(), start
       while step < total:
         batch = data.images if data.kind == "device" else next(streamed)
-        p_state, metrics = step_fn(p_state, batch, shard_ids, noise_rng)
-        step += 1
+        n = k if total - step >= k else 1  # the cadences are multiples of k (validated)
+        p_state, metrics = step_fns[n](p_state, batch, shard_ids, noise_rng)
+        step += n
         if bar is not None:
-          bar.update(1)
+          bar.update(n)
         if step % t.log_every == 0 or step == total:
           m = {k: float(v) for k, v in unreplicate(metrics).items()}  # the only sync per log
           now = time.perf_counter()
@@ -252,7 +272,8 @@ def train_and_evaluate(config, workdir: str, progress: bool = True) -> train.GAN
           grid = images.make_grid(np.asarray(sample_fn(g.params, g.batch_stats, fixed_noise)))
           log.samples(step, grid)
         # One process: the flag is free to read. Several: agreeing is a collective, so not every step.
-        check = jax.process_count() == 1 or step % t.stop_check_every == 0 or step == total
+        check = (jax.process_count() == 1 or step == total
+                 or (step - n) // t.stop_check_every != step // t.stop_check_every)
         stopping = stop.requested() if check else False
         if step % t.checkpoint_every == 0 or step == total or stopping:
           _save(mngr, p_state, config)
