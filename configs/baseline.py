@@ -47,6 +47,9 @@ def get_config():
   config.train.seed = 0
   config.train.loss = "torch_bce"        # "torch_bce" (PyTorch's clamped BCELoss) or "bce_logits"
   config.train.dtype = "float32"         # "bfloat16": convolutions in bf16 (params, Adam, BN stats, losses f32)
+  # "default": XLA may use TF32 for float32 convolutions on GPUs (PyTorch's convs do by default);
+  # "highest": true float32 (what `cspgan parity` uses).
+  config.train.matmul_precision = "default"
   config.train.steps_per_dispatch = 1    # > 1: a lax.scan of that many steps per launch
   config.train.scan_unroll = 1           # lax.scan's unroll for steps_per_dispatch > 1
   config.train.sync_bn = False           # multi-device: BatchNorm statistics per device, as DataParallel

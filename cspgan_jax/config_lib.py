@@ -17,6 +17,7 @@ OPTIMIZERS = ("torch_adam", "adam")
 # Kept here (not imported from datasets / input_pipeline) so that checking a config imports no data code.
 DATA_SOURCES = ("synthetic", "tfds")
 DTYPES = ("float32", "bfloat16")
+PRECISIONS = ("default", "high", "highest")
 PIPELINES = ("auto", "device", "streaming")
 
 
@@ -95,6 +96,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         (0 <= t.beta1 < 1 and 0 <= t.beta2 < 1, "train.beta1 and beta2 must be in [0, 1)"),
         (t.optimizer in OPTIMIZERS, f"train.optimizer must be one of {OPTIMIZERS}, got {t.optimizer!r}"),
         (t.loss in losses.LOSSES, f"train.loss must be one of {tuple(losses.LOSSES)}, got {t.loss!r}"),
+        (t.matmul_precision in PRECISIONS,
+         f"train.matmul_precision must be one of {PRECISIONS}, got {t.matmul_precision!r}"),
         (t.dtype in DTYPES, f"train.dtype must be one of {DTYPES}, got {t.dtype!r}"),
         (d.source in DATA_SOURCES, f"data.source must be one of {DATA_SOURCES}, got {d.source!r}"),
         (d.pipeline in PIPELINES, f"data.pipeline must be one of {PIPELINES}, got {d.pipeline!r}"),

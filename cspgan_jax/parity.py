@@ -199,9 +199,18 @@ def run_parity(config, net_g_path: Optional[str] = None, net_d_path: Optional[st
                log=lambda msg: None, images_kind: str = "faces") -> List[Row]:
   """Builds both implementations from the same weights and compares forward and `steps` steps."""
   import torch  # pylint: disable=import-outside-toplevel
-  from cspgan_jax import torch_reference  # pylint: disable=import-outside-toplevel
 
   torch.use_deterministic_algorithms(True)
+  # True float32 on every backend: XLA would use TF32 for float32 convolutions on a GPU.
+  config = config.copy_and_resolve_references()
+  config.train.matmul_precision = "highest"
+  with jax.default_matmul_precision("highest"):
+    return _run_parity(config, net_g_path, net_d_path, steps, seed, with_floor, log, images_kind)
+
+
+def _run_parity(config, net_g_path, net_d_path, steps, seed, with_floor, log, images_kind):
+  import torch  # pylint: disable=import-outside-toplevel
+  from cspgan_jax import torch_reference  # pylint: disable=import-outside-toplevel
   net_g, net_d = torch_reference.build_reference(config.model, seed=seed)
   g_template, d_template = train.init_variables(config, jax.random.PRNGKey(0))
   for path, net, role, template in ((net_g_path, net_g, "netG", g_template),

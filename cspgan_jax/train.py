@@ -90,6 +90,13 @@ def train_step_with_noise(state: GANState, real, z, *, config, axis_name: Option
   Order as in PyTorch: D on real, D on detached fake, D's Adam step; then G through the
   *updated* D (still training mode). D's BatchNorm statistics thread through all three calls.
   """
+  # Convolution precision: "default" lets XLA use TF32 for float32 on GPUs (as PyTorch's convs
+  # do by default); "highest" is true float32 (the parity mode; no effect on CPUs).
+  with jax.default_matmul_precision(config.train.get("matmul_precision", "default")):
+    return _train_step_with_noise(state, real, z, config=config, axis_name=axis_name)
+
+
+def _train_step_with_noise(state: GANState, real, z, *, config, axis_name: Optional[str] = None):
   # BatchNorm statistics are per device (as nn.DataParallel) unless train.sync_bn asks otherwise.
   bn_axis = axis_name if config.train.get("sync_bn", False) else None
   gen, disc = models.build_models(config.model, axis_name=bn_axis, dtype=compute_dtype(config))

@@ -88,3 +88,15 @@ def test_bench_script_prints_the_table(tmp_path):
   assert report["end_to_end"]["images_per_s"] > 0
   table = out.read_text()
   assert "| 8 | JAX float32 |" in table and "end-to-end `cspgan train`" in table
+
+
+def test_matmul_precision_reaches_every_convolution():
+  """float32 on a GPU: "default" lets XLA use TF32 (as PyTorch's convs do); parity asks "highest"."""
+  import functools
+  for precision, marker in (("default", "precision DEFAULT"), ("highest", "precision HIGHEST")):
+    config = config_lib.load_config(TINY, [f"--config.train.matmul_precision={precision}"])
+    state = train.init_state(config, jax.random.PRNGKey(0))
+    text = jax.jit(functools.partial(train.train_step, config=config)).lower(
+        state, np.zeros((8, 32, 32, 3), np.float32), jax.random.PRNGKey(1)).as_text()
+    convs = [line for line in text.splitlines() if "convolution" in line]
+    assert len(convs) > 20 and all(marker in line for line in convs)
