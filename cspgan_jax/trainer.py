@@ -254,7 +254,7 @@ def train_and_evaluate(config, workdir: str, progress: bool = True) -> train.GAN
         if bar is not None:
           bar.update(n)
         if step % t.log_every == 0 or step == total:
-          m = {k: float(v) for k, v in unreplicate(metrics).items()}  # the only sync per log
+          m = {name: float(v) for name, v in unreplicate(metrics).items()}  # the only sync per log
           now = time.perf_counter()
           rate = (step - tick_step) * t.batch_size / max(now - tick, 1e-9)
           tick, tick_step = now, step
