@@ -84,4 +84,5 @@ def get_config():
   config.data.pipeline = "auto"
   config.data.device_budget_gb = 0.0     # 0 = 40% of the device's memory (25% of RAM on a CPU)
   config.data.prefetch = 2               # streaming: batches put on the devices ahead of the step
+  config.data.reader_threads = 4         # streaming: threads reading and placing batches
   return config

@@ -104,6 +104,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         (d.num_examples >= 0, f"data.num_examples must be >= 0, got {d.num_examples}"),
         (d.device_budget_gb >= 0, f"data.device_budget_gb must be >= 0, got {d.device_budget_gb}"),
         (d.prefetch >= 1, f"data.prefetch must be >= 1, got {d.prefetch}"),
+        (d.reader_threads >= 1, f"data.reader_threads must be >= 1, got {d.reader_threads}"),
         (t.epochs >= 1 or t.num_steps >= 1, "train.epochs or train.num_steps must be >= 1"),
         (t.num_steps >= 0, f"train.num_steps must be >= 0, got {t.num_steps}"),
         (t.num_samples >= 2, f"train.num_samples must be >= 2 (BatchNorm), got {t.num_samples}"),

@@ -13,18 +13,18 @@ Two paths produce the same batches:
   jitted step (batch indices, gather, conversion to [-1, 1]); the host does nothing per step.
   The shard is an argument of the jitted function, never a closure (a closed-over array becomes
   a constant compiled into the program).
-- streaming, where the shards exceed the device-memory budget: a host thread computes the same
-  indices, reads uint8 batches from the source (random access into array_record), and puts them
+- streaming, where the shards exceed the device-memory budget: host threads compute the same
+  indices, read uint8 batches from the source (random access into array_record), and put them
   on the devices ahead of time; the step converts them to float.
 """
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import dataclasses
 import functools
 import os
-import queue
-import threading
 from typing import Iterator, Optional, Sequence
 
 import jax
@@ -195,12 +195,14 @@ class StreamingInput:
 
   kind = "streaming"
 
-  def __init__(self, source, layout: Layout, seed: int, devices=None, prefetch: int = 2):
+  def __init__(self, source, layout: Layout, seed: int, devices=None, prefetch: int = 2,
+               readers: int = 4):
     self.source = source
     self.layout = layout
     self.seed = seed
     self.devices = list(devices or jax.local_devices())
     self.prefetch = max(1, prefetch)
+    self.readers = max(1, readers)
     self._cpu = jax.local_devices(backend="cpu")[0]
     b, size = layout.per_device_batch, layout.shard_size
     self._positions = jax.jit(jax.vmap(
@@ -218,38 +220,28 @@ class StreamingInput:
                      for i, shard in enumerate(lay.local_shard_ids())])
 
   def batches(self, start_step: int, num_steps: int) -> Iterator[jax.Array]:
-    """Device batches for steps start_step ... start_step + num_steps - 1, prefetched by a thread."""
-    q: queue.Queue = queue.Queue(maxsize=self.prefetch)
-    stop = threading.Event()
-    end = object()
+    """Device batches for steps start_step ... start_step + num_steps - 1, in order.
 
-    def produce():
+    `readers` threads each read (random access into array_record, whose reads and decompression
+    run outside the GIL) and place whole steps, up to `prefetch + readers` steps ahead.
+    """
+    def read_and_place(step):
+      return put_sharded(list(self.host_batch(step)), self.devices)
+
+    end = start_step + num_steps
+    with concurrent.futures.ThreadPoolExecutor(self.readers,
+                                               thread_name_prefix="cspgan-reader") as pool:
+      pending: collections.deque = collections.deque()
+      next_step = start_step
       try:
-        for step in range(start_step, start_step + num_steps):
-          if stop.is_set():
-            return
-          q.put(put_sharded(list(self.host_batch(step)), self.devices))
-        q.put(end)
-      except BaseException as e:  # pylint: disable=broad-except  # re-raised in the consumer
-        q.put(e)
-
-    thread = threading.Thread(target=produce, daemon=True, name="cspgan-prefetch")
-    thread.start()
-    try:
-      while True:
-        item = q.get()
-        if item is end:
-          return
-        if isinstance(item, BaseException):
-          raise item
-        yield item
-    finally:
-      stop.set()
-      while thread.is_alive():  # unblock a producer waiting on a full queue
-        try:
-          q.get_nowait()
-        except queue.Empty:
-          thread.join(timeout=0.05)
+        while next_step < end or pending:
+          while next_step < end and len(pending) < self.prefetch + self.readers:
+            pending.append(pool.submit(read_and_place, next_step))
+            next_step += 1
+          yield pending.popleft().result()
+      finally:
+        for future in pending:  # closed early (a stop, an error): drop what was read ahead
+          future.cancel()
 
 
 # ---- choosing ----
@@ -291,4 +283,5 @@ def make_input(config, devices=None, layout: Optional[Layout] = None):
   seed = config.data.shuffle_seed
   if kind == "device":
     return DeviceResidentInput(source, layout, seed, devices)
-  return StreamingInput(source, layout, seed, devices, prefetch=config.data.get("prefetch", 2))
+  return StreamingInput(source, layout, seed, devices, prefetch=config.data.get("prefetch", 2),
+                        readers=config.data.get("reader_threads", 4))
