@@ -2,8 +2,10 @@
 
   cspgan train --config configs/quickstart.py --workdir runs/quickstart
 
-32x32 faces, ngf = ndf = 32, batch 64, 300 steps: about 2 minutes on a 2-core CPU (compilation
-included); seconds on a GPU. Leaves runs/quickstart/samples/*.png, TensorBoard events in
+32x32 faces, ngf = ndf = 32, batch 64, 300 steps: 70 s on a 2-core CPU (compilation included;
+measured 2026-11-27); a GPU is not measured yet. At the seed's learning rates the grid still
+looks like noise with faint structure after 300 steps: this run shows the pipeline, not a
+trained model (the seed never converged either). Leaves runs/quickstart/samples/*.png, TensorBoard events in
 runs/quickstart/tensorboard (`tensorboard --logdir runs/quickstart`) and a checkpoint
 (`cspgan sample --workdir runs/quickstart --out grid.png`, `cspgan info runs/quickstart`).
 """
