@@ -7,13 +7,8 @@ with PyTorch's clamping. The report never got it to converge.
 Numerics check against PyTorch (2-core CPU, a few minutes):
   cspgan parity --config configs/baseline.py --steps 3
 
-Training on CelebA prepared by `cspgan prepare-data`:
-  cspgan prepare-data --input img_align_celeba --out ~/tensorflow_datasets   # once
-  cspgan train --config configs/baseline.py --workdir runs/baseline
-
-Hardware: one or more GPUs (all local ones are used). Time: not measured on a GPU yet (the
-performance issue). On the 2-core CPU VM one baseline step (batch 64, 128x128) took 42 s,
-i.e. weeks for the full run: the CPU is for the quickstart, tests and parity only.
+Train (CelebA prepared once, README "Data"): cspgan train --config configs/baseline.py --workdir runs/baseline
+On GPUs; times in docs/PERFORMANCE.md (CPU: 42 s a baseline step).
 """
 
 import ml_collections
