@@ -10,15 +10,15 @@ from typing import Iterable
 
 import ml_collections
 
-from cspgan_jax import losses, models
+from cspgan_jax import datasets, input_pipeline, losses, models, train
 from cspgan_jax.errors import ConfigError
 
 OPTIMIZERS = ("torch_adam", "adam")
-# Kept here (not imported from datasets / input_pipeline) so that checking a config imports no data code.
-DATA_SOURCES = ("synthetic", "tfds")
-DTYPES = ("float32", "bfloat16")
-PRECISIONS = ("default", "high", "highest")
-PIPELINES = ("auto", "device", "streaming")
+# The names each module accepts, checked before anything runs.
+DATA_SOURCES = datasets.SOURCES
+DTYPES = tuple(train.DTYPES)
+PRECISIONS = ("default", "high", "highest")  # jax.default_matmul_precision's names
+PIPELINES = input_pipeline.PIPELINES
 
 
 def load_config(path: str, overrides: Iterable[str] = ()) -> ml_collections.ConfigDict:
