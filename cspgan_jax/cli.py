@@ -1,4 +1,4 @@
-"""`cspgan` command line: train, info, prepare-data, convert, sample, parity.
+"""`cspgan` command line: train, info, prepare-data, convert, sample, parity, bench.
 
 User errors (bad config, file, checkpoint) print one line `cspgan: error: ...` and exit 2;
 nothing existing is overwritten unless `--overwrite` says so.
@@ -170,10 +170,18 @@ def cmd_parity(args, overrides):
   print(parity.format_table(rows))
 
 
+# ---- bench ----
+
+def cmd_bench(args, overrides):
+  from cspgan_jax import bench  # pylint: disable=import-outside-toplevel
+  bench.emit(bench.run(args, overrides), args.out)
+
+
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
       prog="cspgan",
-      description="CSPup-GAN in JAX: train, prepare data, convert, sample, parity with PyTorch.",
+      description="CSPup-GAN in JAX: train, prepare data, convert, sample, parity with PyTorch, "
+                  "benchmark.",
       epilog="Config fields can be overridden with --config.group.field=value.")
   sub = parser.add_subparsers(dest="command", required=True)
 
@@ -241,6 +249,13 @@ def build_parser() -> argparse.ArgumentParser:
   par.add_argument("--no-floor", action="store_true",
                    help="skip the float64 PyTorch run that measures float32's own error")
   par.set_defaults(func=cmd_parity)
+
+  # The module imports neither jax nor torch at load time, so the parser stays cheap.
+  from cspgan_jax import bench  # pylint: disable=import-outside-toplevel
+  bch = sub.add_parser("bench", help="time the training step against PyTorch (images/s, TFLOP/s)",
+                       description=bench.__doc__.splitlines()[0])
+  bench.add_arguments(bch)
+  bch.set_defaults(func=cmd_bench)
   return parser
 
 
@@ -248,7 +263,7 @@ def main(argv: Optional[List[str]] = None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
   rest, overrides = _split_overrides(argv)
   args = build_parser().parse_args(rest)
-  if overrides and args.func not in (cmd_parity, cmd_torch2flax, cmd_train):
+  if overrides and args.func not in (cmd_bench, cmd_parity, cmd_torch2flax, cmd_train):
     # The other commands read the config stored in the checkpoint.
     print(f"cspgan: error: {args.command} takes no --config.* overrides (the checkpoint holds "
           "the config)", file=sys.stderr)

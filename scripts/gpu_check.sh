@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU measurements of the performance issue, as one device call (about 8 minutes on an H100).
+# The GPU measurements of the performance issue, as one device call (planned at 8-9 minutes).
 #
 #   run: bash scripts/gpu_check.sh            (from the repository root; results under $OUT)
 #
@@ -11,24 +11,91 @@
 #   run(carry=[".whl"], command="python3 -m pip install -q --no-index --no-deps --no-compile
 #       --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
 #       && bash scripts/gpu_check.sh")
-set -euo pipefail
+#
+# Stages in order of what matters, each under its own timeout, each writing its file at once, so
+# that a stage running long costs only the stages after it. At most 8 files come back from $OUT:
+#   machine.txt, bench.md, bench.json, bench.log, report.md, profiles.tgz, tests.txt, flags.md
+# Planned: bench <= 380 s, reports <= 60 s, tests <= 80 s, flag sets in what is left of 570 s;
+# with the machine's start-up that fits the 15 minutes of device time a session has, once.
+# A CPU dry run (about 3 minutes):
+#   GPU_CHECK_DRY=1 OUT=/tmp/dry bash scripts/gpu_check.sh
+set -uo pipefail
 OUT=${OUT:-/tmp/cspgan_gpu}
 mkdir -p "$OUT"
-export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$(pwd)"
-{ date; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv || true
-  python3 -c "import jax, torch; print('jax', jax.__version__, jax.devices()); print('torch', torch.__version__)"
+export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$(pwd)" PYTHONUNBUFFERED=1
+# A persistent compilation cache: the end-to-end run and the default flag set run programs the
+# bench has compiled already (XLA_FLAGS are part of the cache key: other flag sets compile anew).
+export JAX_COMPILATION_CACHE_DIR=/tmp/jax_cache JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0
+if [[ -n "${GPU_CHECK_DRY:-}" ]]; then  # CPU-sized stand-ins for every stage
+  BENCH_ARGS="--config configs/tiny.py --batches 8 --iters 2 --repeats 1 --warmup 1 --scan 2
+    --variants jax-fp32,jax-bf16,jax-bf16-scan,torch-fp32,torch-bf16 --e2e 8 --profile-iters 2"
+  FLAG_ARGS="--config configs/tiny.py --batches 8 --iters 2 --repeats 1 --warmup 1 --scan 2"
+  FLAG_SETS=("--xla_cpu_enable_fast_math=false")
+  TESTS=(tests/test_losses.py)
+  T_BENCH=400 T_FLAGS=120 T_TESTS=120 GPU_CHECK_SECONDS=${GPU_CHECK_SECONDS:-900}
+else
+  BENCH_ARGS="--config configs/baseline.py --batches 64,256 --scan 8 --e2e 1000 --profile-iters 3"
+  FLAG_ARGS="--config configs/baseline.py --batches 64,256 --scan 8 --iters 20 --repeats 3"
+  # What autotuning gives (on by default) and what CUDA graphs give (on by default for fusions
+  # and library calls): each flag set turns one off.
+  FLAG_SETS=("--xla_gpu_autotune_level=0" "--xla_gpu_enable_command_buffer=")
+  TESTS=(tests/test_losses.py tests/test_models.py tests/test_train_parity.py
+         -k "not optax_adam")
+  T_BENCH=380 T_FLAGS=75 T_TESTS=80
+fi
+start=$(date +%s)
+DEADLINE=$(( start + ${GPU_CHECK_SECONDS:-570} ))
+stamp() { echo "[gpu_check] $1 at +$(( $(date +%s) - start )) s"; }
+
+{ date; nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm \
+    --format=csv 2>/dev/null || echo "no nvidia-smi"
+  python3 -c "import jax, jaxlib, flax, optax, torch; print('jax', jax.__version__, 'jaxlib',
+jaxlib.__version__, 'flax', flax.__version__, 'optax', optax.__version__, 'torch',
+torch.__version__, 'cudnn', torch.backends.cudnn.version()); print(jax.devices())"
 } > "$OUT/machine.txt" 2>&1
-# 1. Correctness on the GPU (true float32: XLA would use TF32 for float32 convolutions):
-#    modules and losses against PyTorch on the CPU, and five steps of every variant.
-JAX_DEFAULT_MATMUL_PRECISION=highest timeout 240 python3 -m pytest -q tests/test_models.py \
-    tests/test_losses.py tests/test_train_parity.py 2>&1 | tail -15 > "$OUT/tests.txt" || true
-# 2. The table: fp32 / bf16 / bf16 with 8 steps a dispatch, PyTorch eager fp32 / bf16+channels_last
-#    / torch.compile, batch 64 and 256, and the end-to-end loop at batch 64 over 2000 steps.
-#    BENCH_ARGS replaces these arguments; a CPU dry run (about 2 minutes):
-#    BENCH_ARGS="--config configs/tiny.py --batches 8 --iters 2 --repeats 1 --warmup 1
-#    --no-compile --scan 2 --e2e 8" OUT=/tmp/dry bash scripts/gpu_check.sh
-BENCH_ARGS=${BENCH_ARGS:---config configs/baseline.py --batches 64,256 --scan 8 --e2e 2000}
+
+# 1. The table (JAX fp32 / bf16 / bf16 with 8 steps a dispatch; PyTorch eager fp32 /
+#    bf16+channels_last / torch.compile; batch 64 and 256), the end-to-end loop at batch 64
+#    (1000 steps: logs at 500 and 1000, samples every 500, a checkpoint at the end),
+#    each JAX variant's optimized HLO and a profile of every variant.
+stamp "bench"
+mkdir -p /tmp/profiles
 # shellcheck disable=SC2086
-timeout 480 python3 scripts/bench.py $BENCH_ARGS --out "$OUT/bench.md" 2>&1 | tail -40 \
-    > "$OUT/bench.log"
-cat "$OUT/bench.md"
+timeout "$T_BENCH" python3 scripts/bench.py $BENCH_ARGS --out "$OUT/bench.md" \
+    --hlo /tmp/profiles --profile /tmp/profiles > "$OUT/bench.log" 2>&1
+echo "bench exit $?" >> "$OUT/bench.log"
+stamp "bench done"
+
+# 2. Where the time goes: kernels of each compiled step and of each profile (also readable here
+#    from profiles.tgz, which may exceed the 16 MiB a returned file may have).
+{ for f in /tmp/profiles/*.hlo.txt; do
+    echo "## $(basename "$f")"; timeout 20 python3 -m cspgan_jax.hlo_report "$f"; echo; done
+  timeout 40 python3 -m cspgan_jax.trace_report /tmp/profiles
+} > "$OUT/report.md" 2>&1
+tar -C /tmp/profiles -czf "$OUT/profiles.tgz" . 2>/dev/null
+stamp "reports done"
+
+# 3. Correctness on the GPU in true float32 (XLA would use TF32 for float32 convolutions):
+#    modules, losses and training steps against the PyTorch reference (on the CPU).
+JAX_DEFAULT_MATMUL_PRECISION=highest timeout "$T_TESTS" python3 -m pytest -q -p no:cacheprovider \
+    "${TESTS[@]}" > "$OUT/tests.txt" 2>&1
+echo "pytest exit $?" >> "$OUT/tests.txt"
+stamp "tests done"
+# 4. XLA flags, JAX bf16 only, each in a fresh process (flags are read at start-up), as long as
+#    the call's time lasts (the device call's limit is 600 s).
+{ echo "| XLA_FLAGS | batch | variant | images/s |"; echo "|---|---|---|---|"
+  for flags in "" "${FLAG_SETS[@]}"; do
+    left=$(( DEADLINE - $(date +%s) ))
+    if (( left < 40 )); then echo "| $flags | - | not run: ${left} s left | - |"; continue; fi
+    # shellcheck disable=SC2086
+    XLA_FLAGS="$flags" timeout "$(( left < T_FLAGS ? left : T_FLAGS ))" python3 scripts/bench.py \
+        $FLAG_ARGS --variants jax-bf16,jax-bf16-scan --out /tmp/flags.md > /tmp/flags.log 2>&1 \
+      && python3 -c "
+import json, sys
+for r in json.load(open('/tmp/flags.json'))['rows']:
+  print(f\"| {sys.argv[1] or '(default)'} | {r['batch']} | {r['variant']} | {r['images_per_s']:,.0f} |\")
+" "$flags" || echo "| $flags | - | failed or timed out: $(tail -1 /tmp/flags.log) | - |"
+  done
+} > "$OUT/flags.md" 2>&1
+stamp "flags done"
+cat "$OUT/bench.md" "$OUT/flags.md"; tail -3 "$OUT/tests.txt"

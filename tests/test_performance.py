@@ -1,6 +1,7 @@
-"""Mixed precision, several steps per dispatch, and the benchmark script (at CPU sizes: it is
-tested for correctness here; its figures only mean something on a GPU)."""
+"""Mixed precision, several steps per dispatch, and the benchmark (`cspgan bench`, at CPU sizes:
+it is tested for correctness here; its figures only mean something on a GPU)."""
 
+import gzip
 import json
 import os
 import subprocess
@@ -67,27 +68,60 @@ def test_cadences_must_be_multiples_of_steps_per_dispatch():
     config_lib.load_config(TINY, ["--config.train.steps_per_dispatch=3"])
 
 
-def test_bench_script_prints_the_table(tmp_path):
-  out = tmp_path / "bench.md"
+def test_bench_script_measures_writes_hlo_and_traces(tmp_path):
+  out, hlo, prof = tmp_path / "bench.md", tmp_path / "hlo", tmp_path / "prof"
+  slugs = ["jax-fp32", "jax-bf16", "jax-bf16-scan", "torch-fp32", "torch-bf16"]
   proc = subprocess.run(
       [sys.executable, os.path.join(REPO, "scripts", "bench.py"), "--config", TINY,
-       "--batches", "8", "--iters", "2", "--repeats", "1", "--warmup", "1", "--no-compile",
-       "--scan", "2", "--e2e", "8", "--out", str(out)],
+       "--batches", "8", "--iters", "2", "--repeats", "1", "--warmup", "1",
+       "--variants", ",".join(slugs), "--scan", "2", "--e2e", "8", "--hlo", str(hlo),
+       "--profile", str(prof), "--profile-iters", "2", "--out", str(out)],
       env=dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu"), capture_output=True, text=True,
       timeout=600, cwd=REPO)
   assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "bench: warning" not in proc.stderr, proc.stderr[-3000:]
   report = json.loads((tmp_path / "bench.json").read_text())
-  names = [r["variant"] for r in report["rows"]]
-  assert names == ["JAX float32", "JAX bfloat16", "JAX bfloat16, 2 steps/dispatch",
-                   "PyTorch eager float32", "PyTorch eager bf16 autocast, channels_last"]
-  for r in report["rows"]:
+  rows = report["rows"]
+  assert [r["variant"] for r in rows] == [
+      "JAX float32", "JAX bfloat16", "JAX bfloat16, 2 steps/dispatch", "PyTorch eager float32",
+      "PyTorch eager bf16 autocast, channels_last"]
+  assert [r["slug"] for r in rows] == slugs
+  for r in rows:
     assert r["images_per_s"] > 0 and r["tflops"] > 0
     assert abs(r["ms_per_iter"] * r["images_per_s"] / 1e3 - 8) < 1e-6 * 8
-  assert next(r for r in report["rows"] if r["variant"] == "PyTorch eager float32")[
-      "vs_torch_fp32"] == 1.0
-  assert report["end_to_end"]["images_per_s"] > 0
+    epoch = (202_599 // 8) * 8  # the last partial batch dropped
+    assert set(r["projected_minutes"]) == {"10", "15", "40"}
+    for epochs, minutes in r["projected_minutes"].items():
+      expected = int(epochs) * epoch / r["images_per_s"] / 60
+      assert abs(minutes - expected) <= 1e-9 * expected, (r["slug"], epochs)
+  assert rows[3]["vs_torch_fp32"] == 1.0
+  e2e = report["end_to_end"]
+  assert e2e["images_per_s"] > 0 and e2e["batch"] == 8
+  assert abs(e2e["vs_bare"] - e2e["images_per_s"] / rows[0]["images_per_s"]) < 1e-9
   table = out.read_text()
   assert "| 8 | JAX float32 |" in table and "end-to-end `cspgan train`" in table
+  assert "10 / 15 / 40 epochs of CelebA (min)" in table
+  for slug in slugs[:3]:
+    text = (hlo / f"b8_{slug}.hlo.txt").read_text()
+    assert "HloModule" in text and "ENTRY" in text
+  assert sorted(os.listdir(hlo)) == sorted(f"b8_{s}.hlo.txt" for s in slugs[:3])
+  for slug in slugs:
+    with gzip.open(prof / f"b8_{slug}.trace.json.gz", "rt") as f:
+      events = json.load(f)["traceEvents"]
+    assert isinstance(events, list) and events, slug
+    if slug.startswith("jax"):  # XLA's per-op events name the HLO instruction
+      assert any("hlo_op" in (e.get("args") or {}) for e in events), slug
+
+
+@pytest.mark.parametrize("flag,value,needle", [
+    ("--variants", "jax-fp32,jax-fp64", "'jax-fp64'"),
+    ("--batches", "8,0", "--batches"),
+])
+def test_bench_rejects_bad_arguments_in_one_line(capsys, flag, value, needle):
+  from cspgan_jax import cli
+  assert cli.main(["bench", "--config", TINY, flag, value]) == 2
+  err = capsys.readouterr().err
+  assert err.startswith("cspgan: error: ") and err.count("\n") == 1 and needle in err, err
 
 
 def test_matmul_precision_reaches_every_convolution():

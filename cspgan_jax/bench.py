@@ -1,0 +1,523 @@
+"""Training-iteration benchmark: this project's step against the PyTorch reference, in one run.
+
+  cspgan bench                                    # GPU: 128x128, batch 64 and 256, all variants
+  python scripts/bench.py --config configs/tiny.py --batches 8 --iters 2 --repeats 2 \\
+      --variants jax-fp32,jax-bf16,torch-fp32 --hlo hlo/ --profile traces/
+
+Every variant runs the full iteration of the seed (D on real, D on fake, D's Adam step, G
+through the updated D, G's Adam step) on data already on the device, after warm-up, with device
+synchronisation, alternating variant by variant in rounds so that drift of the machine hits all
+of them; the figure is the median round. JAX: the trainer's own pmapped step (batch gathered
+from device-resident data inside the step), float32 (jax-fp32), bfloat16 (jax-bf16), and
+bfloat16 with `--scan K` steps per dispatch (jax-bf16-scan). PyTorch: eager float32 (torch-fp32;
+TF32 convolutions, PyTorch's default), bf16 autocast with channels_last (torch-bf16), and
+`torch.compile` float32 (torch-compile), each with `cudnn.benchmark` on and no `.item()` per
+step, as a user tuning for speed would run them. `--variants` picks among them.
+
+FLOPs per iteration come from XLA's cost analysis of the single-step JAX variant (float32 if it
+runs) and are used for every row (the same work). Each row also projects the wall time of 10, 15
+and 40 epochs of CelebA at its images/s. The table goes to stdout, and with `--out` to a file
+(markdown) plus JSON. `--hlo DIR` keeps the optimized HLO of each timed JAX step, `--profile DIR`
+a trace (Perfetto / Chrome JSON, gzipped) of a few iterations of every variant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import glob
+import gzip
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from typing import List, Optional
+
+import numpy as np
+
+from cspgan_jax.errors import CspganError
+
+# jax and torch are imported inside the functions: `cspgan --help` and the argument checks
+# must not pay for them.
+# pylint: disable=import-outside-toplevel
+
+# Dense bf16 TFLOP/s by device kind, for the "share of peak" column (the issue's H100 figure).
+PEAK_BF16_TFLOPS = {"H100": 790.0, "H200": 790.0, "A100": 312.0}
+
+# The whole img_align_celeba, as the seed trains on it (10 epochs = 2.03 million images).
+CELEBA_IMAGES = 202_599
+PROJECTION_EPOCHS = (10, 15, 40)
+
+# slug -> (framework, what): the order here is the order of the rows.
+VARIANTS = {
+    "jax-fp32": ("jax", "float32"),
+    "jax-bf16": ("jax", "bfloat16"),
+    "jax-bf16-scan": ("jax", "bfloat16"),
+    "torch-fp32": ("torch", "fp32"),
+    "torch-bf16": ("torch", "bf16"),
+    "torch-compile": ("torch", "compile"),
+}
+
+
+def peak_tflops(device_kind: str, override: float):
+  if override:
+    return override
+  for key, value in PEAK_BF16_TFLOPS.items():
+    if key in device_kind:
+      return value
+  return None
+
+
+def projected_minutes(images_per_s: float, batch: int) -> dict:
+  """Epochs -> minutes over CelebA at this rate; an epoch drops the last partial batch."""
+  per_epoch = (CELEBA_IMAGES // batch) * batch
+  return {str(e): e * per_epoch / images_per_s / 60.0 for e in PROJECTION_EPOCHS}
+
+
+# ---- JAX ----
+
+def jax_variant(config_path, batch, dtype, scan, overrides, unroll=1, cost_analysis=False,
+                hlo_path=None):
+  import jax
+  from cspgan_jax import config_lib, input_pipeline, train, trainer
+  config = config_lib.load_config(config_path, [
+      f"--config.train.batch_size={batch}", f"--config.train.dtype={dtype}",
+      "--config.data.source=synthetic", f"--config.data.num_examples={max(4 * batch, 512)}",
+      "--config.data.pipeline=device", f"--config.train.steps_per_dispatch={scan}",
+      f"--config.train.scan_unroll={unroll}",
+      # cadences unused here, but they must be multiples of steps_per_dispatch to validate
+      *(f"--config.train.{e}={scan}" for e in ("log_every", "sample_every", "checkpoint_every")),
+      *overrides])
+  data = input_pipeline.make_input(config)
+  step = trainer.make_step(config, "device", data.batch_fn(), steps=scan)
+  state = trainer.replicate(train.init_state(config, jax.random.PRNGKey(0)))
+  rng = jax.random.PRNGKey(1)
+  holder = {"state": state}
+
+  def run(iters):  # iters iterations; returns when the device is done
+    for _ in range(iters // scan):
+      holder["state"], metrics = step(holder["state"], data.images, data.shard_ids, rng)
+    jax.block_until_ready(metrics)
+
+  flops = None
+  if cost_analysis or hlo_path:
+    # The step's own compilation cache keeps this executable, so the timed calls reuse it.
+    compiled = step.lower(holder["state"], data.images, data.shard_ids, rng).compile()
+    if hlo_path:
+      with open(hlo_path, "w") as f:
+        f.write(compiled.as_text() or "")
+    if cost_analysis:
+      try:
+        cost = compiled.cost_analysis()
+        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+        flops = float(cost.get("flops", 0.0)) or None
+      except Exception:  # pylint: disable=broad-except  # cost analysis is best effort
+        flops = None
+
+  def peak_memory():
+    stats = jax.local_devices()[0].memory_stats() or {}
+    return stats.get("peak_bytes_in_use")
+
+  name = f"JAX {dtype}" + (f", {scan} steps/dispatch" if scan > 1 else "") + (
+      f" (unroll {unroll})" if scan > 1 and unroll > 1 else "")
+  return dict(name=name, run=run, flops=flops, memory=peak_memory, unit=scan, framework="jax")
+
+
+# ---- PyTorch ----
+
+def torch_variant(config_path, batch, kind, overrides):
+  import torch
+  from torch import nn
+  from cspgan_jax import config_lib, torch_reference
+  config = config_lib.load_config(config_path, [f"--config.train.batch_size={batch}", *overrides])
+  device = "cuda" if torch.cuda.is_available() else "cpu"
+  torch.backends.cudnn.benchmark = True
+  net_g, net_d = torch_reference.build_reference(config.model, seed=0)
+  net_g, net_d = net_g.to(device), net_d.to(device)
+  fmt = torch.channels_last if kind == "bf16" else torch.contiguous_format
+  net_g, net_d = net_g.to(memory_format=fmt), net_d.to(memory_format=fmt)
+  opt_g, opt_d = torch_reference.make_optimizers(net_g, net_d, config.train)
+  if kind == "compile":
+    net_g, net_d = torch.compile(net_g), torch.compile(net_d)
+  r, nz = config.model.resolution, config.model.nz
+  real = (torch.rand(batch, 3, r, r, device=device) * 2 - 1).to(memory_format=fmt)
+  criterion = nn.BCELoss()
+  ones = torch.ones(batch, device=device)
+  zeros = torch.zeros(batch, device=device)
+  autocast = (functools.partial(torch.autocast, device_type=device, dtype=torch.bfloat16)
+              if kind == "bf16" else None)
+
+  def forward(net, x):
+    if autocast is None:
+      return net(x).view(-1)
+    with autocast():
+      out = net(x)
+    return out.float().view(-1)  # BCELoss is not autocast-safe: probabilities in float32
+
+  def iteration():
+    net_d.zero_grad(set_to_none=True)
+    err_real = criterion(forward(net_d, real), ones)
+    err_real.backward()
+    noise = torch.randn(batch, nz, 1, 1, device=device)
+    fake = net_g(noise) if autocast is None else _autocast_call(autocast, net_g, noise)
+    err_fake = criterion(forward(net_d, fake.detach()), zeros)
+    err_fake.backward()
+    opt_d.step()
+    net_g.zero_grad(set_to_none=True)
+    err_g = criterion(forward(net_d, fake), ones)
+    err_g.backward()
+    opt_g.step()
+    return err_g
+
+  def run(iters):
+    for _ in range(iters):
+      out = iteration()
+    if device == "cuda":
+      torch.cuda.synchronize()
+    else:
+      out.item()
+
+  def peak_memory():
+    return torch.cuda.max_memory_allocated() if device == "cuda" else None
+
+  names = {"fp32": "PyTorch eager float32", "bf16": "PyTorch eager bf16 autocast, channels_last",
+           "compile": "PyTorch torch.compile float32"}
+  return dict(name=names[kind], run=run, flops=None, memory=peak_memory, unit=1,
+              framework="torch")
+
+
+def _autocast_call(autocast, net, x):
+  with autocast():
+    return net(x)
+
+
+# ---- profiles ----
+
+def _profile_jax(variant, iters, dest):
+  import jax
+  options = jax.profiler.ProfileOptions()
+  options.python_tracer_level = 0  # Python frames would swamp the trace (and its 16 MiB)
+  with tempfile.TemporaryDirectory() as tmp:  # fresh per variant: the glob finds only this one
+    with jax.profiler.trace(tmp, create_perfetto_trace=True, profiler_options=options):
+      variant["run"](iters)
+    found = sorted(glob.glob(os.path.join(tmp, "plugins", "profile", "*",
+                                          "perfetto_trace.json.gz")))
+    if not found:
+      raise RuntimeError("jax.profiler wrote no perfetto_trace.json.gz")
+    shutil.copyfile(found[-1], dest + ".part")
+  os.replace(dest + ".part", dest)
+
+
+def _profile_torch(variant, iters, dest):
+  import torch
+  from torch.profiler import ProfilerActivity, profile
+  activities = [ProfilerActivity.CPU] + (
+      [ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+  with tempfile.TemporaryDirectory() as tmp:
+    path = os.path.join(tmp, "trace.json")
+    with profile(activities=activities) as prof:
+      variant["run"](iters)
+    prof.export_chrome_trace(path)
+    with open(path, "rb") as src, gzip.open(dest + ".part", "wb") as dst:
+      shutil.copyfileobj(src, dst)
+  os.replace(dest + ".part", dest)
+
+
+def _profile(variant, slug, batch, iters, directory) -> Optional[str]:
+  """One variant's trace; a failure is a warning line, never the end of the benchmark."""
+  dest = os.path.join(directory, f"b{batch}_{slug}.trace.json.gz")
+  iters = -(-iters // variant["unit"]) * variant["unit"]  # whole dispatches
+  try:
+    (_profile_jax if variant["framework"] == "jax" else _profile_torch)(variant, iters, dest)
+    return dest
+  except Exception as e:  # pylint: disable=broad-except
+    if os.path.exists(dest + ".part"):
+      os.remove(dest + ".part")
+    reason = " ".join(str(e).split())[:300]
+    print(f"bench: warning: no profile of {slug} at batch {batch}: {type(e).__name__}: {reason}",
+          file=sys.stderr, flush=True)
+    return None
+
+
+# ---- the real loop ----
+
+def end_to_end(config_path, batch, steps, overrides):
+  """`cspgan train` on synthetic device-resident data; images/s over the second half."""
+  from cspgan_jax import config_lib, trainer
+  half = max(steps // 2, 1)
+  sample_every = min(500, half)
+  config = config_lib.load_config(config_path, [
+      f"--config.train.batch_size={batch}", f"--config.train.num_steps={2 * half}",
+      f"--config.train.log_every={half}", f"--config.train.sample_every={sample_every}",
+      f"--config.train.checkpoint_every={2 * half}", "--config.data.source=synthetic",
+      # the bare iteration's data, so that the step is the very program timed there (and a
+      # persistent compilation cache serves it)
+      f"--config.data.num_examples={max(4 * batch, 512)}", "--config.data.pipeline=device",
+      *overrides])
+  with tempfile.TemporaryDirectory() as workdir:
+    trainer.train_and_evaluate(config, workdir, progress=False)
+    with open(os.path.join(workdir, trainer.METRICS_FILE)) as f:
+      last = json.loads(f.read().splitlines()[-1])
+  return dict(batch=batch, steps=2 * half, sample_every=sample_every, data="synthetic",
+              images_per_s=last["images_per_sec"])
+
+
+# ---- arguments ----
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+  parser.add_argument("--config", default="configs/baseline.py",
+                      help="ml_collections config file (default configs/baseline.py)")
+  parser.add_argument("--batches", default="64,256",
+                      help="comma list of batch sizes (default 64,256)")
+  parser.add_argument("--variants", default=",".join(VARIANTS),
+                      help=f"comma list from {', '.join(VARIANTS)} (default: all)")
+  parser.add_argument("--iters", type=int, default=20, help="iterations per timed round")
+  parser.add_argument("--repeats", type=int, default=5, help="timed rounds (median reported)")
+  parser.add_argument("--warmup", type=int, default=2, help="untimed rounds")
+  parser.add_argument("--scan", type=int, default=8,
+                      help="steps per dispatch of jax-bf16-scan (default 8)")
+  parser.add_argument("--unroll", type=int, default=1,
+                      help="lax.scan unroll for --scan (XLA:CPU runs a rolled scan 15x slower)")
+  parser.add_argument("--peak-tflops", type=float, default=0.0, help="override the chip's peak")
+  parser.add_argument("--out", default=None, help="write the table here (and .json beside it)")
+  parser.add_argument("--e2e", type=int, default=0,
+                      help="also run `cspgan train` for this many steps at the first batch size "
+                           "(seed's sample cadence, a log at the middle and the end, a checkpoint "
+                           "at the end) and compare its images/s over the second half with the "
+                           "bare JAX float32 iteration (needs jax-fp32)")
+  parser.add_argument("--hlo", default=None, metavar="DIR",
+                      help="write the optimized HLO of each timed JAX step to "
+                           "DIR/b{batch}_{variant}.hlo.txt")
+  parser.add_argument("--profile", default=None, metavar="DIR",
+                      help="after the timed rounds, trace --profile-iters iterations of each "
+                           "variant to DIR/b{batch}_{variant}.trace.json.gz (Perfetto / Chrome)")
+  parser.add_argument("--profile-iters", type=int, default=3,
+                      help="iterations per trace (rounded up to whole dispatches; default 3)")
+
+
+def _parse_variants(text: str) -> List[str]:
+  asked = [v.strip() for v in text.split(",") if v.strip()]
+  if not asked:
+    raise CspganError(f"--variants is empty (accepted: {', '.join(VARIANTS)})")
+  unknown = [v for v in asked if v not in VARIANTS]
+  if unknown:
+    raise CspganError(f"--variants: unknown variant {unknown[0]!r} "
+                      f"(accepted: {', '.join(VARIANTS)})")
+  return [v for v in VARIANTS if v in asked]  # the table's order, each once
+
+
+def _parse_batches(text: str) -> List[int]:
+  try:
+    batches = [int(b) for b in text.split(",")]
+  except ValueError:
+    batches = []
+  if not batches or min(batches) < 1:
+    raise CspganError(f"--batches must be a comma list of positive integers, got {text!r}")
+  return batches
+
+
+def _make_dir(path: str, option: str) -> None:
+  try:
+    os.makedirs(path, exist_ok=True)
+  except OSError as e:
+    raise CspganError(f"{option} {path}: cannot create the folder: {e.strerror or e}") from e
+
+
+def _validate(args):
+  """The arguments' own checks, before jax is even imported: (batches, variants)."""
+  variants = _parse_variants(args.variants)
+  batches = _parse_batches(args.batches)
+  for option, value, low in (("--iters", args.iters, 1), ("--repeats", args.repeats, 1),
+                             ("--warmup", args.warmup, 0), ("--e2e", args.e2e, 0),
+                             ("--unroll", args.unroll, 1),
+                             ("--profile-iters", args.profile_iters, 1)):
+    if value < low:
+      raise CspganError(f"{option} must be >= {low}, got {value}")
+  if "jax-bf16-scan" in variants and args.scan < 2:
+    raise CspganError(f"--scan must be >= 2 for jax-bf16-scan, got {args.scan}")
+  if args.peak_tflops < 0:
+    raise CspganError(f"--peak-tflops must be >= 0, got {args.peak_tflops}")
+  if args.e2e > 0 and "jax-fp32" not in variants:
+    raise CspganError("--e2e compares with the bare JAX float32 iteration: add jax-fp32 to "
+                      "--variants")
+  if args.out:
+    if os.path.splitext(args.out)[1].lower() == ".json":
+      raise CspganError(f"--out {args.out}: the markdown table goes there and the JSON beside "
+                        "it, so it cannot end in .json")
+    if os.path.isdir(args.out):
+      raise CspganError(f"--out {args.out} is a folder; give a file name (e.g. bench.md)")
+  return batches, variants
+
+
+# ---- measuring ----
+
+def _build(slug, args, batch, overrides, cost_analysis):
+  framework, what = VARIANTS[slug]
+  if framework == "torch":
+    return torch_variant(args.config, batch, what, overrides)
+  scan = args.scan if slug == "jax-bf16-scan" else 1
+  hlo_path = os.path.join(args.hlo, f"b{batch}_{slug}.hlo.txt") if args.hlo else None
+  return jax_variant(args.config, batch, what, scan, overrides,
+                     unroll=args.unroll if scan > 1 else 1, cost_analysis=cost_analysis,
+                     hlo_path=hlo_path)
+
+
+def run(args, overrides) -> dict:
+  """Measures every variant at every batch size: {header, rows, end_to_end, peak_tflops}."""
+  batches, slugs = _validate(args)
+  from cspgan_jax import config_lib
+  config_lib.load_config(args.config, overrides)  # a bad config or override fails before work
+  # The output folders too: an unwritable one must not surface after minutes of measuring.
+  out_dir = os.path.dirname(os.path.abspath(args.out)) if args.out else None
+  for option, directory in (("--out", out_dir),
+                            ("--hlo", args.hlo), ("--profile", args.profile)):
+    if directory:
+      _make_dir(directory, option)
+
+  import jax
+  device = jax.devices()[0]
+  kind = getattr(device, "device_kind", device.platform)
+  peak = peak_tflops(kind, args.peak_tflops)
+  versions = f"jax {jax.__version__}"
+  torch_slugs = [s for s in slugs if VARIANTS[s][0] == "torch"]
+  if torch_slugs:
+    try:
+      import torch
+      versions += f", torch {torch.__version__}"
+    except (ImportError, OSError) as e:  # OSError: a wheel whose native libraries fail to load
+      print(f"note: torch is not importable ({e}); skipping {', '.join(torch_slugs)}", flush=True)
+      slugs = [s for s in slugs if s not in torch_slugs]
+      if not slugs:
+        raise CspganError("no variant left to run: torch is not importable and --variants "
+                          "names only PyTorch ones") from e
+  # FLOPs of the single-step JAX iteration (float32 preferred): the same work for every row.
+  flops_slug = next((s for s in ("jax-fp32", "jax-bf16") if s in slugs), None)
+  header = (f"{kind} ({device.platform}) | {platform.node()} | {versions} | "
+            f"{time.strftime('%Y-%m-%d %H:%M')}")
+  print(header, flush=True)
+  rows, written_hlo, written_traces = [], 0, 0
+  for batch in batches:
+    variants = {s: _build(s, args, batch, overrides, s == flops_slug) for s in slugs}
+    written_hlo += sum(VARIANTS[s][0] == "jax" for s in slugs) if args.hlo else 0
+    flops = variants[flops_slug]["flops"] if flops_slug else None
+    unit = max(v["unit"] for v in variants.values())
+    iters = max(args.iters, unit)
+    iters -= iters % unit
+    times = {s: [] for s in variants}
+    for round_ in range(args.warmup + args.repeats):
+      for s, v in variants.items():
+        t = time.perf_counter()
+        v["run"](iters)
+        if round_ >= args.warmup:
+          times[s].append((time.perf_counter() - t) / iters)
+    batch_rows = []
+    for s, v in variants.items():
+      sec = float(np.median(times[s]))
+      row = dict(batch=batch, variant=v["name"], slug=s, images_per_s=batch / sec,
+                 ms_per_iter=1e3 * sec, tflops=(flops / sec / 1e12) if flops else None,
+                 peak_memory=v["memory"]())
+      row["share_of_peak"] = row["tflops"] / peak if (row["tflops"] and peak) else None
+      row["projected_minutes"] = projected_minutes(row["images_per_s"], batch)
+      batch_rows.append(row)
+    base = next((r["images_per_s"] for r in batch_rows if r["slug"] == "torch-fp32"), None)
+    for row in batch_rows:
+      row["vs_torch_fp32"] = row["images_per_s"] / base if base else None
+    rows += batch_rows
+    if flops:
+      print(f"batch {batch}: {flops / batch / 1e9:.2f} GFLOP per image per iteration (XLA)",
+            flush=True)
+    if args.out:  # each batch's rows are kept at once: a run stopped later loses only the rest
+      write_files(dict(header=header, rows=rows, end_to_end=None, peak_tflops=peak), args.out)
+    if args.profile:  # after this batch's figures are taken, so tracing cannot change them
+      for s, v in variants.items():
+        written_traces += _profile(v, s, batch, args.profile_iters, args.profile) is not None
+    del variants  # free this batch's models and data before the next one
+  if args.hlo:
+    print(f"optimized HLO: {written_hlo} files in {args.hlo}", flush=True)
+  if args.profile:
+    print(f"traces: {written_traces} files in {args.profile}", flush=True)
+
+  e2e = None
+  if args.e2e:
+    e2e = end_to_end(args.config, batches[0], args.e2e, overrides)
+    bare = next(r for r in rows if r["slug"] == "jax-fp32" and r["batch"] == batches[0])
+    e2e["vs_bare"] = e2e["images_per_s"] / bare["images_per_s"]
+    e2e["projected_minutes"] = projected_minutes(e2e["images_per_s"], e2e["batch"])
+  return dict(header=header, rows=rows, end_to_end=e2e, peak_tflops=peak)
+
+
+# ---- the table ----
+
+def _projection(minutes: dict) -> str:
+  return " / ".join(f"{minutes[str(e)]:,.1f}" for e in PROJECTION_EPOCHS)
+
+
+def format_table(report: dict) -> str:
+  def fmt(x, spec):
+    return "n/a" if x is None else format(x, spec)
+
+  epochs = " / ".join(map(str, PROJECTION_EPOCHS))
+  lines = [report["header"], "",
+           "| batch | variant | images/s | ms/iter | TFLOP/s | share of peak | peak memory GiB | "
+           f"vs PyTorch eager fp32 | {epochs} epochs of CelebA (min) |",
+           "|---|---|---|---|---|---|---|---|---|"]
+  for r in report["rows"]:
+    mem = None if r["peak_memory"] is None else r["peak_memory"] / 2**30
+    share = None if r["share_of_peak"] is None else f"{100 * r['share_of_peak']:.1f}%"
+    ratio = r.get("vs_torch_fp32")
+    lines.append(f"| {r['batch']} | {r['variant']} | {r['images_per_s']:,.0f} | "
+                 f"{r['ms_per_iter']:.2f} | {fmt(r['tflops'], '.3g')} | {share or 'n/a'} | "
+                 f"{fmt(mem, '.2f')} | {'n/a' if ratio is None else f'{ratio:.2f}x'} | "
+                 f"{_projection(r['projected_minutes'])} |")
+  e2e = report.get("end_to_end")
+  if e2e:
+    lines += ["", f"end-to-end `cspgan train` (batch {e2e['batch']}, steps {e2e['steps']}, "
+              f"{e2e['data']} data, logging + samples every {e2e['sample_every']} + checkpoint): "
+              f"{e2e['images_per_s']:,.0f} images/s over the second half = "
+              f"{100 * e2e['vs_bare']:.1f}% of the bare JAX float32 iteration; "
+              f"{epochs} epochs of CelebA: {_projection(e2e['projected_minutes'])} min"]
+  lines.append("")
+  lines.append(f"peak used for the share: {fmt(report.get('peak_tflops'), '.0f')} TFLOP/s (bf16 "
+               "dense); peak memory is the process's high-water mark so far (JAX) or torch's "
+               f"max_memory_allocated; an epoch of CelebA is {CELEBA_IMAGES:,} images less the "
+               "last partial batch")
+  return "\n".join(lines)
+
+
+def write_files(report: dict, out: str) -> None:
+  """The table (markdown) to `out` and the JSON beside it."""
+  with open(out, "w") as f:
+    f.write(format_table(report) + "\n")
+  with open(os.path.splitext(out)[0] + ".json", "w") as f:
+    json.dump(report, f, indent=1)
+
+
+def emit(report: dict, out: Optional[str] = None) -> None:
+  """Prints the table; with `out`, writes it there (markdown) and the JSON beside it."""
+  print(format_table(report), flush=True)
+  if out:
+    write_files(report, out)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+  from cspgan_jax.cli import _split_overrides
+  argv = list(sys.argv[1:] if argv is None else argv)
+  rest, overrides = _split_overrides(argv)
+  parser = argparse.ArgumentParser(prog="bench", description=__doc__.splitlines()[0],
+                                   epilog="Config fields can be overridden with "
+                                          "--config.group.field=value.")
+  add_arguments(parser)
+  args = parser.parse_args(rest)  # anything unknown is argparse's error (exit 2)
+  try:
+    emit(run(args, overrides), args.out)
+  except CspganError as e:
+    print(f"bench: error: {e}", file=sys.stderr)
+    return 2
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

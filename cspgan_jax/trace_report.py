@@ -1,0 +1,224 @@
+"""Where a training step's time goes: a profiler trace summed by kernel kind, layer and op.
+
+    python -m cspgan_jax.trace_report DIR            # every b*_*.trace.json.gz that bench wrote
+    python -m cspgan_jax.trace_report T.trace.json.gz [--hlo T.hlo.txt] [--iters N]
+
+Reads the perfetto/Chrome JSON traces that `cspgan bench --profile DIR` writes: JAX's
+(`jax.profiler.trace(..., create_perfetto_trace=True)`) and PyTorch's (`torch.profiler`). Device
+time is taken from the GPU's stream lines where there are any; on a CPU, from XLA's thunk events
+(JAX) or the outermost `aten::` ops (PyTorch). A JAX kernel carries the name of its HLO
+instruction (`hlo_op`), so with the step's optimized HLO (`bench --hlo`, same file name with
+`.hlo.txt`) each one gets a kind and a layer from `hlo_report`.
+
+Besides the sums it gives the device's busy share of the traced span: time between kernels is
+launch and host overhead, which several steps per dispatch and command buffers remove.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import gzip
+import json
+import os
+import re
+import sys
+from typing import Dict, List, Optional, Tuple
+
+from cspgan_jax import hlo_report
+
+# Lines of a device plane that repeat the kernels' time under other names (xprof's derived lines).
+DERIVED_LINES = {"XLA Modules", "XLA Ops", "XLA TraceMe", "Steps", "Framework Name Scope",
+                 "Framework Ops", "Source code", "Launch Stats", "TensorFlow Name Scope",
+                 "TensorFlow Ops"}
+_TORCH_KINDS = (  # PyTorch kernel or op names -> kind
+    ("convolution", re.compile(r"conv|cudnn|xmma|implicit_gemm|dgrad|wgrad|fprop|winograd", re.I)),
+    ("matmul", re.compile(r"gemm|matmul|aten::mm|aten::addmm|aten::bmm", re.I)),
+    ("optimizer", re.compile(r"adam|foreach|multi_tensor", re.I)),
+    ("batch norm", re.compile(r"batch_norm|batchnorm|bn_", re.I)),
+    ("data movement", re.compile(r"copy|transpose|cat|memcpy|memset|contiguous", re.I)),
+)
+
+
+def load_trace(path: str) -> dict:
+  opener = gzip.open if path.endswith(".gz") else open
+  with opener(path, "rt") as f:
+    data = json.load(f)
+  return data if isinstance(data, dict) else {"traceEvents": data}
+
+
+def _names(events, key) -> Dict:
+  return {(e.get("pid"), e.get("tid")) if key == "thread_name" else e.get("pid"):
+          e.get("args", {}).get("name", "")
+          for e in events if e.get("ph") == "M" and e.get("name") == key}
+
+
+def kernel_events(trace: dict) -> Tuple[str, List[dict]]:
+  """(source, complete events that are device work) for a JAX or a PyTorch trace."""
+  events = [e for e in trace.get("traceEvents", []) if isinstance(e, dict)]
+  complete = [e for e in events if e.get("ph") == "X" and float(e.get("dur", 0)) > 0
+              and not str(e.get("name", "")).startswith("end: ")]
+  torch_kernels = [e for e in complete if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")]
+  if torch_kernels:
+    return "PyTorch GPU kernels", torch_kernels
+  processes, threads = _names(events, "process_name"), _names(events, "thread_name")
+  device_pids = {pid for pid, name in processes.items() if name.startswith("/device:")}
+  if device_pids:
+    on_device = [e for e in complete if e.get("pid") in device_pids]
+    lines = {(e.get("pid"), e.get("tid")) for e in on_device}
+    streams = {k for k in lines if threads.get(k, "").startswith("Stream")}
+    keep = streams or {k for k in lines if threads.get(k, "") not in DERIVED_LINES}
+    return "device streams", [e for e in on_device if (e.get("pid"), e.get("tid")) in keep]
+  thunks = [e for e in complete if "hlo_op" in e.get("args", {})]
+  if thunks:
+    return "XLA:CPU thunks", thunks
+  cpu_ops = sorted((e for e in complete if e.get("cat") == "cpu_op"
+                    and str(e.get("name", "")).startswith("aten::")),
+                   key=lambda e: (e.get("tid"), float(e["ts"]), -float(e["dur"])))
+  outer, end = [], {}
+  for e in cpu_ops:  # the outermost aten ops of each thread (their children are inside them)
+    if float(e["ts"]) >= end.get(e.get("tid"), float("-inf")):
+      outer.append(e)
+      end[e.get("tid")] = float(e["ts"]) + float(e["dur"])
+  return "PyTorch CPU ops", outer
+
+
+def busy_time(events: List[dict]) -> Tuple[float, float]:
+  """(union of the events' intervals, span from the first start to the last end), in us."""
+  spans = sorted((float(e["ts"]), float(e["ts"]) + float(e["dur"])) for e in events)
+  if not spans:
+    return 0.0, 0.0
+  busy, (cur_start, cur_end) = 0.0, spans[0]
+  for start, end in spans[1:]:
+    if start > cur_end:
+      busy += cur_end - cur_start
+      cur_start, cur_end = start, end
+    else:
+      cur_end = max(cur_end, end)
+  busy += cur_end - cur_start
+  return busy, spans[-1][1] - spans[0][0]
+
+
+def _normalise(name: str) -> str:
+  return re.sub(r"[.\-]", "_", name)
+
+
+class TraceReport:
+  """Device time of one trace, per iteration, by kind, layer and op."""
+
+  def __init__(self, trace: dict, hlo: Optional[hlo_report.HloReport] = None,
+               iterations: Optional[int] = None):
+    self.source, self.events = kernel_events(trace)
+    self.hlo = hlo
+    by_hlo_name, control = {}, set()
+    if hlo is not None:
+      by_hlo_name = {**{_normalise(k): v for k, v in hlo.by_name.items()}, **hlo.by_name}
+      control = hlo.control  # a while loop's event spans the kernels inside it
+      self.events = [e for e in self.events if e.get("args", {}).get("hlo_op") not in control]
+    self.rows = collections.defaultdict(lambda: [0.0, 0])  # op -> [us, calls]
+    self.info = {}
+    for e in self.events:
+      args = e.get("args", {})
+      op = args.get("hlo_op") or e["name"]
+      self.rows[op][0] += float(e["dur"])
+      self.rows[op][1] += 1
+      if op not in self.info:
+        kernel = by_hlo_name.get(op) or by_hlo_name.get(_normalise(op))
+        if kernel is not None:
+          self.info[op] = (kernel.category, kernel.layer or "-")
+        elif "hlo_op" in args:
+          self.info[op] = ("unmatched HLO op", "-")
+        else:
+          self.info[op] = (_torch_kind(op), "-")
+    self.iterations = iterations or self._infer_iterations(trace)
+    self.busy_us, self.span_us = busy_time(self.events)
+
+  def _infer_iterations(self, trace: dict) -> int:
+    """JAX: most instructions run once per iteration, so the commonest call count. PyTorch:
+    two Adam steps per iteration."""
+    steps = sum(1 for e in trace.get("traceEvents", [])
+                if e.get("ph") == "X" and str(e.get("name", "")).startswith("Optimizer.step#"))
+    if steps:
+      return max(steps // 2, 1)
+    counts = collections.Counter(calls for _, calls in self.rows.values())
+    return counts.most_common(1)[0][0] if counts else 1
+
+  def total_us(self) -> float:
+    return sum(us for us, _ in self.rows.values())
+
+  def grouped(self, index: int) -> List[Tuple[str, float]]:
+    """(kind or layer, us per iteration), largest first."""
+    sums = collections.Counter()
+    for op, (us, _) in self.rows.items():
+      sums[self.info[op][index]] += us / self.iterations
+    return sums.most_common()
+
+  def markdown(self, title: str = "", top: int = 12) -> str:
+    it, total = self.iterations, self.total_us()
+    busy = f"{100 * self.busy_us / self.span_us:.0f}%" if self.span_us else "n/a"
+    lines = [f"### {title or 'trace'}",
+             f"{self.source}: {it} iteration(s); kernels {total / it / 1e3:.3f} ms/iteration; "
+             f"busy {self.busy_us / it / 1e3:.3f} ms of a {self.span_us / it / 1e3:.3f} ms span "
+             f"per iteration ({busy}); {sum(c for _, c in self.rows.values()) / it:.0f} "
+             "kernels/iteration", "",
+             "| kind | ms/iter | share |", "|---|---|---|"]
+    lines += [f"| {k} | {us / 1e3:.3f} | {100 * us * it / total:.1f}% |"
+              for k, us in self.grouped(0)]
+    layers = [(k, us) for k, us in self.grouped(1) if k != "-"]
+    if layers:
+      lines += ["", "| layer | ms/iter | share |", "|---|---|---|"]
+      lines += [f"| {k} | {us / 1e3:.3f} | {100 * us * it / total:.1f}% |"
+                for k, us in layers[:top]]
+    lines += ["", "| op | kind | layer | ms/iter | calls/iter |", "|---|---|---|---|---|"]
+    for op, (us, calls) in sorted(self.rows.items(), key=lambda x: -x[1][0])[:top]:
+      kind, layer = self.info[op]
+      lines.append(f"| {op[:60]} | {kind} | {layer} | {us / it / 1e3:.3f} | {calls / it:g} |")
+    return "\n".join(lines)
+
+
+def _torch_kind(name: str) -> str:
+  for kind, pattern in _TORCH_KINDS:
+    if pattern.search(name):
+      return kind
+  return "elementwise/other"
+
+
+def report_file(path: str, hlo_path: Optional[str] = None, iterations: Optional[int] = None):
+  if hlo_path is None:
+    candidate = re.sub(r"\.trace\.json(\.gz)?$", ".hlo.txt", path)
+    hlo_path = candidate if candidate != path and os.path.isfile(candidate) else None
+  hlo = None
+  if hlo_path:
+    with open(hlo_path) as f:
+      hlo = hlo_report.HloReport(f.read())
+  return TraceReport(load_trace(path), hlo, iterations)
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("path", help="a .trace.json(.gz) file, or a folder of them")
+  parser.add_argument("--hlo", default=None, help="the step's optimized HLO text (one file)")
+  parser.add_argument("--iters", type=int, default=None, help="iterations traced (default: "
+                      "inferred)")
+  args = parser.parse_args(argv)
+  if os.path.isdir(args.path):
+    paths = sorted(glob.glob(os.path.join(args.path, "*.trace.json*")))
+    if not paths:
+      print(f"trace_report: error: no *.trace.json(.gz) in {args.path}", file=sys.stderr)
+      return 2
+  else:
+    paths = [args.path]
+  for path in paths:
+    try:
+      report = report_file(path, args.hlo if len(paths) == 1 else None, args.iters)
+    except (OSError, ValueError, KeyError) as e:  # json.JSONDecodeError is a ValueError
+      print(f"trace_report: error: {path}: {e}", file=sys.stderr)
+      return 2
+    print(report.markdown(os.path.basename(path).split(".trace")[0]))
+    print()
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,210 @@
+"""hlo_report and trace_report: what a compiled step launches and where its time goes.
+
+Checked on this CPU's real compiled step and profile, and on hand-written GPU-shaped HLO and
+traces (cuDNN custom calls, a scan's while loop, stream and derived lines), since CI has no GPU.
+"""
+
+import glob
+import gzip
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from cspgan_jax import config_lib, hlo_report, input_pipeline, train, trace_report, trainer
+
+TINY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
+                    "tiny.py")
+
+GPU_HLO = """HloModule jit_step, is_scheduled=true, entry_computation_layout={()}
+
+%fused_transpose (param_0: bf16[64,16,16,256]) -> bf16[64,256,16,16] {
+  %param_0 = bf16[64,16,16,256]{3,2,1,0} parameter(0)
+  ROOT %transpose.1 = bf16[64,256,16,16]{3,2,1,0} transpose(%param_0), dimensions={0,3,1,2}
+}
+
+%fused_slice (param_0.1: bf16[64,4,4,1024]) -> bf16[64,4,4,512] {
+  %param_0.1 = bf16[64,4,4,1024]{3,2,1,0} parameter(0)
+  ROOT %slice.7 = bf16[64,4,4,512]{3,2,1,0} slice(%param_0.1), slice={[0:64], [0:4], [0:4], [0:512]}, metadata={op_name="jit(step)/jvp(Generator)/main_1/slice"}
+}
+
+%fused_add (param_0.2: f32[256], param_1.2: f32[256]) -> f32[256] {
+  %param_0.2 = f32[256]{0} parameter(0)
+  %param_1.2 = f32[256]{0} parameter(1)
+  ROOT %add.3 = f32[256]{0} add(%param_0.2, %param_1.2)
+}
+
+%body (p: (s32[], f32[256])) -> (s32[], f32[256]) {
+  %p = (s32[], f32[256]{0}) parameter(0)
+  %gte.1 = f32[256]{0} get-tuple-element(%p), index=1
+  %cudnn-conv-bw-input.2 = (bf16[64,16,16,256]{3,2,1,0}, u8[0]{0}) custom-call(%gte.1, %gte.1), window={size=4x4 stride=2x2 pad=1_1x1_1}, dim_labels=b01f_o01i->b01f, custom_call_target="__cudnn$convBackwardInput", metadata={op_name="jit(step)/transpose(jvp(Discriminator))/main_2/conv_general_dilated"}
+  %loop_add_fusion = f32[256]{0} fusion(%gte.1, %gte.1), kind=kLoop, calls=%fused_add, metadata={op_name="jit(step)/jvp(Generator)/main_0/right_1/add"}
+  ROOT %tuple.9 = (s32[], f32[256]{0}) tuple(%gte.1, %loop_add_fusion)
+}
+
+%cond (q: (s32[], f32[256])) -> pred[] {
+  %q = (s32[], f32[256]{0}) parameter(0)
+  ROOT %lt = pred[] constant(true)
+}
+
+ENTRY %main (arg0: bf16[64,16,16,256], arg1: bf16[64,4,4,1024], arg2: f32[256]) -> f32[256] {
+  %arg0 = bf16[64,16,16,256]{3,2,1,0} parameter(0)
+  %arg1 = bf16[64,4,4,1024]{3,2,1,0} parameter(1)
+  %arg2 = f32[256]{0} parameter(2)
+  %copy.1 = f32[256]{0} copy(%arg2)
+  %cudnn-conv.1 = (bf16[64,8,8,512]{3,2,1,0}, u8[0]{0}) custom-call(%arg0, %arg0), window={size=4x4 stride=2x2 pad=1_1x1_1}, dim_labels=b01f_o01i->b01f, custom_call_target="__cudnn$convForward", metadata={op_name="jit(step)/jvp(Discriminator)/main_2/conv_general_dilated"}
+  %transpose_fusion = bf16[64,256,16,16]{3,2,1,0} fusion(%arg0), kind=kInput, calls=%fused_transpose
+  %slice_fusion = bf16[64,4,4,512]{3,2,1,0} fusion(%arg1), kind=kLoop, calls=%fused_slice, metadata={op_name="jit(step)/jvp(Generator)/main_1/slice"}
+  %while.5 = (s32[], f32[256]{0}) while(%copy.1), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"8"}}
+  ROOT %gte.2 = f32[256]{0} get-tuple-element(%while.5), index=1
+}
+"""
+
+
+def test_hlo_report_classifies_gpu_shaped_hlo():
+  report = hlo_report.HloReport(GPU_HLO)
+  assert report.module == "jit_step" and report.entry == "main"
+  kinds = {k.name: (k.category, k.detail, k.layer) for k in report.kernels}
+  assert kinds == {
+      "copy.1": ("data movement", "copy", ""),
+      "cudnn-conv.1": ("convolution", "conv forward", "D main_2"),
+      "transpose_fusion": ("data movement", "transpose", ""),
+      "slice_fusion": ("data movement", "slice", "G main_1"),
+      # inside the scan's while loop:
+      "cudnn-conv-bw-input.2": ("convolution", "conv backward-input", "D main_2 (bwd)"),
+      "loop_add_fusion": ("elementwise/reduction", "kLoop", "G main_0/right_1"),
+  }
+  assert report.control == {"while.5"}
+  assert report.counts() == {"data movement": 3, "convolution": 2, "elementwise/reduction": 1}
+  # Bytes written: 64*256*16*16 bf16 (2 B) and 64*4*4*512 bf16 and 256 f32.
+  assert [k.inst.out_bytes for k in report.data_movement()] == [8388608, 1048576, 1024]
+  assert [k.name for k in report.copied_inputs()] == ["copy.1"]
+  assert report.channel_split_slices() == {"G main_1": "own kernel"}
+  assert hlo_report.Instruction("t", "tuple", "(f32[2]{0}, bf16[3,4]{1,0}, u8[0]{0})", "",
+                                "c").out_bytes == 8 + 24
+  text = report.markdown()
+  assert "1 conv forward" in text and "1 conv backward-input" in text
+  assert "data-movement kernels: 3, writing 9.0 MiB" in text
+
+
+def test_hlo_report_refuses_what_is_not_hlo(tmp_path, capsys):
+  path = tmp_path / "x.hlo.txt"
+  path.write_text("not hlo\n")
+  assert hlo_report.main([str(path)]) == 2
+  err = capsys.readouterr().err.strip()
+  assert len(err.splitlines()) == 1 and "no ENTRY computation" in err
+
+
+def _tiny_step():
+  config = config_lib.load_config(TINY, ["--config.data.pipeline=device"])
+  data = input_pipeline.make_input(config)
+  step = trainer.make_step(config, "device", data.batch_fn(), steps=1)
+  state = trainer.replicate(train.init_state(config, jax.random.PRNGKey(0)))
+  args = (data.images, data.shard_ids, jax.random.PRNGKey(1))
+  return config, step, state, args
+
+
+def _param_layers(config):
+  """'G main_1/left_0', ... for every module with parameters, from the models themselves."""
+  layers = set()
+  for prefix, variables in zip("GD", train.init_variables(config, jax.random.PRNGKey(0))):
+    for path, _ in jax.tree_util.tree_flatten_with_path(variables["params"])[0]:
+      layers.add(prefix + " " + "/".join(p.key for p in path[:-1]))
+  return layers
+
+
+@pytest.fixture(scope="module")
+def profiled_step(tmp_path_factory):
+  config, step, state, args = _tiny_step()
+  hlo = step.lower(state, *args).compile().as_text()
+  state, metrics = step(state, *args)
+  jax.block_until_ready(metrics)
+  trace_dir = tmp_path_factory.mktemp("trace")
+  with jax.profiler.trace(str(trace_dir), create_perfetto_trace=True):
+    for _ in range(3):
+      state, metrics = step(state, *args)
+      jax.block_until_ready(metrics)
+  (path,) = glob.glob(str(trace_dir / "plugins" / "profile" / "*" / "perfetto_trace.json.gz"))
+  return config, hlo, path
+
+
+def test_hlo_report_of_the_real_step_names_every_layer(profiled_step):
+  config, hlo, _ = profiled_step
+  report = hlo_report.HloReport(hlo)
+  counts = report.counts()
+  n_convs = sum(1 for layer in _param_layers(config) if "main_" in layer)
+  assert counts["convolution"] >= n_convs  # every conv layer runs forward at least
+  found = {k.layer.replace(" (bwd)", "") for k in report.kernels if k.layer}
+  assert _param_layers(config) <= found, sorted(_param_layers(config) - found)
+  # The channel split of every CSPup block is found (tiny: 32x32, three blocks).
+  assert sorted(report.channel_split_slices()) == ["G main_0", "G main_1", "G main_2"]
+
+
+def test_trace_report_of_the_real_step_accounts_for_its_kernels(profiled_step):
+  _, hlo, path = profiled_step
+  report = trace_report.TraceReport(trace_report.load_trace(path), hlo_report.HloReport(hlo))
+  assert report.source == "XLA:CPU thunks"
+  assert report.iterations == 3
+  kinds = dict(report.grouped(0))
+  total = sum(kinds.values())
+  assert kinds.get("unmatched HLO op", 0.0) < 0.05 * total  # the join works
+  assert kinds["convolution"] > 0.2 * total  # convolutions dominate even on a CPU
+  assert 0 < report.busy_us <= report.span_us
+  text = report.markdown("tiny")
+  assert "| convolution |" in text and "G main_" in text
+
+
+def _event(pid, tid, name, ts, dur, **args):
+  return {"ph": "X", "pid": pid, "tid": tid, "name": name, "ts": ts, "dur": dur, "args": args}
+
+
+def test_trace_report_reads_gpu_stream_lines_and_skips_derived_ones(tmp_path):
+  meta = [
+      {"ph": "M", "pid": 1, "name": "process_name", "args": {"name": "/host:CPU"}},
+      {"ph": "M", "pid": 2, "name": "process_name", "args": {"name": "/device:GPU:0"}},
+      {"ph": "M", "pid": 2, "tid": 7, "name": "thread_name", "args": {"name": "Stream #7(Compute)"}},
+      {"ph": "M", "pid": 2, "tid": 9, "name": "thread_name", "args": {"name": "XLA Ops"}},
+  ]
+  events = []
+  for it in range(2):  # two iterations, 100 us apart; a 10 us gap inside each
+    t0 = 100.0 * it
+    events += [
+        _event(2, 7, "sm90_xmma_fprop", t0, 40, hlo_op="cudnn-conv.1", hlo_module="jit_step"),
+        _event(2, 7, "loop_add_fusion", t0 + 50, 10, hlo_op="loop_add_fusion"),
+        _event(2, 7, "transpose_fusion", t0 + 60, 20),  # no hlo_op: matched by kernel name
+        _event(2, 9, "cudnn-conv.1", t0, 40),             # derived line: must not count twice
+        _event(1, 3, "ThunkExecutor", t0, 80, hlo_op="cudnn-conv.1"),  # host side
+    ]
+  path = tmp_path / "b64_jax-bf16.trace.json.gz"
+  with gzip.open(path, "wt") as f:
+    json.dump({"traceEvents": meta + events}, f)
+  (tmp_path / "b64_jax-bf16.hlo.txt").write_text(GPU_HLO)
+  report = trace_report.report_file(str(path))
+  assert report.source == "device streams"
+  assert report.iterations == 2
+  assert dict(report.grouped(0)) == {"convolution": 40.0, "data movement": 20.0,
+                                     "elementwise/reduction": 10.0}
+  assert dict(report.grouped(1)) == {"D main_2": 40.0, "-": 20.0, "G main_0/right_1": 10.0}
+  assert report.busy_us == 2 * 70.0 and report.span_us == 180.0
+  assert trace_report.main([str(tmp_path)]) == 0
+
+
+def test_trace_report_reads_torch_gpu_kernels():
+  events = [{"ph": "X", "cat": "kernel", "pid": 0, "tid": 7, "name": name, "ts": ts, "dur": dur}
+            for name, ts, dur in (("sm90_xmma_dgrad_implicit_gemm", 0, 30),
+                                  ("elementwise_kernel<add>", 30, 5),
+                                  ("multi_tensor_apply_kernel<Adam>", 40, 5))]
+  events += [{"ph": "X", "cat": "cpu_op", "pid": 1, "tid": 1, "name": "Optimizer.step#Adam.step",
+              "ts": 40, "dur": 6}] * 2
+  report = trace_report.TraceReport({"traceEvents": events})
+  assert report.source == "PyTorch GPU kernels" and report.iterations == 1
+  assert dict(report.grouped(0)) == {"convolution": 30.0, "elementwise/other": 5.0,
+                                     "optimizer": 5.0}
+  assert np.isclose(report.busy_us, 40.0) and report.span_us == 45.0
+
+
+def test_trace_report_refuses_an_empty_folder(tmp_path, capsys):
+  assert trace_report.main([str(tmp_path)]) == 2
+  assert "no *.trace.json" in capsys.readouterr().err
