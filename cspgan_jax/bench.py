@@ -377,6 +377,10 @@ def run(args, overrides) -> dict:
     if directory:
       _make_dir(directory, option)
 
+  # JAX takes 75% of a GPU's memory at start-up by default; PyTorch, in the same process, would
+  # then run its batch-256 iterations (and cuDNN's workspaces) in the rest. Both allocate as
+  # they go instead (read when the backend starts, i.e. below). An explicit setting wins.
+  os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
   import jax
   device = jax.devices()[0]
   kind = getattr(device, "device_kind", device.platform)

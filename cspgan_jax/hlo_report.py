@@ -22,8 +22,8 @@ import sys
 from typing import Dict, List, Optional
 
 # `%name = type opcode(operands), attributes`; the type may be a tuple with spaces in it.
-_INSTRUCTION = re.compile(
-    r"^\s*(?:ROOT\s+)?%?(?P<name>[^\s=]+)\s*=\s*(?P<type>.+?)\s(?P<op>[a-z][a-z0-9\-]*)\((?P<rest>.*)$")
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?(?P<name>[^\s=]+)\s*=\s*(?P<type>.+?)\s"
+                          r"(?P<op>[a-z][a-z0-9\-]*)\((?P<rest>.*)$")
 _COMPUTATION = re.compile(r"^(?P<entry>ENTRY\s+)?%?(?P<name>[^\s(]+)\s*\(.*\{\s*$")
 _ARRAY = re.compile(r"\b(pred|s4|s8|s16|s32|s64|u4|u8|u16|u32|u64|f8e4m3fn|f8e5m2|bf16|f16|f32|"
                     r"f64|c64|c128)\[([0-9,]*)\]")

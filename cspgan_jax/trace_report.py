@@ -32,7 +32,7 @@ from cspgan_jax import hlo_report
 DERIVED_LINES = {"XLA Modules", "XLA Ops", "XLA TraceMe", "Steps", "Framework Name Scope",
                  "Framework Ops", "Source code", "Launch Stats", "TensorFlow Name Scope",
                  "TensorFlow Ops"}
-_TORCH_KINDS = (  # PyTorch kernel or op names -> kind
+_KINDS_BY_NAME = (  # kernel or op names -> kind (PyTorch's, and library kernels XLA launches)
     ("convolution", re.compile(r"conv|cudnn|xmma|implicit_gemm|dgrad|wgrad|fprop|winograd", re.I)),
     ("matmul", re.compile(r"gemm|matmul|aten::mm|aten::addmm|aten::bmm", re.I)),
     ("optimizer", re.compile(r"adam|foreach|multi_tensor", re.I)),
@@ -114,23 +114,26 @@ class TraceReport:
     by_hlo_name, control = {}, set()
     if hlo is not None:
       by_hlo_name = {**{_normalise(k): v for k, v in hlo.by_name.items()}, **hlo.by_name}
-      control = hlo.control  # a while loop's event spans the kernels inside it
+      control = hlo.control
+    if self.source == "XLA:CPU thunks":  # a while loop's thunk event spans the thunks inside it
       self.events = [e for e in self.events if e.get("args", {}).get("hlo_op") not in control]
     self.rows = collections.defaultdict(lambda: [0.0, 0])  # op -> [us, calls]
     self.info = {}
     for e in self.events:
       args = e.get("args", {})
       op = args.get("hlo_op") or e["name"]
+      if op in control:  # a GPU kernel launched inside a command buffer (a CUDA graph) may
+        op = e["name"]   # carry the buffer's name: its own kernel name says more
       self.rows[op][0] += float(e["dur"])
       self.rows[op][1] += 1
       if op not in self.info:
         kernel = by_hlo_name.get(op) or by_hlo_name.get(_normalise(op))
         if kernel is not None:
           self.info[op] = (kernel.category, kernel.layer or "-")
-        elif "hlo_op" in args:
-          self.info[op] = ("unmatched HLO op", "-")
-        else:
-          self.info[op] = (_torch_kind(op), "-")
+        else:  # cuDNN's and cuBLAS's kernels are named for what they do
+          kind = _kind_by_name(e["name"])
+          self.info[op] = ("unmatched HLO op" if "hlo_op" in args and kind == "elementwise/other"
+                           else kind, "-")
     self.iterations = iterations or self._infer_iterations(trace)
     self.busy_us, self.span_us = busy_time(self.events)
 
@@ -177,8 +180,8 @@ class TraceReport:
     return "\n".join(lines)
 
 
-def _torch_kind(name: str) -> str:
-  for kind, pattern in _TORCH_KINDS:
+def _kind_by_name(name: str) -> str:
+  for kind, pattern in _KINDS_BY_NAME:
     if pattern.search(name):
       return kind
   return "elementwise/other"
