@@ -57,15 +57,31 @@ def maybe_initialize_distributed(config) -> None:
                              process_id=process_id)
 
 
+def replicated_sharding() -> jax.sharding.NamedSharding:
+  """The whole value on every device (of every process): where the training state lives."""
+  mesh = jax.sharding.Mesh(np.array(jax.devices()), (AXIS,))
+  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+
 def replicate(tree):
-  """One copy per local device, laid out as pmap takes it (leading device axis)."""
-  n = jax.local_device_count()
-  return jax.tree_util.tree_map(lambda x: input_pipeline.put_sharded([np.asarray(x)] * n), tree)
+  """The state as `make_step` takes it: one full copy per device, no device axis.
+
+  Built from single-device copies, so that each process places only its own devices' copies.
+  """
+  sharding = replicated_sharding()
+  devices = list(sharding.addressable_devices)
+
+  def place(x):
+    x = np.asarray(x)
+    return jax.make_array_from_single_device_arrays(
+        x.shape, sharding, [jax.device_put(x, d) for d in devices])
+
+  return jax.tree_util.tree_map(place, tree)
 
 
 def unreplicate(tree):
-  """Device 0's copy, on the host."""
-  return jax.tree_util.tree_map(lambda x: np.asarray(x.addressable_shards[0].data)[0], tree)
+  """This process's first copy of a replicated value (the state, the metrics), on the host."""
+  return jax.tree_util.tree_map(lambda x: np.asarray(x.addressable_shards[0].data), tree)
 
 
 def make_step(config, kind: str, batch_fn=None, steps: int = 1):
@@ -94,8 +110,13 @@ def make_step(config, kind: str, batch_fn=None, steps: int = 1):
                                     length=steps, unroll=config.train.get("scan_unroll", 1))
       return state, jax.tree_util.tree_map(lambda m: m[-1], metrics)
 
-  # The one line that maps the step over devices (a later jax.shard_map changes only this).
-  return jax.pmap(device_step, axis_name=AXIS, in_axes=(0, 0, 0, None), donate_argnums=0)
+  # The one line that maps the step over devices. The state goes in and comes out unmapped
+  # (in_axes / out_axes None: the same on every device, which the pmean'ed gradients and
+  # statistics guarantee), not stacked on a device axis: through the stacked `[1, ...]`
+  # per-device shape XLA copies the donated state instead of updating it in place (121 copies,
+  # 329 MiB an iteration, in the baseline's step; none this way). Metrics are pmean'ed too.
+  return jax.pmap(device_step, axis_name=AXIS, in_axes=(None, 0, 0, None), out_axes=None,
+                  donate_argnums=0)
 
 
 # ---- workdir ----

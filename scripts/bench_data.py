@@ -103,7 +103,7 @@ def bench_input(data_dir, resolution, batch, steps, synthetic_n):
 def bench_train_step(config_path, batch, steps, overrides):
   """The training step on a constant device batch vs gathering from the device-resident data."""
   import jax
-  from cspgan_jax import config_lib, input_pipeline, train
+  from cspgan_jax import config_lib, input_pipeline, train, trainer
   config = config_lib.load_config(config_path, [f"--config.train.batch_size={batch}",
                                                 "--config.data.source=synthetic", *overrides])
   r = config.model.resolution
@@ -119,13 +119,15 @@ def bench_train_step(config_path, batch, steps, overrides):
                    jax.random.fold_in(rng, state.step))
 
   n_dev = jax.local_device_count()
-  replicate = lambda tree: jax.tree_util.tree_map(lambda x: np.stack([np.asarray(x)] * n_dev), tree)
-  rng = replicate(jax.random.PRNGKey(0))
-  const = jax.pmap(constant_step, axis_name="devices", donate_argnums=0)
-  dev = jax.pmap(device_data_step, axis_name="devices", donate_argnums=0)
+  rng = jax.random.PRNGKey(0)
+  # Mapped as the trainer maps its step: the state and the key unmapped, the data per device.
+  const = jax.pmap(constant_step, axis_name="devices", in_axes=(None, 0, None), out_axes=None,
+                   donate_argnums=0)
+  dev = jax.pmap(device_data_step, axis_name="devices", in_axes=(None, 0, 0, None),
+                 out_axes=None, donate_argnums=0)
   real = input_pipeline.put_sharded(
       [np.zeros((batch // n_dev, r, r, 3), np.float32)] * n_dev)
-  states = {k: replicate(train.init_state(config, jax.random.PRNGKey(0)))
+  states = {k: trainer.replicate(train.init_state(config, jax.random.PRNGKey(0)))
             for k in ("constant batch", "device-resident data")}
   runs = {
       "constant batch": lambda s: const(s, real, rng),

@@ -38,6 +38,17 @@ def replicas_identical(tree):
              for x in jax.tree_util.tree_leaves(tree) for i in range(N))
 
 
+def mapped_step(config):
+  """The step as the trainer maps it (state unmapped: in_axes None), but with every device's
+  state returned (out_axes 0), so that the replicas can be checked to agree."""
+  return jax.pmap(functools.partial(train.train_step_with_noise, config=config, axis_name="d"),
+                  axis_name="d", in_axes=(None, 0, 0), out_axes=0)
+
+
+def first(tree):
+  return jax.tree_util.tree_map(lambda x: np.asarray(x)[0], tree)
+
+
 def start(config, seed=0):
   net_g, net_d = torch_reference.build_reference(config.model, seed=seed)
   g_t, d_t = train.init_variables(config, jax.random.PRNGKey(0))
@@ -52,15 +63,13 @@ config = config_lib.load_config(config_path, ["--config.model.discriminator=avgp
                                               "--config.train.batch_size=16"])
 images, latents = parity.parity_data(config, 1, 0, "noise")
 net_g, net_d, state = start(config)
-pstep = jax.pmap(functools.partial(train.train_step_with_noise, config=config, axis_name="d"),
-                 axis_name="d")
-new, metrics = pstep(trainer.replicate(state), split(images[0]), split(latents[0]))
+new, metrics = mapped_step(config)(trainer.replicate(state), split(images[0]), split(latents[0]))
 result["a_replicas_identical"] = replicas_identical(new)
 opt_g, opt_d = torch_reference.make_optimizers(net_g, net_d, config.train)
 ref_m = torch_reference.train_iteration_per_chunk(
     net_g, net_d, opt_g, opt_d, torch.from_numpy(images[0].transpose(0, 3, 1, 2).copy()),
     torch.from_numpy(latents[0])[:, :, None, None], N)
-ours = trainer.unreplicate(new)
+ours = first(new)
 g_ref = torch_port.torch_to_flax(torch_port.module_state_dict(net_g),
                                  {"params": ours.g.params, "batch_stats": ours.g.batch_stats}, "G")
 d_ref = torch_port.torch_to_flax(torch_port.module_state_dict(net_d),
@@ -84,11 +93,10 @@ for block in ("relu", "leaky_bn"):
   images, latents = parity.parity_data(config, 1, 0, "faces")
   single, single_m = jax.jit(functools.partial(train.train_step_with_noise, config=config))(
       state, images[0], latents[0])
-  pstep = jax.pmap(functools.partial(train.train_step_with_noise, config=config, axis_name="d"),
-                   axis_name="d")
-  mapped, mapped_m = pstep(trainer.replicate(state), split(images[0]), split(latents[0]))
+  mapped, mapped_m = mapped_step(config)(trainer.replicate(state), split(images[0]),
+                                         split(latents[0]))
   result[f"b_{block}_replicas_identical"] = replicas_identical(mapped)
-  mapped = trainer.unreplicate(mapped)
+  mapped = first(mapped)
   pick = lambda s: ((s.g.params, s.d.params, s.g.batch_stats, s.d.batch_stats) if block == "relu"
                     else (s.d.params, s.g.batch_stats, s.d.batch_stats))
   adam = lambda s: (s.g.opt_state, s.d.opt_state) if block == "relu" else s.d.opt_state
@@ -111,7 +119,8 @@ z = np.stack([np.asarray(train.sample_latents(
     jax.random.fold_in(jax.random.fold_in(rng, 5), d), 4, config.model.nz)) for d in range(N)])
 want, _ = jax.pmap(
     functools.partial(train.train_step_with_noise, config=config, axis_name="devices"),
-    axis_name="devices")(trainer.replicate(state5), np.asarray(input_pipeline.to_unit_range(data)), z)
+    axis_name="devices", in_axes=(None, 0, 0), out_axes=None)(
+        trainer.replicate(state5), np.asarray(input_pipeline.to_unit_range(data)), z)
 result["c_equal"] = all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(
     jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)))
 print("RESULT" + json.dumps(result))
