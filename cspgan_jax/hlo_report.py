@@ -220,6 +220,12 @@ class HloReport:
     return sorted((k for k in self.kernels if k.category == "data movement"),
                   key=lambda k: -k.inst.out_bytes)
 
+  def data_dependent_loops(self) -> List[Instruction]:
+    """While loops without a known trip count. On a GPU each trip copies the loop's predicate to
+    the host and waits for it, so the host stops running ahead of the device there."""
+    return [i for comp in self.computations.values() for i in comp
+            if i.op == "while" and i.name in self.control and "known_trip_count" not in i.rest]
+
   def copied_inputs(self) -> List[Kernel]:
     """Copies of the entry's parameters: a donated state copied, not updated in place, because
     the old value is still read after the new one is written (or a layout change)."""
@@ -262,6 +268,9 @@ class HloReport:
     copied = self.copied_inputs()
     lines += ["", f"of which copies of the step's inputs: {len(copied)}, "
               f"{sum(k.inst.out_bytes for k in copied) / 2**20:.1f} MiB"]
+    loops = self.data_dependent_loops()
+    lines += ["", f"while loops of data-dependent length (a host sync a trip on a GPU): "
+              f"{len(loops)}" + (f" ({', '.join(i.name for i in loops)})" if loops else "")]
     split = self.channel_split_slices()
     if split:
       lines += ["", "CSPup channel-split slices (forward): " +

@@ -2,10 +2,10 @@
 
 Layout. The dataset is cut into one shard per device over all processes (shard s holds examples
 s, s + S, s + 2S, ...; the remainder that does not fill every shard is dropped). Each process
-loads only its own devices' shards. In epoch e, shard s is visited in the order
-a pseudo-random permutation keyed by (seed, e, s) (`epoch_order`), `per_device_batch` examples a
-step; an epoch is `shard_size // per_device_batch` steps (the last partial batch is dropped, so
-every step has the same shapes). Position and epoch are functions of the training step alone,
+loads only its own devices' shards. In epoch e, shard s is visited in the order of a
+pseudo-random permutation keyed by (seed, e, s) (`epoch_order`), `per_device_batch` examples a
+step (each batch's indices sorted); an epoch is `shard_size // per_device_batch` steps (the last
+partial batch is dropped, so every step has the same shapes). Position and epoch are functions of the training step alone,
 so a resumed run sees exactly the batches an uninterrupted one would.
 
 Two paths produce the same batches:
@@ -86,11 +86,11 @@ def make_layout(num_examples: int, global_batch: int, *, num_shards: Optional[in
   return layout
 
 
-FEISTEL_ROUNDS = 6
+SHUFFLE_ROUNDS_PER_BIT = 6  # swap-or-not rounds per bit of the shard size (its authors' ~6 lg n)
 
 
 def _mix32(x):
-  """A 32-bit integer hash (Wellons' lowbias32): the Feistel round function."""
+  """A 32-bit integer hash (Wellons' lowbias32): keys and round functions."""
   x = x ^ (x >> 16)
   x = x * jnp.uint32(0x7FEB352D)
   x = x ^ (x >> 15)
@@ -102,36 +102,50 @@ def epoch_order(seed: int, epoch, shard, positions, shard_size: int) -> jax.Arra
   """Which example of the shard sits at `positions` of epoch `epoch`'s visiting order.
 
   The order is a pseudo-random permutation of range(shard_size), keyed by (seed, epoch, shard):
-  a balanced Feistel network on the smallest even-bit domain >= shard_size, with cycle walking
-  back into range. It costs O(len(positions)) per step, where materialising
-  `jax.random.permutation(shard_size)` would sort the whole shard (202,599 keys for CelebA) at
-  every step. Pure uint32 arithmetic: bit-identical under jit on every backend and on the host.
+  the swap-or-not shuffle (Hoang, Morris and Rogaway, 2012). Round i pairs x with
+  (k_i - x) mod n and swaps the pair or not by a hash of the pair, so each round is a
+  permutation of exactly range(n), whatever n. It costs O(len(positions)) per step, where
+  materialising `jax.random.permutation(shard_size)` would sort the whole shard (202,599 keys
+  for CelebA) at every step; and a fixed number of rounds is straight-line code, a few small
+  kernels. (A Feistel network needs a power-of-two domain and a loop of data-dependent length
+  to walk back into range: on a GPU each trip of such a loop stops the host until the device
+  has caught up, once a step.) Pure uint32 arithmetic: bit-identical under jit on every
+  backend and on the host.
   """
-  half = max(1, (max(shard_size - 1, 1).bit_length() + 1) // 2)
-  mask = jnp.uint32((1 << half) - 1)
-  key = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(seed), epoch), shard)
-  round_keys = jax.random.bits(key, (FEISTEL_ROUNDS,), jnp.uint32)
-
-  def permute(x):
-    left, right = x >> half, x & mask
-    for r in range(FEISTEL_ROUNDS):
-      left, right = right, left ^ (_mix32(right ^ round_keys[r]) & mask)
-    return (left << half) | right
-
-  def walk(x):  # leave the [shard_size, 4^half) tail by following the permutation's cycle
-    return jax.lax.while_loop(lambda y: jnp.any(y >= shard_size),
-                              lambda y: jnp.where(y >= shard_size, permute(y), y), permute(x))
-
-  return walk(jnp.asarray(positions, jnp.uint32)).astype(jnp.int32)
+  n = int(shard_size)
+  x = jnp.asarray(positions, jnp.uint32)
+  if n <= 1:
+    return jnp.zeros(x.shape, jnp.int32)
+  key = _mix32(jnp.uint32(seed & 0xFFFFFFFF) ^ jnp.uint32(0x9E3779B9))
+  key = _mix32(key ^ jnp.uint32((seed >> 32) & 0xFFFFFFFF))
+  key = _mix32(key ^ jnp.asarray(epoch).astype(jnp.uint32))
+  key = _mix32(key ^ _mix32(jnp.asarray(shard).astype(jnp.uint32) + jnp.uint32(0x632BE5AB)))
+  rounds = SHUFFLE_ROUNDS_PER_BIT * (n - 1).bit_length()
+  # Every round's two keys at once (two small vectors, not 2 x rounds scalar computations).
+  salts = (np.arange(2 * rounds, dtype=np.uint64) + 1) * 0x9E3779B9 & 0xFFFFFFFF
+  keys = _mix32(key ^ jnp.asarray(salts.astype(np.uint32)))
+  pair_keys, swap_keys = keys[:rounds] % jnp.uint32(n), keys[rounds:]
+  for i in range(rounds):
+    k = pair_keys[i]
+    partner = jnp.where(x <= k, k - x, k + jnp.uint32(n) - x)  # (k - x) mod n, in range
+    swap = (_mix32(jnp.maximum(x, partner) ^ swap_keys[i]) >> 31) == 1  # same for both of a pair
+    x = jnp.where(swap, partner, x)
+  return x.astype(jnp.int32)
 
 
 def batch_positions(seed: int, step, shard, *, shard_size: int, per_device_batch: int,
                     steps_per_epoch: int) -> jax.Array:
-  """Indices into shard `shard` of its batch at training step `step` (traceable)."""
+  """Indices into shard `shard` of its batch at training step `step` (traceable), ascending.
+
+  Sorted, which changes nothing a step computes but makes the gather read the shard in order,
+  and which keeps the indices a buffer of their own: XLA does not fuse into a sort, while it
+  would fuse the shuffle's rounds into the gather and recompute them for every pixel (seen on
+  XLA:CPU: 6.4 ms a step at 32x32, batch 64; an optimization barrier does not stop it).
+  """
   epoch, position = jnp.divmod(step, steps_per_epoch)
   first = (position * per_device_batch).astype(jnp.uint32)
-  return epoch_order(seed, epoch, shard, first + jnp.arange(per_device_batch, dtype=jnp.uint32),
-                     shard_size)
+  return jnp.sort(epoch_order(seed, epoch, shard,
+                              first + jnp.arange(per_device_batch, dtype=jnp.uint32), shard_size))
 
 
 # torchvision's ToTensor + Normalize(0.5, 0.5), `(x / 255 - 0.5) / 0.5` in float32, for each of

@@ -115,6 +115,8 @@ def make_step(config, kind: str, batch_fn=None, steps: int = 1):
   # statistics guarantee), not stacked on a device axis: through the stacked `[1, ...]`
   # per-device shape XLA copies the donated state instead of updating it in place (121 copies,
   # 329 MiB an iteration, in the baseline's step; none this way). Metrics are pmean'ed too.
+  # out_axes=None returns one device's value unchecked (jax-ml/jax#21671); the multi-device
+  # tests run the step with out_axes=0 and check that every device's state is the same.
   return jax.pmap(device_step, axis_name=AXIS, in_axes=(None, 0, 0, None), out_axes=None,
                   donate_argnums=0)
 

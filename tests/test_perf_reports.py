@@ -77,6 +77,7 @@ def test_hlo_report_classifies_gpu_shaped_hlo():
       "loop_add_fusion": ("elementwise/reduction", "kLoop", "G main_0/right_1"),
   }
   assert report.control == {"while.5"}
+  assert report.data_dependent_loops() == []  # its trip count is known
   assert report.counts() == {"data movement": 3, "convolution": 2, "elementwise/reduction": 1}
   # Bytes written: 64*256*16*16 bf16 (2 B) and 64*4*4*512 bf16 and 256 f32.
   assert [k.inst.out_bytes for k in report.data_movement()] == [8388608, 1048576, 1024]
@@ -148,6 +149,13 @@ def test_the_trainers_step_updates_the_donated_state_in_place(profiled_step):
   _, hlo, _ = profiled_step
   copied = hlo_report.HloReport(hlo).copied_inputs()
   assert all(k.inst.out_bytes <= 8 for k in copied), [(k.name, k.inst.type) for k in copied]
+
+
+def test_the_trainers_step_has_no_loop_of_data_dependent_length(profiled_step):
+  """The batch's positions come from a fixed number of shuffle rounds; a cycle-walking loop
+  (as a Feistel permutation needs) would stop the host once a step on a GPU."""
+  _, hlo, _ = profiled_step
+  assert hlo_report.HloReport(hlo).data_dependent_loops() == []
 
 
 def test_trace_report_of_the_real_step_accounts_for_its_kernels(profiled_step):
