@@ -11,7 +11,7 @@ import sys
 # Runs from a checkout without `pip install`: the package is the folder above this one.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from cspgan_jax import bench  # pylint: disable=wrong-import-position
+from cspgan_jax import cli  # pylint: disable=wrong-import-position
 
 if __name__ == "__main__":
-  sys.exit(bench.main())
+  sys.exit(cli.main(["bench", *sys.argv[1:]]))

@@ -56,7 +56,7 @@ torch.__version__, 'cudnn', torch.backends.cudnn.version()); print(jax.devices()
 
 # 1. The table (JAX fp32 / bf16 / bf16 with 8 steps a dispatch; PyTorch eager fp32 /
 #    bf16+channels_last / torch.compile; batch 64 and 256), the end-to-end loop at batch 64
-#    (1000 steps: logs at 500 and 1000, samples every 500, a checkpoint at the end),
+#    (1000 steps, timed over the second half: a checkpoint and two sample grids in it),
 #    each JAX variant's optimized HLO and a profile of every variant.
 stamp "bench"
 mkdir -p /tmp/profiles

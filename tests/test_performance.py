@@ -97,6 +97,8 @@ def test_bench_script_measures_writes_hlo_and_traces(tmp_path):
   assert rows[3]["vs_torch_fp32"] == 1.0
   e2e = report["end_to_end"]
   assert e2e["images_per_s"] > 0 and e2e["batch"] == 8
+  # The timed second half holds a checkpoint and two grids; the first grid compiled before it.
+  assert (e2e["steps"], e2e["sample_every"], e2e["checkpoint_every"]) == (8, 2, 4)
   assert abs(e2e["vs_bare"] - e2e["images_per_s"] / rows[0]["images_per_s"]) < 1e-9
   table = out.read_text()
   assert "| 8 | JAX float32 |" in table and "end-to-end `cspgan train`" in table
