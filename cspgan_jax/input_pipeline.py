@@ -5,8 +5,8 @@ s, s + S, s + 2S, ...; the remainder that does not fill every shard is dropped).
 loads only its own devices' shards. In epoch e, shard s is visited in the order of a
 pseudo-random permutation keyed by (seed, e, s) (`epoch_order`), `per_device_batch` examples a
 step (each batch's indices sorted); an epoch is `shard_size // per_device_batch` steps (the last
-partial batch is dropped, so every step has the same shapes). Position and epoch are functions of the training step alone,
-so a resumed run sees exactly the batches an uninterrupted one would.
+partial batch is dropped, so every step has the same shapes). Position and epoch are functions
+of the training step alone, so a resumed run sees exactly the batches an uninterrupted one would.
 
 Two paths produce the same batches:
 - device-resident: each device holds its shard as uint8, and `gather_batch` runs *inside* the
@@ -137,8 +137,8 @@ def batch_positions(seed: int, step, shard, *, shard_size: int, per_device_batch
                     steps_per_epoch: int) -> jax.Array:
   """Indices into shard `shard` of its batch at training step `step` (traceable), ascending.
 
-  Sorted, which changes nothing a step computes but makes the gather read the shard in order,
-  and which keeps the indices a buffer of their own: XLA does not fuse into a sort, while it
+  Sorted, which changes only the order of the batch's examples, makes the gather read the shard
+  in order, and keeps the indices a buffer of their own: XLA does not fuse into a sort, while it
   would fuse the shuffle's rounds into the gather and recompute them for every pixel (seen on
   XLA:CPU: 6.4 ms a step at 32x32, batch 64; an optimization barrier does not stop it).
   """

@@ -180,7 +180,8 @@ def test_trace_report_reads_gpu_stream_lines_and_skips_derived_ones(tmp_path):
   meta = [
       {"ph": "M", "pid": 1, "name": "process_name", "args": {"name": "/host:CPU"}},
       {"ph": "M", "pid": 2, "name": "process_name", "args": {"name": "/device:GPU:0"}},
-      {"ph": "M", "pid": 2, "tid": 7, "name": "thread_name", "args": {"name": "Stream #7(Compute)"}},
+      {"ph": "M", "pid": 2, "tid": 7, "name": "thread_name",
+       "args": {"name": "Stream #7(Compute)"}},
       {"ph": "M", "pid": 2, "tid": 9, "name": "thread_name", "args": {"name": "XLA Ops"}},
   ]
   events = []
