@@ -289,6 +289,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="lax.scan unroll for --scan (XLA:CPU runs a rolled scan 15x slower)")
   parser.add_argument("--peak-tflops", type=float, default=0.0, help="override the chip's peak")
   parser.add_argument("--out", default=None, help="write the table here (and .json beside it)")
+  parser.add_argument("--overwrite", action="store_true",
+                      help="replace the files of an earlier run at --out, --hlo, --profile")
   parser.add_argument("--e2e", type=int, default=0,
                       help="also run `cspgan train` for this many steps (>= 4) at the first "
                            "batch size and compare its images/s over the second half (a "
@@ -358,6 +360,17 @@ def _validate(args):
                         "it, so it cannot end in .json")
     if os.path.isdir(args.out):
       raise CspganError(f"--out {args.out} is a folder; give a file name (e.g. bench.md)")
+  if not args.overwrite:  # an earlier run's figures are not replaced unless asked
+    targets = [args.out, os.path.splitext(args.out)[0] + ".json"] if args.out else []
+    for b in batches:
+      for v in variants:
+        if args.hlo and VARIANTS[v][0] == "jax":
+          targets.append(os.path.join(args.hlo, f"b{b}_{v}.hlo.txt"))
+        if args.profile:
+          targets.append(os.path.join(args.profile, f"b{b}_{v}.trace.json.gz"))
+    existing = next((t for t in targets if os.path.exists(t)), None)
+    if existing:
+      raise CspganError(f"{existing} exists; not overwriting it (pass --overwrite to replace it)")
   return batches, variants
 
 

@@ -59,7 +59,7 @@ torch.__version__, 'cudnn', torch.backends.cudnn.version()); print(jax.devices()
 #    (1000 steps, timed over the second half: a checkpoint and two sample grids in it),
 #    each JAX variant's optimized HLO and a profile of every variant.
 stamp "bench"
-mkdir -p /tmp/profiles
+rm -rf /tmp/profiles && mkdir -p /tmp/profiles  # this call's files only
 # shellcheck disable=SC2086
 timeout "$T_BENCH" python3 scripts/bench.py $BENCH_ARGS --out "$OUT/bench.md" \
     --hlo /tmp/profiles --profile /tmp/profiles > "$OUT/bench.log" 2>&1
@@ -89,7 +89,8 @@ stamp "tests done"
     if (( left < 40 )); then echo "| $flags | - | not run: ${left} s left | - |"; continue; fi
     # shellcheck disable=SC2086
     XLA_FLAGS="$flags" timeout "$(( left < T_FLAGS ? left : T_FLAGS ))" python3 scripts/bench.py \
-        $FLAG_ARGS --variants jax-bf16,jax-bf16-scan --out /tmp/flags.md > /tmp/flags.log 2>&1 \
+        $FLAG_ARGS --variants jax-bf16,jax-bf16-scan --out /tmp/flags.md --overwrite \
+        > /tmp/flags.log 2>&1 \
       && python3 -c "
 import json, sys
 for r in json.load(open('/tmp/flags.json'))['rows']:

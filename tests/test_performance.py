@@ -115,6 +115,16 @@ def test_bench_script_measures_writes_hlo_and_traces(tmp_path):
       assert any("hlo_op" in (e.get("args") or {}) for e in events), slug
 
 
+def test_bench_keeps_an_earlier_runs_files(tmp_path, capsys):
+  from cspgan_jax import cli
+  out = tmp_path / "bench.md"
+  out.write_text("an earlier table\n")
+  assert cli.main(["bench", "--config", TINY, "--out", str(out)]) == 2
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1 and "not overwriting" in err and str(out) in err, err
+  assert out.read_text() == "an earlier table\n"
+
+
 @pytest.mark.parametrize("flag,value,needle", [
     ("--variants", "jax-fp32,jax-fp64", "'jax-fp64'"),
     ("--batches", "8,0", "--batches"),
