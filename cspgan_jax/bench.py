@@ -7,7 +7,7 @@
 Every variant runs the full iteration of the seed (D on real, D on fake, D's Adam step, G
 through the updated D, G's Adam step) on data already on the device, after warm-up, with device
 synchronisation, alternating variant by variant in rounds so that drift of the machine hits all
-of them; the figure is the median round. JAX: the trainer's own pmapped step (batch gathered
+of them; the figure is the median round. JAX: the trainer's own compiled step (batch gathered
 from device-resident data inside the step), float32 (jax-fp32), bfloat16 (jax-bf16), and
 bfloat16 with `--scan K` steps per dispatch (jax-bf16-scan). PyTorch: eager float32 (torch-fp32;
 TF32 convolutions, PyTorch's default), bf16 autocast with channels_last (torch-bf16), and
@@ -92,9 +92,13 @@ def jax_variant(config_path, batch, dtype, scan, overrides, unroll=1, cost_analy
       *(f"--config.train.{e}={scan}" for e in ("log_every", "sample_every", "checkpoint_every")),
       *overrides])
   data = input_pipeline.make_input(config)
-  step = trainer.make_step(config, "device", data.batch_fn(), steps=scan)
-  state = trainer.replicate(train.init_state(config, jax.random.PRNGKey(0)))
   rng = jax.random.PRNGKey(1)
+  # The trainer's own compiled step, the state in the layouts it chose.
+  step, state = trainer.compile_step(
+      lambda fmt: trainer.make_step(config, "device", data.batch_fn(), steps=scan,
+                                    state_format=fmt),
+      trainer.replicate(train.init_state(config, jax.random.PRNGKey(0))), data.images,
+      data.shard_ids, rng)
   holder = {"state": state}
 
   def run(iters):  # iters iterations; returns when the device is done
@@ -104,14 +108,12 @@ def jax_variant(config_path, batch, dtype, scan, overrides, unroll=1, cost_analy
 
   flops = None
   if cost_analysis or hlo_path:
-    # The step's own compilation cache keeps this executable, so the timed calls reuse it.
-    compiled = step.lower(holder["state"], data.images, data.shard_ids, rng).compile()
     if hlo_path:
       with open(hlo_path, "w") as f:
-        f.write(compiled.as_text() or "")
+        f.write(step.as_text() or "")
     if cost_analysis:
       try:
-        cost = compiled.cost_analysis()
+        cost = step.cost_analysis()
         cost = cost[0] if isinstance(cost, (list, tuple)) else cost
         flops = float(cost.get("flops", 0.0)) or None
       except Exception:  # pylint: disable=broad-except  # cost analysis is best effort

@@ -1,4 +1,4 @@
-"""`cspgan` command line: train, info, prepare-data, convert, sample, parity, bench.
+"""`cspgan` command line: train, info, prepare-data, convert, sample, parity, bench, compile.
 
 User errors (bad config, file, checkpoint) print one line `cspgan: error: ...` and exit 2;
 nothing existing is overwritten unless `--overwrite` says so.
@@ -177,11 +177,20 @@ def cmd_bench(args, overrides):
   bench.emit(bench.run(args, overrides), args.out)
 
 
+# ---- compile ----
+
+def cmd_compile(args, overrides):
+  from cspgan_jax import gpu_compile  # pylint: disable=import-outside-toplevel
+  report = gpu_compile.run(args, overrides)
+  if report is not None:
+    print(report)
+
+
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
       prog="cspgan",
       description="CSPup-GAN in JAX: train, prepare data, convert, sample, parity with PyTorch, "
-                  "benchmark.",
+                  "benchmark, compile for a GPU.",
       epilog="Config fields can be overridden with --config.group.field=value.")
   sub = parser.add_subparsers(dest="command", required=True)
 
@@ -256,6 +265,13 @@ def build_parser() -> argparse.ArgumentParser:
                        description=bench.__doc__.splitlines()[0])
   bench.add_arguments(bch)
   bch.set_defaults(func=cmd_bench)
+
+  from cspgan_jax import gpu_compile  # pylint: disable=import-outside-toplevel  # no jax at load
+  cmp = sub.add_parser("compile", help="compile the training step for a GPU this machine lacks, "
+                                       "and report its kernels, layouts and copies",
+                       description=gpu_compile.__doc__.splitlines()[0])
+  gpu_compile.add_arguments(cmp)
+  cmp.set_defaults(func=cmd_compile)
   return parser
 
 
@@ -263,7 +279,8 @@ def main(argv: Optional[List[str]] = None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
   rest, overrides = _split_overrides(argv)
   args = build_parser().parse_args(rest)
-  if overrides and args.func not in (cmd_bench, cmd_parity, cmd_torch2flax, cmd_train):
+  if overrides and args.func not in (cmd_bench, cmd_compile, cmd_parity, cmd_torch2flax,
+                                     cmd_train):
     # The other commands read the config stored in the checkpoint.
     print(f"cspgan: error: {args.command} takes no --config.* overrides (the checkpoint holds "
           "the config)", file=sys.stderr)

@@ -168,14 +168,22 @@ def gather_batch(shard_images, shard_id, step, *, seed: int, per_device_batch: i
   return to_unit_range(jnp.take(shard_images, idx, axis=0))
 
 
-# ---- placing arrays on the local devices (pmap's layout: leading axis = device) ----
+# ---- placing arrays on the devices (a leading device axis, as the step maps it) ----
 
 def put_sharded(shards: Sequence[np.ndarray], devices=None) -> jax.Array:
-  """One host array per local device -> a (n_devices, ...) array pmap consumes without copies."""
-  devices = list(devices or jax.local_devices())
+  """One host array per local device -> a global (all devices, ...) array, one entry each.
+
+  The device axis is split over the same one-axis mesh as the training step's (`devices`, by
+  default every device of every process), so the step takes it without a copy. Each process
+  passes the arrays of its own devices, in the mesh's order.
+  """
+  devices = list(devices or jax.devices())
+  local = [d for d in devices if d.process_index == jax.process_index()]
+  if len(shards) != len(local):
+    raise ValueError(f"{len(shards)} arrays for {len(local)} local devices")
   mesh = jax.sharding.Mesh(np.array(devices), ("devices",))
   sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("devices"))
-  arrays = [jax.device_put(np.asarray(s)[None], d) for s, d in zip(shards, devices)]
+  arrays = [jax.device_put(np.asarray(s)[None], d) for s, d in zip(shards, local)]
   shape = (len(devices),) + tuple(np.shape(shards[0]))
   return jax.make_array_from_single_device_arrays(shape, sharding, arrays)
 
@@ -190,7 +198,6 @@ class DeviceResidentInput:
   def __init__(self, source, layout: Layout, seed: int, devices=None):
     self.layout = layout
     self.seed = seed
-    devices = list(devices or jax.local_devices())
     # Read and place one shard at a time: host memory peaks at one shard, not the dataset.
     shards = [datasets.read_all(source, layout.shard_indices(s), desc=f"shard {s}")
               for s in layout.local_shard_ids()]
@@ -198,7 +205,7 @@ class DeviceResidentInput:
     self.shard_ids = put_sharded(list(layout.local_shard_ids()), devices)
 
   def batch_fn(self):
-    """(shard_images, shard_id, step) -> float batch; use inside the pmapped step."""
+    """(shard_images, shard_id, step) -> float batch; use inside the mapped step."""
     return functools.partial(gather_batch, seed=self.seed,
                              per_device_batch=self.layout.per_device_batch,
                              steps_per_epoch=self.layout.steps_per_epoch)
@@ -214,7 +221,7 @@ class StreamingInput:
     self.source = source
     self.layout = layout
     self.seed = seed
-    self.devices = list(devices or jax.local_devices())
+    self.devices = devices  # the mesh's (None: all of them); this process fills its own
     self.prefetch = max(1, prefetch)
     self.readers = max(1, readers)
     self._cpu = jax.local_devices(backend="cpu")[0]
@@ -232,6 +239,15 @@ class StreamingInput:
       positions = np.asarray(self._positions(np.int32(step), lay.local_shard_ids()))
     return np.stack([self.source.get(lay.shard_indices(int(shard))[positions[i]])
                      for i, shard in enumerate(lay.local_shard_ids())])
+
+  def batch_spec(self) -> jax.ShapeDtypeStruct:
+    """The shape, type and placement of what `batches` yields, to compile the step against."""
+    lay = self.layout
+    mesh = jax.sharding.Mesh(np.array(list(self.devices or jax.devices())), ("devices",))
+    image_shape = self.source.get([0]).shape[1:]
+    return jax.ShapeDtypeStruct(
+        (lay.num_shards, lay.per_device_batch) + tuple(image_shape), np.uint8,
+        sharding=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("devices")))
 
   def batches(self, start_step: int, num_steps: int) -> Iterator[jax.Array]:
     """Device batches for steps start_step ... start_step + num_steps - 1, in order.

@@ -1,9 +1,9 @@
 """`cspgan train`: the training loop over all local devices, on one or several processes.
 
-One pmapped step per iteration: the per-device `train_step` gathers its batch from the
-device-resident data (or takes the streamed one), draws its noise from
-`fold_in(fold_in(rng, step), device)`, averages gradients (and, with per-device BatchNorm, the
-running statistics) over devices. Everything a step depends on (data position, noise, step) is
+One compiled step per iteration (jit of shard_map over every device): the per-device
+`train_step` gathers its batch from the device-resident data (or takes the streamed one), draws
+its noise from `fold_in(fold_in(rng, step), device)`, averages gradients (and, with per-device
+BatchNorm, the running statistics) over devices. Everything a step depends on (data position, noise, step) is
 a function of `state.step`, so a resumed run repeats an uninterrupted one bit for bit.
 
 Only process 0 writes logs, samples and `metrics.jsonl`; every process takes part in
@@ -57,16 +57,21 @@ def maybe_initialize_distributed(config) -> None:
                              process_id=process_id)
 
 
-def replicated_sharding() -> jax.sharding.NamedSharding:
+def device_mesh(devices=None) -> jax.sharding.Mesh:
+  """One axis over every device of every process (or over `devices`, e.g. compile-only ones)."""
+  return jax.sharding.Mesh(np.array(list(devices or jax.devices())), (AXIS,))
+
+
+def replicated_sharding(mesh=None) -> jax.sharding.NamedSharding:
   """The whole value on every device (of every process): where the training state lives."""
-  mesh = jax.sharding.Mesh(np.array(jax.devices()), (AXIS,))
-  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  return jax.sharding.NamedSharding(mesh or device_mesh(), jax.sharding.PartitionSpec())
 
 
 def replicate(tree):
-  """The state as `make_step` takes it: one full copy per device, no device axis.
+  """The state as the step takes it: one full copy per device, no device axis.
 
   Built from single-device copies, so that each process places only its own devices' copies.
+  `place_for` then gives each leaf the memory layout the compiled step chose.
   """
   sharding = replicated_sharding()
   devices = list(sharding.addressable_devices)
@@ -84,11 +89,73 @@ def unreplicate(tree):
   return jax.tree_util.tree_map(lambda x: np.asarray(x.addressable_shards[0].data), tree)
 
 
-def make_step(config, kind: str, batch_fn=None, steps: int = 1):
-  """The pmapped iteration: (state, data, shard_id, rng) -> (state, metrics).
+def map_over_devices(device_fn, mapped, mesh=None, state_format=None):
+  """`device_fn(state, *args)` run on every device, as one jitted program (jit of shard_map).
 
-  With `steps` > 1 (device-resident data only) one dispatch runs that many iterations in a
-  `lax.scan` and returns the last one's metrics: fewer launches, the same arithmetic.
+  The state (first argument and first result) is replicated, and XLA picks its memory layout
+  (`Layout.AUTO`) unless `state_format` pins one: on a GPU it stores each conv kernel the way
+  cuDNN reads it (HWIO logically, OHWI in memory), so no step transposes the weights, their
+  gradients or their Adam moments (1117 -> 554 MiB of data movement an iteration in float32,
+  672 -> 233 in bfloat16, baseline at batch 64, XLA:GPU for an H100; docs/PERFORMANCE.md).
+  Arguments flagged in `mapped` carry a leading device axis and `device_fn` sees its own entry
+  (as under pmap); the others are replicated. Results other than the state are replicated too.
+  Such a function runs only compiled (`compile_step`), since the layouts are the compiler's.
+  """
+  from jax.experimental.layout import Format, Layout  # pylint: disable=import-outside-toplevel
+  mesh = mesh or device_mesh()
+  spec = jax.sharding.PartitionSpec
+  rep = jax.sharding.NamedSharding(mesh, spec())
+  per_device = jax.sharding.NamedSharding(mesh, spec(AXIS))
+
+  def local(state, *args):
+    return device_fn(state, *(a[0] if m else a for a, m in zip(args, mapped)))
+
+  in_specs = (spec(),) + tuple(spec(AXIS) if m else spec() for m in mapped)
+  # check_vma=False: pmap's semantics, which train_step is written for (gradients per device,
+  # averaged by its own pmean). With the check on, shard_map would sum the gradients of the
+  # replicated parameters itself. The outputs declared replicated are each a pmean or computed
+  # from replicated values; that is not checked here (as with pmap's out_axes=None,
+  # jax-ml/jax#21671): the multi-device tests compare every device's copy.
+  body = jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=(spec(), spec()),
+                       check_vma=False)
+  state_format = state_format if state_format is not None else Format(Layout.AUTO, rep)
+  return jax.jit(body, in_shardings=(state_format,) + tuple(per_device if m else rep
+                                                             for m in mapped),
+                 out_shardings=(state_format, rep), donate_argnums=0)
+
+
+def compile_step(make, state, *args):
+  """(compiled step, state placed as it expects): the state's layouts are the compiler's choice.
+
+  `make(state_format)` builds the step (`make_step(..., state_format=...)`); it is compiled with
+  the layouts left to XLA. `state` may be abstract (`jax.ShapeDtypeStruct`s) to compile only;
+  the second result is then the state's formats. Where XLA chose other layouts for the state
+  coming out than going in (it has not, so far), the step is compiled again with the input's
+  layouts pinned on both sides, so that one iteration's result is the next one's argument.
+  """
+  # Layout.AUTO compiles against shapes only: an array would bring its own layout.
+  shapes = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
+  compiled = make(None).lower(shapes, *args).compile()
+  formats = compiled.input_formats[0][0]
+  if jax.tree_util.tree_leaves(compiled.output_formats[0]) != jax.tree_util.tree_leaves(formats):
+    compiled = make(formats).lower(shapes, *args).compile()
+  return compiled, place_for(state, formats)
+
+
+def place_for(state, formats):
+  """`state` in the given per-leaf formats (a no-op where they already match)."""
+  if all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree_util.tree_leaves(state)):
+    return formats
+  return jax.device_put(state, formats, donate=True)
+
+
+def make_step(config, kind: str, batch_fn=None, steps: int = 1, mesh=None, state_format=None):
+  """The iteration on every device: (state, data, shard_id, rng) -> (state, metrics).
+
+  `data` and `shard_id` carry a leading device axis; each device gathers its batch from its
+  shard (device-resident data) or takes its streamed batch. With `steps` > 1 (device-resident
+  data only) one dispatch runs that many iterations in a `lax.scan` and returns the last one's
+  metrics: fewer launches, the same arithmetic. Compile it with `compile_step`.
   """
 
   def device_step(state, data, shard_id, rng):
@@ -110,15 +177,10 @@ def make_step(config, kind: str, batch_fn=None, steps: int = 1):
                                     length=steps, unroll=config.train.get("scan_unroll", 1))
       return state, jax.tree_util.tree_map(lambda m: m[-1], metrics)
 
-  # The one line that maps the step over devices. The state goes in and comes out unmapped
-  # (in_axes / out_axes None: the same on every device, which the pmean'ed gradients and
-  # statistics guarantee), not stacked on a device axis: through the stacked `[1, ...]`
-  # per-device shape XLA copies the donated state instead of updating it in place (121 copies,
-  # 329 MiB an iteration, in the baseline's step; none this way). Metrics are pmean'ed too.
-  # out_axes=None returns one device's value unchecked (jax-ml/jax#21671); the multi-device
-  # tests run the step with out_axes=0 and check that every device's state is the same.
-  return jax.pmap(device_step, axis_name=AXIS, in_axes=(None, 0, 0, None), out_axes=None,
-                  donate_argnums=0)
+  # The state is replicated, not stacked on a device axis as pmap(in_axes=0) would: through a
+  # stacked `[1, ...]` per-device shape XLA copies the donated state instead of updating it in
+  # place (121 copies, 329 MiB an iteration, in the baseline's step).
+  return map_over_devices(device_step, (True, True, False), mesh, state_format)
 
 
 # ---- workdir ----
@@ -244,15 +306,22 @@ def train_and_evaluate(config, workdir: str, progress: bool = True) -> train.GAN
 
   batch_fn = data.batch_fn() if data.kind == "device" else None
   k = t.get("steps_per_dispatch", 1)
-  step_fns = {1: make_step(config, data.kind, batch_fn)}
-  if k > 1:
-    step_fns[k] = make_step(config, data.kind, batch_fn, steps=k)
-  p_state = replicate(state)
-  del state
   shard_ids = data.shard_ids if data.kind == "device" else input_pipeline.put_sharded(
       list(layout.local_shard_ids()))
   base = jax.random.PRNGKey(t.seed)
   noise_rng, fixed_rng = jax.random.fold_in(base, 1), jax.random.fold_in(base, 2)
+  batch_spec = data.images if data.kind == "device" else data.batch_spec()
+  step_args = (batch_spec, shard_ids, noise_rng)
+  # The one-iteration step picks the state's layouts; a k-iteration one keeps them.
+  step_fns = {}
+  step_fns[1], p_state = compile_step(
+      lambda fmt: make_step(config, data.kind, batch_fn, state_format=fmt), replicate(state),
+      *step_args)
+  del state
+  if k > 1:
+    step_fns[k] = make_step(config, data.kind, batch_fn, steps=k,
+                            state_format=step_fns[1].input_formats[0][0]).lower(
+                                p_state, *step_args).compile()
   fixed_noise = train.sample_latents(fixed_rng, t.num_samples, config.model.nz)
   use_ra = t.get("sample_use_running_average", False)
   sample_fn = jax.jit(lambda p, s, z: train.generate(config, p, s, z, use_ra))

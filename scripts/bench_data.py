@@ -120,21 +120,23 @@ def bench_train_step(config_path, batch, steps, overrides):
 
   n_dev = jax.local_device_count()
   rng = jax.random.PRNGKey(0)
-  # Mapped as the trainer maps its step: the state and the key unmapped, the data per device.
-  const = jax.pmap(constant_step, axis_name="devices", in_axes=(None, 0, None), out_axes=None,
-                   donate_argnums=0)
-  dev = jax.pmap(device_data_step, axis_name="devices", in_axes=(None, 0, 0, None),
-                 out_axes=None, donate_argnums=0)
   real = input_pipeline.put_sharded(
       [np.zeros((batch // n_dev, r, r, 3), np.float32)] * n_dev)
-  states = {k: trainer.replicate(train.init_state(config, jax.random.PRNGKey(0)))
-            for k in ("constant batch", "device-resident data")}
-  runs = {
-      "constant batch": lambda s: const(s, real, rng),
-      "device-resident data": lambda s: dev(s, inp.images, inp.shard_ids, rng),
-  }
-  if batch_fn is None:
-    del runs["device-resident data"]
+  init = train.init_state(config, jax.random.PRNGKey(0))
+  # Mapped and compiled as the trainer does its step (trainer.make_step): the state replicated
+  # in the compiler's layouts, the data per device.
+  const, const_state = trainer.compile_step(
+      lambda fmt: trainer.map_over_devices(constant_step, (True, False), state_format=fmt),
+      trainer.replicate(init), real, rng)
+  runs = {"constant batch": lambda s: const(s, real, rng)}
+  states = {"constant batch": const_state}
+  if batch_fn is not None:
+    dev, dev_state = trainer.compile_step(
+        lambda fmt: trainer.map_over_devices(device_data_step, (True, True, False),
+                                             state_format=fmt),
+        trainer.replicate(init), inp.images, inp.shard_ids, rng)
+    runs["device-resident data"] = lambda s: dev(s, inp.images, inp.shard_ids, rng)
+    states["device-resident data"] = dev_state
   # Alternate the two in rounds so that drift of the machine (clocks, other load) hits both.
   times = {k: [] for k in runs}
   for round_ in range(steps + 2):

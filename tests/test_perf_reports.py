@@ -101,9 +101,10 @@ def test_hlo_report_refuses_what_is_not_hlo(tmp_path, capsys):
 def _tiny_step():
   config = config_lib.load_config(TINY, ["--config.data.pipeline=device"])
   data = input_pipeline.make_input(config)
-  step = trainer.make_step(config, "device", data.batch_fn(), steps=1)
-  state = trainer.replicate(train.init_state(config, jax.random.PRNGKey(0)))
   args = (data.images, data.shard_ids, jax.random.PRNGKey(1))
+  step, state = trainer.compile_step(
+      lambda fmt: trainer.make_step(config, "device", data.batch_fn(), state_format=fmt),
+      trainer.replicate(train.init_state(config, jax.random.PRNGKey(0))), *args)
   return config, step, state, args
 
 
@@ -119,7 +120,7 @@ def _param_layers(config):
 @pytest.fixture(scope="module")
 def profiled_step(tmp_path_factory):
   config, step, state, args = _tiny_step()
-  hlo = step.lower(state, *args).compile().as_text()
+  hlo = step.as_text()
   state, metrics = step(state, *args)
   jax.block_until_ready(metrics)
   trace_dir = tmp_path_factory.mktemp("trace")

@@ -1,7 +1,8 @@
 """Run with 4 CPU devices (XLA_FLAGS=--xla_force_host_platform_device_count=4); prints RESULT json.
 
-(a) per-device BatchNorm: the pmapped step vs PyTorch's per-chunk iteration (averaged gradients);
-(b) sync_bn: the pmapped step vs the single-device step on the whole batch;
+(a) per-device BatchNorm: the step mapped as the trainer maps it vs PyTorch's per-chunk iteration
+    (averaged gradients);
+(b) sync_bn: the mapped step vs the single-device step on the whole batch;
 (c) the trainer's step: noise fold_in(fold_in(rng, step), device), batches from the data.
 """
 import functools
@@ -34,19 +35,28 @@ def split(x):
 
 
 def replicas_identical(tree):
-  return all(np.array_equal(np.asarray(x)[0], np.asarray(x)[i])
-             for x in jax.tree_util.tree_leaves(tree) for i in range(N))
+  """Every device's copy of every replicated leaf is the same, bit for bit."""
+  return all(np.array_equal(np.asarray(x.addressable_shards[0].data),
+                            np.asarray(s.data))
+             for x in jax.tree_util.tree_leaves(tree) for s in x.addressable_shards)
 
 
 def mapped_step(config):
-  """The step as the trainer maps it (state unmapped: in_axes None), but with every device's
-  state returned (out_axes 0), so that the replicas can be checked to agree."""
-  return jax.pmap(functools.partial(train.train_step_with_noise, config=config, axis_name="d"),
-                  axis_name="d", in_axes=(None, 0, 0), out_axes=0)
+  """`train_step_with_noise` mapped over the 4 devices as the trainer maps its step (the state
+  replicated in the compiler's layouts, images and noise split); -> (new state, metrics)."""
+  step = functools.partial(train.train_step_with_noise, config=config, axis_name=trainer.AXIS)
+
+  def run(state, images, latents):
+    compiled, placed = trainer.compile_step(
+        lambda fmt: trainer.map_over_devices(step, (True, True), state_format=fmt),
+        trainer.replicate(state), images, latents)
+    return compiled(placed, images, latents)
+
+  return run
 
 
 def first(tree):
-  return jax.tree_util.tree_map(lambda x: np.asarray(x)[0], tree)
+  return trainer.unreplicate(tree)
 
 
 def start(config, seed=0):
@@ -63,7 +73,7 @@ config = config_lib.load_config(config_path, ["--config.model.discriminator=avgp
                                               "--config.train.batch_size=16"])
 images, latents = parity.parity_data(config, 1, 0, "noise")
 net_g, net_d, state = start(config)
-new, metrics = mapped_step(config)(trainer.replicate(state), split(images[0]), split(latents[0]))
+new, metrics = mapped_step(config)(state, split(images[0]), split(latents[0]))
 result["a_replicas_identical"] = replicas_identical(new)
 opt_g, opt_d = torch_reference.make_optimizers(net_g, net_d, config.train)
 ref_m = torch_reference.train_iteration_per_chunk(
@@ -76,7 +86,7 @@ d_ref = torch_port.torch_to_flax(torch_port.module_state_dict(net_d),
                                  {"params": ours.d.params, "batch_stats": ours.d.batch_stats}, "D")
 result["a_params"] = tree_errors((ours.g.params, ours.d.params), (g_ref["params"], d_ref["params"]))
 result["a_batch_stats"] = tree_errors(ours.d.batch_stats, d_ref["batch_stats"])
-m = {k: float(np.asarray(v)[0]) for k, v in metrics.items()}
+m = {k: float(v) for k, v in first(metrics).items()}
 result["a_metrics"] = max(abs(m[k] - ref_m[k]) / abs(ref_m[k]) for k in ref_m)
 
 # (b) cross-device statistics: equal to one device on the whole batch. Two variants: relu G with
@@ -93,8 +103,7 @@ for block in ("relu", "leaky_bn"):
   images, latents = parity.parity_data(config, 1, 0, "faces")
   single, single_m = jax.jit(functools.partial(train.train_step_with_noise, config=config))(
       state, images[0], latents[0])
-  mapped, mapped_m = mapped_step(config)(trainer.replicate(state), split(images[0]),
-                                         split(latents[0]))
+  mapped, mapped_m = mapped_step(config)(state, split(images[0]), split(latents[0]))
   result[f"b_{block}_replicas_identical"] = replicas_identical(mapped)
   mapped = first(mapped)
   pick = lambda s: ((s.g.params, s.d.params, s.g.batch_stats, s.d.batch_stats) if block == "relu"
@@ -103,7 +112,8 @@ for block in ("relu", "leaky_bn"):
   result[f"b_{block}_state"] = tree_errors(pick(mapped), pick(single))
   # Adam's second moment is g^2: twice the gradient's relative error.
   result[f"b_{block}_adam"] = tree_errors(adam(mapped), adam(single))
-  result[f"b_{block}_metrics"] = max(abs(float(np.asarray(mapped_m[k])[0]) - float(single_m[k]))
+  mapped_m = first(mapped_m)
+  result[f"b_{block}_metrics"] = max(abs(float(mapped_m[k]) - float(single_m[k]))
                                      / abs(float(single_m[k])) for k in single_m)
 
 # (c) the trainer's step: per-device noise and the streamed uint8 batch
@@ -112,15 +122,14 @@ _, _, state = start(config)
 rng = jax.random.PRNGKey(7)
 data = np.random.default_rng(0).integers(0, 256, (N, 4, 32, 32, 3), dtype=np.uint8)
 shard_ids = input_pipeline.put_sharded(list(np.arange(N, dtype=np.int32)))
-step_fn = trainer.make_step(config, "streaming")
 state5 = state.replace(step=state.step + 5)
-got, _ = step_fn(trainer.replicate(state5), input_pipeline.put_sharded(list(data)), shard_ids, rng)
+step_fn, placed = trainer.compile_step(
+    lambda fmt: trainer.make_step(config, "streaming", state_format=fmt),
+    trainer.replicate(state5), input_pipeline.put_sharded(list(data)), shard_ids, rng)
+got, _ = step_fn(placed, input_pipeline.put_sharded(list(data)), shard_ids, rng)
 z = np.stack([np.asarray(train.sample_latents(
     jax.random.fold_in(jax.random.fold_in(rng, 5), d), 4, config.model.nz)) for d in range(N)])
-want, _ = jax.pmap(
-    functools.partial(train.train_step_with_noise, config=config, axis_name="devices"),
-    axis_name="devices", in_axes=(None, 0, 0), out_axes=None)(
-        trainer.replicate(state5), np.asarray(input_pipeline.to_unit_range(data)), z)
+want, _ = mapped_step(config)(state5, np.asarray(input_pipeline.to_unit_range(data)), z)
 result["c_equal"] = all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(
     jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)))
 print("RESULT" + json.dumps(result))

@@ -1,0 +1,190 @@
+"""The training step compiled by XLA's GPU compiler on a machine without a GPU.
+
+  cspgan compile --install-plugin                      # once: jax's CUDA plugin, into a cache
+  cspgan compile --target h100 --batch 64 --dtype bfloat16 --hlo b64_bf16.hlo.txt
+
+jax's CUDA plugin can compile for a GPU it is only told about (a "target config": the chip's
+compute capability, memory, cuDNN version), without a driver or a device. This compiles the
+trainer's own step (`trainer.make_step`, the batch gathered from device-resident data) for such a
+compile-only device and prints what `hlo_report` finds in the optimized program: the kernels by
+kind, the cuDNN convolutions, every kernel that only moves data, copies of the step's inputs and
+loops of data-dependent length. It answers the layout questions of the performance work (which
+transposes XLA:GPU inserts, what becomes of CSPup's channel split, what the state's memory
+layout costs: `--state-layout default` against the compiler's choice) on any machine. It times
+nothing, and convolution algorithms are not autotuned here (that needs the GPU): kernel counts,
+layouts and bytes are the compiler's, not timings.
+
+The plugin is kept out of the Python environment (in `--plugin-dir`, by default a cache folder
+named after the installed jaxlib version): installed there, every jax program would print its
+failed CUDA start-up on a machine without a GPU. This command alone puts it on the path, before
+jax starts, and keeps jax itself on the CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import importlib.util
+import os
+import subprocess
+import sys
+from typing import Optional
+
+from cspgan_jax.errors import CspganError
+
+# pylint: disable=import-outside-toplevel  # jax must not start before the plugin is on the path
+
+TARGETS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gpu_targets")
+TARGETS = {"h100": "h100_sxm.txtpb"}
+PLUGIN_PACKAGES = ("jax-cuda12-plugin", "jax-cuda12-pjrt")
+PLUGIN_MODULE = "jax_plugins.xla_cuda12"
+STATE_LAYOUTS = ("auto", "default")
+
+
+def _jaxlib_version() -> str:
+  from importlib import metadata
+  return metadata.version("jaxlib")
+
+
+def default_plugin_dir() -> str:
+  cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+  return os.path.join(cache, "cspgan", f"jax-cuda12-{_jaxlib_version()}")
+
+
+def install_plugin(directory: str) -> str:
+  """pip-installs the CUDA plugin matching this jaxlib into `directory` (no CUDA libraries)."""
+  version = _jaxlib_version()
+  cmd = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--upgrade", "--target",
+         directory, *(f"{p}=={version}" for p in PLUGIN_PACKAGES)]
+  if subprocess.run(cmd, check=False).returncode != 0:
+    raise CspganError(f"could not install {' and '.join(PLUGIN_PACKAGES)} {version} into "
+                      f"{directory} (pip failed: see above)")
+  return directory
+
+
+def target_config(target: str) -> str:
+  """The text of a GpuTargetConfigProto: a name in TARGETS or a path to a .txtpb file."""
+  path = os.path.join(TARGETS_DIR, TARGETS[target]) if target in TARGETS else target
+  if not os.path.isfile(path):
+    raise CspganError(f"--target {target!r} is neither one of {sorted(TARGETS)} nor a file")
+  with open(path) as f:
+    return f.read()
+
+
+def compile_only_devices(target: str, plugin_dir: str):
+  """One compile-only CUDA device described by `target` (jax must not have started yet)."""
+  config_text = target_config(target)
+  if not os.path.isdir(os.path.join(plugin_dir, *PLUGIN_MODULE.split("."))):
+    raise CspganError(f"no jax CUDA plugin in {plugin_dir}: run `cspgan compile "
+                      f"--install-plugin` (or pass --plugin-dir)")
+  sys.path.insert(0, plugin_dir)
+  import jax
+  # jax on the CPU: the plugin is registered for compiling only, and no CUDA start is tried.
+  jax.config.update("jax_platforms", "cpu")
+  from jax.experimental import topologies
+  if importlib.util.find_spec(PLUGIN_MODULE) is None:
+    raise CspganError(f"{PLUGIN_MODULE} cannot be imported from {plugin_dir}")
+  try:
+    with _quiet_stderr():  # the plugin's C++ start-up says, several times, that it found no GPU
+      topology = topologies.get_topology_desc(platform="cuda", target_config=config_text,
+                                              topology="1x1x1")
+  except NotImplementedError as e:  # the plugin was not registered: jax had started before
+    raise CspganError(f"jax's CUDA plugin did not load from {plugin_dir} ({e})") from e
+  except Exception as e:  # pylint: disable=broad-except  # a target config the plugin refuses
+    raise CspganError(f"the CUDA plugin refused target {target!r}: "
+                      f"{str(e).splitlines()[0]}") from e
+  return list(topology.devices)
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+  """Silences file descriptor 2 (C++ logging, not Python's) for the duration."""
+  sys.stderr.flush()
+  saved = os.dup(2)
+  try:
+    with open(os.devnull, "w") as null:
+      os.dup2(null.fileno(), 2)
+      yield
+  finally:
+    os.dup2(saved, 2)
+    os.close(saved)
+
+
+def compile_step(config, devices, state_layout: str = "auto", steps: int = 1):
+  """The trainer's step for `config`, compiled for `devices`; -> jax's Compiled."""
+  import jax
+  import jax.numpy as jnp
+  from cspgan_jax import input_pipeline, train, trainer
+  layout = input_pipeline.make_layout(config.data.num_examples, config.train.batch_size,
+                                      num_shards=len(devices), first_shard=0,
+                                      local_shards=len(devices))
+  r = config.model.resolution
+  batch_fn = functools.partial(input_pipeline.gather_batch, seed=config.data.shuffle_seed,
+                               per_device_batch=layout.per_device_batch,
+                               steps_per_epoch=layout.steps_per_epoch)
+  mesh = trainer.device_mesh(devices)
+  state = jax.eval_shape(lambda: train.init_state(config, jax.random.PRNGKey(0)))
+  args = (jax.ShapeDtypeStruct((len(devices), layout.shard_size, r, r, 3), jnp.uint8),
+          jax.ShapeDtypeStruct((len(devices),), jnp.int32),
+          jax.ShapeDtypeStruct((2,), jnp.uint32))
+  make = functools.partial(trainer.make_step, config, "device", batch_fn, steps, mesh)
+  if state_layout == "default":  # row-major, as an unannotated jit would take the state
+    return make(trainer.replicated_sharding(mesh)).lower(state, *args).compile()
+  compiled, _ = trainer.compile_step(make, state, *args)
+  return compiled
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+  parser.add_argument("--target", default="h100",
+                      help=f"GPU to compile for: one of {sorted(TARGETS)} or a GpuTargetConfigProto "
+                           "text file (default h100)")
+  parser.add_argument("--config", default="configs/baseline.py")
+  parser.add_argument("--batch", type=int, default=64, help="global batch (default 64)")
+  parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+  parser.add_argument("--scan", type=int, default=1, help="iterations per dispatch (default 1)")
+  parser.add_argument("--state-layout", choices=STATE_LAYOUTS, default="auto",
+                      help="the state's memory layout: the compiler's choice, as the trainer "
+                           "runs (auto), or row-major (default), to compare")
+  parser.add_argument("--hlo", default=None, metavar="FILE", help="write the optimized HLO here")
+  parser.add_argument("--overwrite", action="store_true", help="replace an existing --hlo file")
+  parser.add_argument("--plugin-dir", default=None,
+                      help="where jax's CUDA plugin is (default: a cache folder per jaxlib "
+                           "version, which --install-plugin fills)")
+  parser.add_argument("--install-plugin", action="store_true",
+                      help="pip-install jax-cuda12-plugin and -pjrt matching this jaxlib into "
+                           "--plugin-dir, then stop")
+
+
+def run(args, overrides) -> Optional[str]:
+  """Validates, then compiles and returns the report (None with --install-plugin)."""
+  plugin_dir = args.plugin_dir or default_plugin_dir()
+  if args.install_plugin:
+    install_plugin(plugin_dir)
+    print(f"jax CUDA plugin {_jaxlib_version()} in {plugin_dir}")
+    return None
+  if args.batch < 1 or args.scan < 1:
+    raise CspganError(f"--batch and --scan must be >= 1, got {args.batch} and {args.scan}")
+  if args.hlo and os.path.exists(args.hlo) and not args.overwrite:
+    raise CspganError(f"{args.hlo} exists (pass --overwrite to replace it)")
+  if args.hlo and not os.path.isdir(os.path.dirname(os.path.abspath(args.hlo))):
+    raise CspganError(f"--hlo: folder {os.path.dirname(args.hlo)} does not exist")
+  from cspgan_jax import config_lib
+  config = config_lib.load_config(args.config, [
+      f"--config.train.batch_size={args.batch}", f"--config.train.dtype={args.dtype}",
+      f"--config.train.steps_per_dispatch={args.scan}",
+      *(f"--config.train.{e}={args.scan}" for e in ("log_every", "sample_every",
+                                                    "checkpoint_every")),
+      "--config.data.source=synthetic",
+      f"--config.data.num_examples={max(4 * args.batch, 512)}", *overrides])
+  devices = compile_only_devices(args.target, plugin_dir)
+  compiled = compile_step(config, devices, args.state_layout, args.scan)
+  text = compiled.as_text()
+  if args.hlo:
+    with open(args.hlo, "w") as f:
+      f.write(text)
+  from cspgan_jax import hlo_report
+  head = (f"{devices[0].device_kind} (compile-only, {args.target}): {args.config}, batch "
+          f"{args.batch}, {args.dtype}, {args.scan} step(s) a dispatch, state layout "
+          f"{args.state_layout}; jax {_jaxlib_version()}\n\n")
+  return head + hlo_report.HloReport(text).markdown()

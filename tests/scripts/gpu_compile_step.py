@@ -1,0 +1,28 @@
+"""Compiles the trainer's step for an H100 without one (jax's CUDA plugin, compile-only device),
+in float32 and bfloat16, with the state in the compiler's layouts and in row-major ones;
+prints RESULT json of what hlo_report finds. `python gpu_compile_step.py CONFIG PLUGIN_DIR`."""
+import json
+import re
+import sys
+
+from cspgan_jax import config_lib, gpu_compile, hlo_report
+
+config_path, plugin_dir = sys.argv[1:3]
+devices = gpu_compile.compile_only_devices("h100", plugin_dir)
+result = {"device_kind": devices[0].device_kind}
+for dtype in ("float32", "bfloat16"):
+  config = config_lib.load_config(config_path, [f"--config.train.dtype={dtype}",
+                                                "--config.data.source=synthetic"])
+  for layout in ("auto", "default"):
+    text = gpu_compile.compile_step(config, devices, layout).as_text()
+    report = hlo_report.HloReport(text)
+    moves = report.data_movement()
+    result[f"{dtype}_{layout}"] = dict(
+        counts=report.counts(),
+        conv_kinds=sorted({k.detail for k in report.kernels if k.category == "convolution"}),
+        conv_labels=sorted(set(re.findall(r"dim_labels=([^,\s]+)", text))),
+        move_kernels=len(moves), move_bytes=sum(k.inst.out_bytes for k in moves),
+        copied_inputs=[k.inst.out_bytes for k in report.copied_inputs()],
+        loops=len(report.data_dependent_loops()),
+        split=report.channel_split_slices())
+print("RESULT" + json.dumps(result))

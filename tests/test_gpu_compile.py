@@ -1,0 +1,72 @@
+"""The training step as XLA's GPU compiler builds it for an H100, compiled here without a GPU.
+
+The layout work of docs/PERFORMANCE.md is checked on the program a GPU would run: every
+convolution a cuDNN call on NHWC activations, the state in the layouts the compiler chose
+(as the trainer runs it) moving far fewer bytes than row-major state, no copy of the donated
+state, no loop of data-dependent length. Needs jax's CUDA plugin in its cache folder, which the
+README's test command puts there (`cspgan compile --install-plugin`).
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from cspgan_jax import cli, gpu_compile
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(REPO, "configs", "tiny.py")
+
+
+@pytest.fixture(scope="module")
+def compiled_for_h100():
+  plugin_dir = gpu_compile.default_plugin_dir()
+  assert os.path.isdir(plugin_dir), (
+      f"jax's CUDA plugin is not in {plugin_dir}: run `cspgan compile --install-plugin` "
+      "(part of the README's test command)")
+  env = dict(os.environ, PYTHONPATH=REPO, XLA_FLAGS="")
+  proc = subprocess.run([sys.executable, os.path.join(REPO, "tests", "scripts",
+                                                      "gpu_compile_step.py"), TINY, plugin_dir],
+                        env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  (line,) = [l for l in proc.stdout.splitlines() if l.startswith("RESULT")]
+  return json.loads(line[len("RESULT"):])
+
+
+def test_the_step_compiles_for_an_h100_into_cudnn_convolutions_on_nhwc(compiled_for_h100):
+  r = compiled_for_h100
+  assert r["device_kind"] == "NVIDIA H100 80GB HBM3"
+  for variant in ("float32_auto", "float32_default", "bfloat16_auto", "bfloat16_default"):
+    v = r[variant]
+    assert v["conv_kinds"][:3] == ["conv backward-filter", "conv backward-input", "conv forward"]
+    assert v["counts"]["convolution"] >= 60, v["counts"]  # tiny: 7 conv layers in G, 5 in D
+    assert v["conv_labels"] == ["b01f_o01i->b01f"], v["conv_labels"]  # NHWC, filters OHWI
+    assert v["loops"] == 0  # no host sync inside the step
+
+
+def test_the_compilers_state_layouts_remove_the_weight_transposes(compiled_for_h100):
+  """Row-major state (HWIO kernels) makes XLA:GPU transpose every kernel for cuDNN, every
+  gradient back, and copy donated inputs; the layouts it picks itself (OHWI in memory) do not."""
+  r = compiled_for_h100
+  for dtype in ("float32", "bfloat16"):
+    auto, default = r[f"{dtype}_auto"], r[f"{dtype}_default"]
+    assert auto["move_kernels"] < 0.5 * default["move_kernels"], (auto, default)
+    assert auto["move_bytes"] < 0.6 * default["move_bytes"], (auto, default)
+    assert auto["counts"]["convolution"] == default["counts"]["convolution"]
+    assert sum(auto["copied_inputs"]) <= 0.1 * sum(default["copied_inputs"])
+  assert all(b <= 8 for b in r["bfloat16_auto"]["copied_inputs"])
+
+
+def test_compile_errors_are_one_line(tmp_path, capsys):
+  existing = tmp_path / "step.hlo.txt"
+  existing.write_text("keep me")
+  cases = [(["--target", "tpu9"], "neither one of"),
+           (["--plugin-dir", str(tmp_path)], "no jax CUDA plugin"),
+           (["--hlo", str(existing)], "exists"),
+           (["--batch", "0"], "must be >= 1")]
+  for args, needle in cases:
+    assert cli.main(["compile", "--config", TINY, *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and needle in err[0], err
+  assert existing.read_text() == "keep me"
