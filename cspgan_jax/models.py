@@ -61,18 +61,74 @@ def conv2d(features: int, kernel_size: int, stride: int = 1, padding: int = 0, *
                  dtype=dtype, name=name)
 
 
-def conv_transpose2d(features: int, kernel_size: int = 4, stride: int = 2, padding: int = 1, *,
-                     dtype=jnp.float32, name=None) -> nn.ConvTranspose:
-  """PyTorch `ConvTranspose2d(in, features, k, s, p, bias=False)` as a flax ConvTranspose.
+_CONV_DIMS = ("NHWC", "HWIO", "NHWC")
 
-  A transposed conv is the input-gradient of a conv: dilate by `s`, pad by `k - 1 - p`, correlate
-  with the spatially flipped kernel (`transpose_kernel=True`). The kernel is stored (k, k,
-  features, in): PyTorch's (in, features, k, k) weight transposed (2, 3, 1, 0), as for Conv2d.
+
+def _strided_conv(u, kernel, stride: int, pad: int):
+  """The convolution a transposed convolution transposes: (N, sH, sW, F) -> (N, H, W, C)."""
+  return lax.conv_general_dilated(u, kernel, (stride, stride), [(pad, pad)] * 2,
+                                  dimension_numbers=_CONV_DIMS)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def conv_transpose(x, kernel, stride: int, pad: int):
+  """PyTorch's `conv_transpose2d` (NHWC; kernel (k, k, out, in)): the input-gradient of
+  `_strided_conv`, which is what it computes, in float arithmetic too.
+
+  Its gradients are that convolution's own: the input's is the strided convolution itself, the
+  kernel's the convolution's kernel-gradient with dy as input and x as output cotangent. Plain
+  autodiff of the lhs-dilated convolution gets the same numbers in another form (a convolution
+  with batch and features swapped), which XLA:GPU does not hand to cuDNN's backward-filter and
+  brackets with channels-first transposes of the activations instead: 770 -> 304 MiB of data
+  movement an iteration (baseline, batch 256, bf16, `cspgan compile`; docs/PERFORMANCE.md).
   """
-  pad = kernel_size - 1 - padding
-  return nn.ConvTranspose(features, (kernel_size,) * 2, strides=(stride,) * 2,
-                          padding=[(pad, pad)] * 2, use_bias=False, transpose_kernel=True,
-                          kernel_init=conv_kernel_init, dtype=dtype, name=name)
+  return _conv_transpose_fwd(x, kernel, stride, pad)[0]
+
+
+def _conv_transpose_fwd(x, kernel, stride, pad):
+  k = kernel.shape[0]
+  n, h, w, _ = x.shape
+  out_shape = (n, (h - 1) * stride - 2 * pad + k, (w - 1) * stride - 2 * pad + k, kernel.shape[2])
+  _, transpose = jax.vjp(lambda u: _strided_conv(u, kernel, stride, pad),
+                         jnp.zeros(out_shape, x.dtype))
+  return transpose(x)[0], (x, kernel)
+
+
+def _conv_transpose_bwd(stride, pad, residuals, dy):
+  x, kernel = residuals
+  _, kernel_grad = jax.vjp(lambda kern: _strided_conv(dy, kern, stride, pad), kernel)
+  return _strided_conv(dy, kernel, stride, pad), kernel_grad(x)[0]
+
+
+conv_transpose.defvjp(_conv_transpose_fwd, _conv_transpose_bwd)
+
+
+class ConvTranspose2d(nn.Module):
+  """PyTorch `ConvTranspose2d(in, features, k, s, p, bias=False)` (NHWC).
+
+  The kernel is stored (k, k, features, in), as flax's `ConvTranspose(transpose_kernel=True)`
+  stores it (same name, shape and initialisation, so checkpoints and `torch_port` are
+  unchanged): PyTorch's (in, features, k, k) weight transposed (2, 3, 1, 0), as for Conv2d. The
+  arithmetic is `conv_transpose` above; forward results equal flax's bit for bit.
+  """
+  features: int
+  kernel_size: int = 4
+  stride: int = 2
+  padding: int = 1
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    k = self.kernel_size
+    kernel = self.param("kernel", conv_kernel_init, (k, k, self.features, x.shape[-1]))
+    return conv_transpose(x.astype(self.dtype), kernel.astype(self.dtype), self.stride,
+                          self.padding)
+
+
+def conv_transpose2d(features: int, kernel_size: int = 4, stride: int = 2, padding: int = 1, *,
+                     dtype=jnp.float32, name=None) -> ConvTranspose2d:
+  """PyTorch `ConvTranspose2d(in, features, k, s, p, bias=False)`."""
+  return ConvTranspose2d(features, kernel_size, stride, padding, dtype=dtype, name=name)
 
 
 def _channel_sum(v, axis_name):

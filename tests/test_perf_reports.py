@@ -145,8 +145,8 @@ def test_hlo_report_of_the_real_step_names_every_layer(profiled_step):
 
 
 def test_the_trainers_step_updates_the_donated_state_in_place(profiled_step):
-  """The state is mapped unstacked (in_axes None): through pmap's stacked `[1, ...]` shape XLA
-  copied it instead (73 of 113 inputs at the baseline's widths, 32x32). Scalars may remain."""
+  """The state is replicated, not stacked: through pmap's stacked `[1, ...]` shape XLA copied it
+  instead (73 of 113 inputs at the baseline's widths, 32x32). Scalars may remain."""
   _, hlo, _ = profiled_step
   copied = hlo_report.HloReport(hlo).copied_inputs()
   assert all(k.inst.out_bytes <= 8 for k in copied), [(k.name, k.inst.type) for k in copied]

@@ -22,6 +22,7 @@ for dtype in ("float32", "bfloat16"):
         conv_kinds=sorted({k.detail for k in report.kernels if k.category == "convolution"}),
         conv_labels=sorted(set(re.findall(r"dim_labels=([^,\s]+)", text))),
         move_kernels=len(moves), move_bytes=sum(k.inst.out_bytes for k in moves),
+        reversing=[k.detail for k in moves if "reverse" in k.detail],
         copied_inputs=[k.inst.out_bytes for k in report.copied_inputs()],
         loops=len(report.data_dependent_loops()),
         split=report.channel_split_slices())
