@@ -95,13 +95,12 @@ def map_over_devices(device_fn, mapped, mesh=None, state_format=None):
   The state (first argument and first result) is replicated, and XLA picks its memory layout
   (`Layout.AUTO`) unless `state_format` pins one: on a GPU it stores each conv kernel the way
   cuDNN reads it (HWIO logically, OHWI in memory), so no step transposes the weights, their
-  gradients or their Adam moments (1117 -> 554 MiB of data movement an iteration in float32,
+  gradients or their Adam moments (1,117 -> 554 MiB of data movement an iteration in float32,
   672 -> 233 in bfloat16, baseline at batch 64, XLA:GPU for an H100; docs/PERFORMANCE.md).
   Arguments flagged in `mapped` carry a leading device axis and `device_fn` sees its own entry
   (as under pmap); the others are replicated. Results other than the state are replicated too.
   Such a function runs only compiled (`compile_step`), since the layouts are the compiler's.
   """
-  from jax.experimental.layout import Format, Layout  # pylint: disable=import-outside-toplevel
   mesh = mesh or device_mesh()
   spec = jax.sharding.PartitionSpec
   rep = jax.sharding.NamedSharding(mesh, spec())
@@ -118,10 +117,20 @@ def map_over_devices(device_fn, mapped, mesh=None, state_format=None):
   # jax-ml/jax#21671): the multi-device tests compare every device's copy.
   body = jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=(spec(), spec()),
                        check_vma=False)
-  state_format = state_format if state_format is not None else Format(Layout.AUTO, rep)
+  state_format = state_format if state_format is not None else _auto_format(rep)
   return jax.jit(body, in_shardings=(state_format,) + tuple(per_device if m else rep
                                                              for m in mapped),
                  out_shardings=(state_format, rep), donate_argnums=0)
+
+
+def _auto_format(sharding):
+  """`sharding` with the memory layout left to XLA; plain `sharding` (row-major) on a jax
+  without `jax.experimental.layout` (the step is then the same, with the transposes back)."""
+  try:
+    from jax.experimental.layout import Format, Layout  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    return sharding
+  return Format(Layout.AUTO, sharding)
 
 
 def compile_step(make, state, *args):
