@@ -36,7 +36,7 @@ from cspgan_jax.errors import CspganError
 # pylint: disable=import-outside-toplevel  # jax must not start before the plugin is on the path
 
 TARGETS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gpu_targets")
-TARGETS = {"h100": "h100_sxm.txtpb"}
+TARGETS = {"h100": "h100_sxm.txtpb", "h200": "h200.txtpb"}
 PLUGIN_PACKAGES = ("jax-cuda12-plugin", "jax-cuda12-pjrt")
 PLUGIN_MODULE = "jax_plugins.xla_cuda12"
 STATE_LAYOUTS = ("auto", "default")
