@@ -187,4 +187,15 @@ def run(args, overrides) -> Optional[str]:
   head = (f"{devices[0].device_kind} (compile-only, {args.target}): {args.config}, batch "
           f"{args.batch}, {args.dtype}, {args.scan} step(s) a dispatch, state layout "
           f"{args.state_layout}; jax {_jaxlib_version()}\n\n")
-  return head + hlo_report.HloReport(text).markdown()
+  return head + hlo_report.HloReport(text).markdown() + "\n\n" + memory_line(compiled)
+
+
+def memory_line(compiled) -> str:
+  """Device memory of the step as XLA's buffer assignment sizes it."""
+  m = compiled.memory_analysis()
+  mib = lambda n: f"{n / 2**20:,.0f} MiB"
+  return (f"device memory (XLA's buffer assignment; cuDNN workspaces, which autotuning picks, "
+          f"not included): arguments {mib(m.argument_size_in_bytes)} (of which "
+          f"{mib(m.alias_size_in_bytes)} donated and reused for the results), temporaries "
+          f"{mib(m.temp_size_in_bytes)}; the step needs about "
+          f"{mib(m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes)}")

@@ -43,6 +43,9 @@ def test_the_step_compiles_for_an_h100_into_cudnn_convolutions_on_nhwc(compiled_
     assert v["counts"]["convolution"] >= 60, v["counts"]  # tiny: 7 conv layers in G, 5 in D
     assert v["conv_labels"] == ["b01f_o01i->b01f"], v["conv_labels"]  # NHWC, filters OHWI
     assert v["loops"] == 0  # no host sync inside the step
+    assert "the step needs about" in v["memory"]
+  # bf16 activations: the step's temporaries shrink (parameters and Adam stay float32)
+  assert r["bfloat16_auto"]["temp_bytes"] < 0.8 * r["float32_auto"]["temp_bytes"]
 
 
 def test_the_compilers_state_layouts_remove_the_weight_transposes(compiled_for_h100):

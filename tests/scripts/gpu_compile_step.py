@@ -14,7 +14,8 @@ for dtype in ("float32", "bfloat16"):
   config = config_lib.load_config(config_path, [f"--config.train.dtype={dtype}",
                                                 "--config.data.source=synthetic"])
   for layout in ("auto", "default"):
-    text = gpu_compile.compile_step(config, devices, layout).as_text()
+    compiled = gpu_compile.compile_step(config, devices, layout)
+    text = compiled.as_text()
     report = hlo_report.HloReport(text)
     moves = report.data_movement()
     result[f"{dtype}_{layout}"] = dict(
@@ -25,5 +26,7 @@ for dtype in ("float32", "bfloat16"):
         reversing=[k.detail for k in moves if "reverse" in k.detail],
         copied_inputs=[k.inst.out_bytes for k in report.copied_inputs()],
         loops=len(report.data_dependent_loops()),
-        split=report.channel_split_slices())
+        split=report.channel_split_slices(),
+        temp_bytes=compiled.memory_analysis().temp_size_in_bytes,
+        memory=gpu_compile.memory_line(compiled))
 print("RESULT" + json.dumps(result))
