@@ -94,9 +94,8 @@ def jax_variant(config_path, batch, dtype, scan, overrides, unroll=1, cost_analy
   data = input_pipeline.make_input(config)
   rng = jax.random.PRNGKey(1)
   # The trainer's own compiled step, the state in the layouts it chose.
-  step, state = trainer.compile_step(
-      lambda fmt: trainer.make_step(config, "device", data.batch_fn(), steps=scan,
-                                    state_format=fmt),
+  step, state = trainer.compile_training_step(
+      config, "device", data.batch_fn(), scan,
       trainer.replicate(train.init_state(config, jax.random.PRNGKey(0))), data.images,
       data.shard_ids, rng)
   holder = {"state": state}

@@ -128,10 +128,11 @@ def compile_step(config, devices, state_layout: str = "auto", steps: int = 1):
   args = (jax.ShapeDtypeStruct((len(devices), layout.shard_size, r, r, 3), jnp.uint8),
           jax.ShapeDtypeStruct((len(devices),), jnp.int32),
           jax.ShapeDtypeStruct((2,), jnp.uint32))
-  make = functools.partial(trainer.make_step, config, "device", batch_fn, steps, mesh)
   if state_layout == "default":  # row-major, as an unannotated jit would take the state
-    return make(trainer.replicated_sharding(mesh)).lower(state, *args).compile()
-  compiled, _ = trainer.compile_step(make, state, *args)
+    return trainer.make_step(config, "device", batch_fn, steps, mesh,
+                             trainer.replicated_sharding(mesh)).lower(state, *args).compile()
+  compiled, _ = trainer.compile_training_step(config, "device", batch_fn, steps, state, *args,
+                                              mesh=mesh)
   return compiled
 
 

@@ -151,6 +151,33 @@ def compile_step(make, state, *args):
   return compiled, place_for(state, formats)
 
 
+def _concrete_layouts(state_format):
+  """The per-leaf layouts of a state format tree that `compile_step` returned, else None."""
+  leaves = jax.tree_util.tree_leaves(state_format)
+  layouts = [getattr(f, "layout", None) for f in leaves]
+  if not leaves or any(l is None or not hasattr(l, "major_to_minor") for l in layouts):
+    return None
+  return jax.tree_util.tree_map(lambda f: f.layout, state_format)
+
+
+def compile_training_step(config, kind, batch_fn, steps, state, *args, mesh=None):
+  """`make_step` for `steps` iterations a dispatch, compiled; -> (compiled, state placed).
+
+  One iteration is compiled first with the state's layouts left to XLA; several a dispatch
+  (a `lax.scan`) are then compiled with those layouts, pinned in every iteration, so that the
+  single and the scanned step take the same state.
+  """
+  one, placed = compile_step(
+      lambda fmt: make_step(config, kind, batch_fn, 1, mesh, state_format=fmt), state, *args)
+  if steps == 1:
+    return one, placed
+  formats = one.input_formats[0][0]
+  shapes = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
+  many = make_step(config, kind, batch_fn, steps, mesh, state_format=formats).lower(
+      shapes, *args).compile()
+  return many, placed
+
+
 def place_for(state, formats):
   """`state` in the given per-leaf formats (a no-op where they already match)."""
   if all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree_util.tree_leaves(state)):
@@ -180,9 +207,21 @@ def make_step(config, kind: str, batch_fn=None, steps: int = 1, mesh=None, state
       raise ConfigError("train.steps_per_dispatch > 1 needs the device-resident data "
                         "(data.pipeline device or auto)")
     one_step = device_step
+    layouts = _concrete_layouts(state_format)
+
+    def iteration(state, data, shard_id, rng):
+      state, metrics = one_step(state, data, shard_id, rng)
+      if layouts is not None:
+        # The loop carries the state in one layout per leaf; left free, XLA:GPU picks one the
+        # update does not produce and relayouts the largest kernels and both Adam moments every
+        # iteration (437 vs 175 MiB of data movement an iteration, batch 64, bf16). Pinned to
+        # the single step's layouts, the scan moves what single steps move.
+        from jax.experimental.layout import with_layout_constraint  # pylint: disable=import-outside-toplevel
+        state = with_layout_constraint(state, layouts)
+      return state, metrics
 
     def device_step(state, data, shard_id, rng):  # pylint: disable=function-redefined
-      state, metrics = jax.lax.scan(lambda s, _: one_step(s, data, shard_id, rng), state, None,
+      state, metrics = jax.lax.scan(lambda s, _: iteration(s, data, shard_id, rng), state, None,
                                     length=steps, unroll=config.train.get("scan_unroll", 1))
       return state, jax.tree_util.tree_map(lambda m: m[-1], metrics)
 
@@ -323,9 +362,8 @@ def train_and_evaluate(config, workdir: str, progress: bool = True) -> train.GAN
   step_args = (batch_spec, shard_ids, noise_rng)
   # The one-iteration step picks the state's layouts; a k-iteration one keeps them.
   step_fns = {}
-  step_fns[1], p_state = compile_step(
-      lambda fmt: make_step(config, data.kind, batch_fn, state_format=fmt), replicate(state),
-      *step_args)
+  step_fns[1], p_state = compile_training_step(config, data.kind, batch_fn, 1, replicate(state),
+                                               *step_args)
   del state
   if k > 1:
     step_fns[k] = make_step(config, data.kind, batch_fn, steps=k,

@@ -1,6 +1,6 @@
 """Compiles the trainer's step for an H100 without one (jax's CUDA plugin, compile-only device),
-in float32 and bfloat16, with the state in the compiler's layouts and in row-major ones;
-prints RESULT json of what hlo_report finds. `python gpu_compile_step.py CONFIG PLUGIN_DIR`."""
+in float32 and bfloat16, with the state in the compiler's layouts and in row-major ones, and
+(bfloat16) four iterations a dispatch; prints RESULT json of what hlo_report finds. `python gpu_compile_step.py CONFIG PLUGIN_DIR`."""
 import json
 import re
 import sys
@@ -13,8 +13,11 @@ result = {"device_kind": devices[0].device_kind}
 for dtype in ("float32", "bfloat16"):
   config = config_lib.load_config(config_path, [f"--config.train.dtype={dtype}",
                                                 "--config.data.source=synthetic"])
-  for layout in ("auto", "default"):
-    compiled = gpu_compile.compile_step(config, devices, layout)
+  for layout, steps in (("auto", 1), ("default", 1), ("scan", 4)):
+    if dtype == "float32" and layout == "scan":
+      continue
+    compiled = gpu_compile.compile_step(config, devices, "auto" if layout == "scan" else layout,
+                                        steps)
     text = compiled.as_text()
     report = hlo_report.HloReport(text)
     moves = report.data_movement()
