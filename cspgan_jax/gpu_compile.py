@@ -138,8 +138,8 @@ def compile_step(config, devices, state_layout: str = "auto", steps: int = 1):
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--target", default="h100",
-                      help=f"GPU to compile for: one of {sorted(TARGETS)} or a GpuTargetConfigProto "
-                           "text file (default h100)")
+                      help=f"GPU to compile for: one of {sorted(TARGETS)} or a "
+                           "GpuTargetConfigProto text file (default h100)")
   parser.add_argument("--config", default="configs/baseline.py")
   parser.add_argument("--batch", type=int, default=64, help="global batch (default 64)")
   parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
@@ -195,8 +195,9 @@ def memory_line(compiled) -> str:
   """Device memory of the step as XLA's buffer assignment sizes it."""
   m = compiled.memory_analysis()
   mib = lambda n: f"{n / 2**20:,.0f} MiB"
+  total = (m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
+           + m.temp_size_in_bytes)
   return (f"device memory (XLA's buffer assignment; cuDNN workspaces, which autotuning picks, "
           f"not included): arguments {mib(m.argument_size_in_bytes)} (of which "
           f"{mib(m.alias_size_in_bytes)} donated and reused for the results), temporaries "
-          f"{mib(m.temp_size_in_bytes)}; the step needs about "
-          f"{mib(m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes)}")
+          f"{mib(m.temp_size_in_bytes)}; the step needs about {mib(total)}")

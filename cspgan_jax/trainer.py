@@ -208,6 +208,11 @@ def make_step(config, kind: str, batch_fn=None, steps: int = 1, mesh=None, state
                         "(data.pipeline device or auto)")
     one_step = device_step
     layouts = _concrete_layouts(state_format)
+    try:
+      # pylint: disable-next=import-outside-toplevel
+      from jax.experimental.layout import with_layout_constraint
+    except ImportError:  # a jax without the layout API: the scan is correct, only slower
+      layouts = None
 
     def iteration(state, data, shard_id, rng):
       state, metrics = one_step(state, data, shard_id, rng)
@@ -216,7 +221,6 @@ def make_step(config, kind: str, batch_fn=None, steps: int = 1, mesh=None, state
         # update does not produce and relayouts the largest kernels and both Adam moments every
         # iteration (437 vs 175 MiB of data movement an iteration, batch 64, bf16). Pinned to
         # the single step's layouts, the scan moves what single steps move.
-        from jax.experimental.layout import with_layout_constraint  # pylint: disable=import-outside-toplevel
         state = with_layout_constraint(state, layouts)
       return state, metrics
 
