@@ -146,3 +146,44 @@ def test_matmul_precision_reaches_every_convolution():
         state, np.zeros((8, 32, 32, 3), np.float32), jax.random.PRNGKey(1)).as_text()
     convs = [line for line in text.splitlines() if "convolution" in line]
     assert len(convs) > 20 and all(marker in line for line in convs)
+
+
+def test_the_step_computes_the_same_with_the_state_in_gpu_layouts():
+  """On a GPU XLA stores conv kernels and their Adam moments OHWI in memory (Layout.AUTO); on
+  this CPU it keeps row-major, so that path is pinned here by hand: the state placed in GPU-like
+  layouts, three steps, the state read back to the host, G sampled from its device copy. All
+  equal the row-major run bit for bit: layouts change where bytes lie, not the arithmetic."""
+  from jax.experimental.layout import Format, Layout
+  from cspgan_jax import input_pipeline
+  config = config_lib.load_config(TINY, ["--config.data.pipeline=device"])
+  data = input_pipeline.make_input(config)
+  args = (data.images, data.shard_ids, jax.random.PRNGKey(1))
+  state0 = train.init_state(config, jax.random.PRNGKey(0))
+  make = lambda fmt: trainer.make_step(config, "device", data.batch_fn(), state_format=fmt)
+  rep = trainer.replicated_sharding()
+  gpu_like = jax.tree_util.tree_map(
+      lambda x: Format(Layout((3, 0, 1, 2) if np.ndim(x) == 4 else tuple(range(np.ndim(x)))),
+                       rep), state0)
+  shapes = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), state0)
+  runs = {}
+  for name in ("row-major", "gpu-like"):
+    if name == "row-major":
+      step, state = trainer.compile_step(make, trainer.replicate(state0), *args)
+    else:
+      step = make(gpu_like).lower(shapes, *args).compile()
+      state = trainer.place_for(trainer.replicate(state0), gpu_like)
+      kernel = state.g.params["main_1"]["left_0"]["kernel"]
+      assert kernel.format.layout.major_to_minor == (3, 0, 1, 2)
+    for _ in range(3):
+      state, metrics = step(state, *args)
+    if name == "gpu-like":  # the donated state comes back in the same layouts
+      kernel = state.g.params["main_1"]["left_0"]["kernel"]
+      assert kernel.format.layout.major_to_minor == (3, 0, 1, 2)
+    g = trainer.first_local_copy(state.g)
+    sample = train.generate(config, g.params, g.batch_stats,
+                            train.sample_latents(jax.random.PRNGKey(5), 4, config.model.nz))
+    runs[name] = (trainer.unreplicate(state), trainer.unreplicate(metrics), np.asarray(sample))
+  (s_a, m_a, x_a), (s_b, m_b, x_b) = runs["row-major"], runs["gpu-like"]
+  for a, b in zip(jax.tree_util.tree_leaves((s_a, m_a, x_a)),
+                  jax.tree_util.tree_leaves((s_b, m_b, x_b))):
+    np.testing.assert_array_equal(a, b)
