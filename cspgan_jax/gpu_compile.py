@@ -72,8 +72,8 @@ def target_config(target: str) -> str:
     return f.read()
 
 
-def compile_only_devices(target: str, plugin_dir: str):
-  """One compile-only CUDA device described by `target` (jax must not have started yet)."""
+def compile_only_devices(target: str, plugin_dir: str, count: int = 1):
+  """`count` compile-only CUDA devices on one host, described by `target` (before jax starts)."""
   config_text = target_config(target)
   if not os.path.isdir(os.path.join(plugin_dir, *PLUGIN_MODULE.split("."))):
     raise CspganError(f"no jax CUDA plugin in {plugin_dir}: run `cspgan compile "
@@ -88,7 +88,7 @@ def compile_only_devices(target: str, plugin_dir: str):
   try:
     with _quiet_stderr():  # the plugin's C++ start-up says, several times, that it found no GPU
       topology = topologies.get_topology_desc(platform="cuda", target_config=config_text,
-                                              topology="1x1x1")
+                                              topology=f"1x1x{count}")
   except NotImplementedError as e:  # the plugin was not registered: jax had started before
     raise CspganError(f"jax's CUDA plugin did not load from {plugin_dir} ({e})") from e
   except Exception as e:  # pylint: disable=broad-except  # a target config the plugin refuses
@@ -142,6 +142,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                            "GpuTargetConfigProto text file (default h100)")
   parser.add_argument("--config", default="configs/baseline.py")
   parser.add_argument("--batch", type=int, default=64, help="global batch (default 64)")
+  parser.add_argument("--devices", type=int, default=1,
+                      help="GPUs on one host, the batch split over them (default 1); the "
+                           "report then shows the gradients' all-reduces")
   parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
   parser.add_argument("--scan", type=int, default=1, help="iterations per dispatch (default 1)")
   parser.add_argument("--state-layout", choices=STATE_LAYOUTS, default="auto",
@@ -164,8 +167,9 @@ def run(args, overrides) -> Optional[str]:
     install_plugin(plugin_dir)
     print(f"jax CUDA plugin {_jaxlib_version()} in {plugin_dir}")
     return None
-  if args.batch < 1 or args.scan < 1:
-    raise CspganError(f"--batch and --scan must be >= 1, got {args.batch} and {args.scan}")
+  if min(args.batch, args.scan, args.devices) < 1:
+    raise CspganError(f"--batch, --scan and --devices must be >= 1, got {args.batch}, "
+                      f"{args.scan} and {args.devices}")
   if args.hlo and os.path.exists(args.hlo) and not args.overwrite:
     raise CspganError(f"{args.hlo} exists (pass --overwrite to replace it)")
   if args.hlo and not os.path.isdir(os.path.dirname(os.path.abspath(args.hlo))):
@@ -177,15 +181,16 @@ def run(args, overrides) -> Optional[str]:
       *(f"--config.train.{e}={args.scan}" for e in ("log_every", "sample_every",
                                                     "checkpoint_every")),
       "--config.data.source=synthetic",
-      f"--config.data.num_examples={max(4 * args.batch, 512)}", *overrides])
-  devices = compile_only_devices(args.target, plugin_dir)
+      f"--config.data.num_examples={max(4 * args.batch, 512 * args.devices)}", *overrides])
+  devices = compile_only_devices(args.target, plugin_dir, args.devices)
   compiled = compile_step(config, devices, args.state_layout, args.scan)
   text = compiled.as_text()
   if args.hlo:
     with open(args.hlo, "w") as f:
       f.write(text)
   from cspgan_jax import hlo_report
-  head = (f"{devices[0].device_kind} (compile-only, {args.target}): {args.config}, batch "
+  head = (f"{len(devices)} x {devices[0].device_kind} (compile-only, {args.target}): "
+          f"{args.config}, global batch "
           f"{args.batch}, {args.dtype}, {args.scan} step(s) a dispatch, state layout "
           f"{args.state_layout}; jax {_jaxlib_version()}\n\n")
   return head + hlo_report.HloReport(text).markdown() + "\n\n" + memory_line(compiled)

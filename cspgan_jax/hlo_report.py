@@ -271,6 +271,12 @@ class HloReport:
     loops = self.data_dependent_loops()
     lines += ["", f"while loops of data-dependent length (a host sync a trip on a GPU): "
               f"{len(loops)}" + (f" ({', '.join(i.name for i in loops)})" if loops else "")]
+    reduces = [k for k in self.kernels if k.inst.op in ("all-reduce", "all-reduce-start")]
+    if reduces:
+      asynchronous = sum(k.inst.op == "all-reduce-start" for k in reduces)
+      lines += ["", f"all-reduces over devices: {len(reduces)} ({asynchronous} asynchronous, "
+                f"overlapping compute), {sum(k.inst.out_bytes for k in reduces) / 2**20:.1f} "
+                "MiB a step"]
     split = self.channel_split_slices()
     if split:
       lines += ["", "CSPup channel-split slices (forward): " +

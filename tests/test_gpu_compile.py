@@ -75,6 +75,7 @@ def test_compile_errors_are_one_line(tmp_path, capsys):
   existing = tmp_path / "step.hlo.txt"
   existing.write_text("keep me")
   cases = [(["--target", "tpu9"], "neither one of"),
+           (["--devices", "0"], "must be >= 1"),
            (["--plugin-dir", str(tmp_path)], "no jax CUDA plugin"),
            (["--hlo", str(existing)], "exists"),
            (["--batch", "0"], "must be >= 1")]
@@ -92,3 +93,12 @@ def test_a_scanned_step_moves_what_single_steps_move(compiled_for_h100):
   scan, single = compiled_for_h100["bfloat16_scan"], compiled_for_h100["bfloat16_auto"]
   assert scan["move_bytes"] <= 1.05 * single["move_bytes"], (scan, single)
   assert scan["loops"] == 0 and scan["copied_inputs"] == []
+
+
+def test_two_gpus_average_the_gradients_in_a_few_asynchronous_all_reduces(compiled_for_h100):
+  """Over two GPUs XLA combines the gradients' pmean into a few all-reduces that start early and
+  overlap the rest of the step; together they carry every parameter's gradient once (plus
+  BatchNorm's running statistics)."""
+  two = compiled_for_h100["two_devices"]
+  assert 1 <= two["all_reduces"] <= 8 and two["asynchronous"] == two["all_reduces"], two
+  assert two["param_bytes"] <= two["reduced_bytes"] <= 1.05 * two["param_bytes"], two

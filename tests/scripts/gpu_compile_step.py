@@ -32,4 +32,17 @@ for dtype in ("float32", "bfloat16"):
         split=report.channel_split_slices(),
         temp_bytes=compiled.memory_analysis().temp_size_in_bytes,
         memory=gpu_compile.memory_line(compiled))
+# Two GPUs: the gradients' all-reduces (combined by XLA, asynchronous)
+import jax  # noqa: E402  (after the plugin is registered)
+from cspgan_jax import train  # noqa: E402
+two = gpu_compile.compile_only_devices("h100", plugin_dir, 2)
+config = config_lib.load_config(config_path, ["--config.train.dtype=bfloat16",
+                                              "--config.data.source=synthetic"])
+report = hlo_report.HloReport(gpu_compile.compile_step(config, two).as_text())
+reduces = [k for k in report.kernels if k.inst.op in ("all-reduce", "all-reduce-start")]
+variables = jax.eval_shape(lambda: train.init_variables(config, jax.random.PRNGKey(0)))
+result["two_devices"] = dict(
+    all_reduces=len(reduces), asynchronous=sum(k.inst.op == "all-reduce-start" for k in reduces),
+    reduced_bytes=sum(k.inst.out_bytes for k in reduces),
+    param_bytes=sum(4 * x.size for v in variables for x in jax.tree_util.tree_leaves(v["params"])))
 print("RESULT" + json.dumps(result))
