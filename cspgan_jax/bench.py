@@ -427,9 +427,20 @@ def run(args, overrides) -> dict:
   print(header, flush=True)
   rows, written_hlo, written_traces = [], 0, 0
   for batch in batches:
-    variants = {s: _build(s, args, batch, overrides, s == flops_slug) for s in slugs}
-    written_hlo += sum(VARIANTS[s][0] == "jax" for s in slugs) if args.hlo else 0
-    flops = variants[flops_slug]["flops"] if flops_slug else None
+    variants = {}
+    for s in slugs:  # a variant that cannot be built is left out, not the end of a GPU's run
+      try:
+        variants[s] = _build(s, args, batch, overrides, s == flops_slug)
+      except CspganError:
+        raise
+      except Exception as e:  # pylint: disable=broad-except
+        reason = " ".join(str(e).split())[:300]
+        print(f"bench: warning: {s} at batch {batch} left out, it failed to build: "
+              f"{type(e).__name__}: {reason}", file=sys.stderr, flush=True)
+    if not variants:
+      raise CspganError(f"no variant could be built at batch {batch} (see the warnings above)")
+    written_hlo += sum(VARIANTS[s][0] == "jax" for s in variants) if args.hlo else 0
+    flops = variants[flops_slug]["flops"] if flops_slug in variants else None
     unit = max(v["unit"] for v in variants.values())
     iters = max(args.iters, unit)
     iters -= iters % unit

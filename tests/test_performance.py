@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cspgan_jax import config_lib, train, trainer
+from cspgan_jax import cli, config_lib, train, trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(REPO, "configs", "tiny.py")
@@ -187,3 +187,22 @@ def test_the_step_computes_the_same_with_the_state_in_gpu_layouts():
   for a, b in zip(jax.tree_util.tree_leaves((s_a, m_a, x_a)),
                   jax.tree_util.tree_leaves((s_b, m_b, x_b))):
     np.testing.assert_array_equal(a, b)
+
+
+def test_bench_leaves_out_a_variant_that_fails_to_build(tmp_path, capsys, monkeypatch):
+  """On a GPU's one call, a variant that breaks (a jax or torch version's API, memory) costs its
+  own row, one warning line, not the whole table."""
+  from cspgan_jax import bench
+
+  def broken(*args, **kwargs):
+    raise RuntimeError("no such API\nin this version")
+
+  monkeypatch.setattr(bench, "torch_variant", broken)
+  out = tmp_path / "bench.md"
+  assert cli.main(["bench", "--config", TINY, "--batches", "8", "--iters", "1", "--repeats", "1",
+                   "--warmup", "1", "--variants", "jax-fp32,torch-fp32", "--out", str(out)]) == 0
+  err = [l for l in capsys.readouterr().err.splitlines() if "bench: warning" in l]
+  assert err == ["bench: warning: torch-fp32 at batch 8 left out, it failed to build: "
+                 "RuntimeError: no such API in this version"]
+  rows = [l for l in out.read_text().splitlines() if l.startswith("| 8 |")]
+  assert len(rows) == 1 and "| JAX float32 |" in rows[0], rows
