@@ -29,6 +29,7 @@ import importlib.util
 import os
 import subprocess
 import sys
+import tempfile
 from typing import Optional
 
 from cspgan_jax.errors import CspganError
@@ -85,30 +86,37 @@ def compile_only_devices(target: str, plugin_dir: str, count: int = 1):
   from jax.experimental import topologies
   if importlib.util.find_spec(PLUGIN_MODULE) is None:
     raise CspganError(f"{PLUGIN_MODULE} cannot be imported from {plugin_dir}")
+  held = []
   try:
-    with _quiet_stderr():  # the plugin's C++ start-up says, several times, that it found no GPU
+    with _quiet_stderr(held):  # the plugin's C++ start-up says, several times, it found no GPU
       topology = topologies.get_topology_desc(platform="cuda", target_config=config_text,
                                               topology=f"1x1x{count}")
   except NotImplementedError as e:  # the plugin was not registered: jax had started before
     raise CspganError(f"jax's CUDA plugin did not load from {plugin_dir} ({e})") from e
   except Exception as e:  # pylint: disable=broad-except  # a target config the plugin refuses
-    raise CspganError(f"the CUDA plugin refused target {target!r}: "
-                      f"{str(e).splitlines()[0]}") from e
+    why = [line.split("] ", 1)[-1] for line in held if "rror" in line]
+    raise CspganError(f"the CUDA plugin refused target {target!r}: {str(e).splitlines()[0]}"
+                      + (f" ({why[-1]})" if why else "")) from e
   return list(topology.devices)
 
 
 @contextlib.contextmanager
-def _quiet_stderr():
-  """Silences file descriptor 2 (C++ logging, not Python's) for the duration."""
+def _quiet_stderr(held: list):
+  """Holds back what C++ code writes to file descriptor 2 for the duration; where the block
+  fails, its lines go to `held` (they may say why)."""
   sys.stderr.flush()
   saved = os.dup(2)
-  try:
-    with open(os.devnull, "w") as null:
-      os.dup2(null.fileno(), 2)
+  with tempfile.TemporaryFile(mode="w+") as capture:
+    try:
+      os.dup2(capture.fileno(), 2)
       yield
-  finally:
-    os.dup2(saved, 2)
-    os.close(saved)
+    except BaseException:
+      capture.seek(0)
+      held.extend(capture.read().splitlines())
+      raise
+    finally:
+      os.dup2(saved, 2)
+      os.close(saved)
 
 
 def compile_step(config, devices, state_layout: str = "auto", steps: int = 1):

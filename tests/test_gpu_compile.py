@@ -102,3 +102,16 @@ def test_two_gpus_average_the_gradients_in_a_few_asynchronous_all_reduces(compil
   two = compiled_for_h100["two_devices"]
   assert 1 <= two["all_reduces"] <= 8 and two["asynchronous"] == two["all_reduces"], two
   assert two["param_bytes"] <= two["reduced_bytes"] <= 1.05 * two["param_bytes"], two
+
+
+def test_a_target_the_plugin_refuses_is_one_line_with_the_reason(tmp_path):
+  plugin_dir = gpu_compile.default_plugin_dir()
+  bad = tmp_path / "bad.txtpb"
+  bad.write_text("gpu_device_info {\n  core_count: 132\n  bogus_field: 3\n}\n")
+  proc = subprocess.run([sys.executable, "-m", "cspgan_jax.cli", "compile", "--config", TINY,
+                         "--target", str(bad), "--plugin-dir", plugin_dir],
+                        env=dict(os.environ, PYTHONPATH=REPO), capture_output=True, text=True,
+                        timeout=300)
+  err = proc.stderr.strip().splitlines()
+  assert proc.returncode == 2 and len(err) == 1, proc.stderr
+  assert "refused target" in err[0] and "bogus_field" in err[0], err
