@@ -3,8 +3,9 @@
 One compiled step per iteration (jit of shard_map over every device): the per-device
 `train_step` gathers its batch from the device-resident data (or takes the streamed one), draws
 its noise from `fold_in(fold_in(rng, step), device)`, averages gradients (and, with per-device
-BatchNorm, the running statistics) over devices. Everything a step depends on (data position, noise, step) is
-a function of `state.step`, so a resumed run repeats an uninterrupted one bit for bit.
+BatchNorm, the running statistics) over devices. Everything a step depends on (data position,
+noise, step) is a function of `state.step`, so a resumed run repeats an uninterrupted one bit
+for bit.
 
 Only process 0 writes logs, samples and `metrics.jsonl`; every process takes part in
 checkpointing, as orbax requires.
@@ -176,11 +177,14 @@ def compile_training_step(config, kind, batch_fn, steps, state, *args, mesh=None
       lambda fmt: make_step(config, kind, batch_fn, 1, mesh, state_format=fmt), state, *args)
   if steps == 1:
     return one, placed
-  formats = one.input_formats[0][0]
+  return compile_like(one, config, kind, batch_fn, steps, state, *args, mesh=mesh), placed
+
+
+def compile_like(compiled_one, config, kind, batch_fn, steps, state, *args, mesh=None):
+  """The `steps`-iteration step, compiled for the state's layouts in `compiled_one`."""
   shapes = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
-  many = make_step(config, kind, batch_fn, steps, mesh, state_format=formats).lower(
-      shapes, *args).compile()
-  return many, placed
+  return make_step(config, kind, batch_fn, steps, mesh,
+                   state_format=compiled_one.input_formats[0][0]).lower(shapes, *args).compile()
 
 
 def place_for(state, formats):
@@ -375,9 +379,7 @@ def train_and_evaluate(config, workdir: str, progress: bool = True) -> train.GAN
                                                *step_args)
   del state
   if k > 1:
-    step_fns[k] = make_step(config, data.kind, batch_fn, steps=k,
-                            state_format=step_fns[1].input_formats[0][0]).lower(
-                                p_state, *step_args).compile()
+    step_fns[k] = compile_like(step_fns[1], config, data.kind, batch_fn, k, p_state, *step_args)
   fixed_noise = train.sample_latents(fixed_rng, t.num_samples, config.model.nz)
   use_ra = t.get("sample_use_running_average", False)
   sample_fn = jax.jit(lambda p, s, z: train.generate(config, p, s, z, use_ra))
