@@ -14,8 +14,9 @@ TF32 convolutions, PyTorch's default), bf16 autocast with channels_last (torch-b
 `torch.compile` float32 (torch-compile), each with `cudnn.benchmark` on and no `.item()` per
 step, as a user tuning for speed would run them. `--variants` picks among them.
 
-FLOPs per iteration come from XLA's cost analysis of the single-step JAX variant (float32 if it
-runs) and are used for every row (the same work). Each row also projects the wall time of 10, 15
+FLOPs per iteration come from XLA's cost analysis of the single-step JAX iteration lowered for
+the CPU, and are used for every row (the same work): XLA:GPU's analysis of the compiled step
+leaves out the convolutions it hands to cuDNN (it counted 0.05 of 12 GFLOP an image on an H200). Each row also projects the wall time of 10, 15
 and 40 epochs of CelebA at its images/s. The table goes to stdout, and with `--out` to a file
 (markdown) plus JSON. `--hlo DIR` keeps the optimized HLO of each timed JAX step, `--profile DIR`
 a trace (Perfetto / Chrome JSON, gzipped) of a few iterations of every variant.
@@ -79,11 +80,9 @@ def projected_minutes(images_per_s: float, batch: int) -> dict:
 
 # ---- JAX ----
 
-def jax_variant(config_path, batch, dtype, scan, overrides, unroll=1, cost_analysis=False,
-                hlo_path=None):
-  import jax
-  from cspgan_jax import config_lib, input_pipeline, train, trainer
-  config = config_lib.load_config(config_path, [
+def _jax_config(config_path, batch, dtype, scan, overrides, unroll=1):
+  from cspgan_jax import config_lib
+  return config_lib.load_config(config_path, [
       f"--config.train.batch_size={batch}", f"--config.train.dtype={dtype}",
       "--config.data.source=synthetic", f"--config.data.num_examples={max(4 * batch, 512)}",
       "--config.data.pipeline=device", f"--config.train.steps_per_dispatch={scan}",
@@ -91,6 +90,31 @@ def jax_variant(config_path, batch, dtype, scan, overrides, unroll=1, cost_analy
       # cadences unused here, but they must be multiples of steps_per_dispatch to validate
       *(f"--config.train.{e}={scan}" for e in ("log_every", "sample_every", "checkpoint_every")),
       *overrides])
+
+
+def count_flops(config_path, batch, overrides) -> Optional[float]:
+  """FLOPs of one training iteration at `batch`: XLA's cost analysis of the step lowered (not
+  compiled) for one CPU device, the same count on every machine. XLA:GPU's analysis of the
+  compiled step misses every convolution it hands to cuDNN as a custom call."""
+  import jax
+  from cspgan_jax import trainer
+  config = _jax_config(config_path, batch, "float32", 1, overrides)
+  try:
+    batch_fn, mesh, state, args = trainer.abstract_training_inputs(config, jax.devices("cpu")[:1])
+    cost = trainer.make_step(config, "device", batch_fn, 1, mesh,
+                             trainer.replicated_sharding(mesh)).lower(state, *args).cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return float(cost.get("flops", 0.0)) or None
+  except Exception as e:  # pylint: disable=broad-except  # the rows stand without it
+    print(f"bench: warning: no FLOP count at batch {batch}: {type(e).__name__}: "
+          f"{' '.join(str(e).split())[:300]}", file=sys.stderr, flush=True)
+    return None
+
+
+def jax_variant(config_path, batch, dtype, scan, overrides, unroll=1, hlo_path=None):
+  import jax
+  from cspgan_jax import input_pipeline, train, trainer
+  config = _jax_config(config_path, batch, dtype, scan, overrides, unroll)
   data = input_pipeline.make_input(config)
   rng = jax.random.PRNGKey(1)
   # The trainer's own compiled step, the state in the layouts it chose.
@@ -105,26 +129,16 @@ def jax_variant(config_path, batch, dtype, scan, overrides, unroll=1, cost_analy
       holder["state"], metrics = step(holder["state"], data.images, data.shard_ids, rng)
     jax.block_until_ready(metrics)
 
-  flops = None
-  if cost_analysis or hlo_path:
-    if hlo_path:
-      with open(hlo_path, "w") as f:
-        f.write(step.as_text() or "")
-    if cost_analysis:
-      try:
-        cost = step.cost_analysis()
-        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-        flops = float(cost.get("flops", 0.0)) or None
-      except Exception:  # pylint: disable=broad-except  # cost analysis is best effort
-        flops = None
-
-  def peak_memory():
-    stats = jax.local_devices()[0].memory_stats() or {}
-    return stats.get("peak_bytes_in_use")
+  if hlo_path:
+    with open(hlo_path, "w") as f:
+      f.write(step.as_text() or "")
+  # XLA's buffer assignment, not the allocator's high-water mark: that one keeps the
+  # autotuner's trial workspaces (10 GiB for every variant on an H200).
+  memory = trainer.step_memory_bytes(step)
 
   name = f"JAX {dtype}" + (f", {scan} steps/dispatch" if scan > 1 else "") + (
       f" (unroll {unroll})" if scan > 1 and unroll > 1 else "")
-  return dict(name=name, run=run, flops=flops, memory=peak_memory, unit=scan, framework="jax")
+  return dict(name=name, run=run, memory=lambda: memory, unit=scan, framework="jax")
 
 
 # ---- PyTorch ----
@@ -184,9 +198,13 @@ def torch_variant(config_path, batch, kind, overrides):
   def peak_memory():
     return torch.cuda.max_memory_allocated() if device == "cuda" else None
 
+  def reset_memory():  # before the last timed round: cudnn.benchmark's trials are not the run's
+    if device == "cuda":
+      torch.cuda.reset_peak_memory_stats()
+
   names = {"fp32": "PyTorch eager float32", "bf16": "PyTorch eager bf16 autocast, channels_last",
            "compile": "PyTorch torch.compile float32"}
-  return dict(name=names[kind], run=run, flops=None, memory=peak_memory, unit=1,
+  return dict(name=names[kind], run=run, memory=peak_memory, reset_memory=reset_memory, unit=1,
               framework="torch")
 
 
@@ -208,6 +226,10 @@ def _profile_jax(variant, iters, dest):
                                           "perfetto_trace.json.gz")))
     if not found:
       raise RuntimeError("jax.profiler wrote no perfetto_trace.json.gz")
+    if jax.devices()[0].platform != "cpu":
+      with gzip.open(found[-1], "rt") as f:
+        if '"/device:' not in f.read():  # the process names of the device's lines
+          raise RuntimeError("the trace holds no device events (another profiler holding CUPTI?)")
     shutil.copyfile(found[-1], dest + ".part")
   os.replace(dest + ".part", dest)
 
@@ -377,15 +399,14 @@ def _validate(args):
 
 # ---- measuring ----
 
-def _build(slug, args, batch, overrides, cost_analysis):
+def _build(slug, args, batch, overrides):
   framework, what = VARIANTS[slug]
   if framework == "torch":
     return torch_variant(args.config, batch, what, overrides)
   scan = args.scan if slug == "jax-bf16-scan" else 1
   hlo_path = os.path.join(args.hlo, f"b{batch}_{slug}.hlo.txt") if args.hlo else None
   return jax_variant(args.config, batch, what, scan, overrides,
-                     unroll=args.unroll if scan > 1 else 1, cost_analysis=cost_analysis,
-                     hlo_path=hlo_path)
+                     unroll=args.unroll if scan > 1 else 1, hlo_path=hlo_path)
 
 
 def run(args, overrides) -> dict:
@@ -420,17 +441,18 @@ def run(args, overrides) -> dict:
       if not slugs:
         raise CspganError("no variant left to run: torch is not importable and --variants "
                           "names only PyTorch ones") from e
-  # FLOPs of the single-step JAX iteration (float32 preferred): the same work for every row.
-  flops_slug = next((s for s in ("jax-fp32", "jax-bf16") if s in slugs), None)
   header = (f"{kind} ({device.platform}) | {platform.node()} | {versions} | "
             f"{time.strftime('%Y-%m-%d %H:%M')}")
   print(header, flush=True)
   rows, written_hlo, written_traces = [], 0, 0
+  # PyTorch's profiler keeps CUPTI once it has used it, and a JAX trace taken after one then
+  # holds no GPU events: every JAX trace first, PyTorch's after the last batch.
+  torch_to_profile = []
   for batch in batches:
     variants = {}
     for s in slugs:  # a variant that cannot be built is left out, not the end of a GPU's run
       try:
-        variants[s] = _build(s, args, batch, overrides, s == flops_slug)
+        variants[s] = _build(s, args, batch, overrides)
       except CspganError:
         raise
       except Exception as e:  # pylint: disable=broad-except
@@ -440,23 +462,28 @@ def run(args, overrides) -> dict:
     if not variants:
       raise CspganError(f"no variant could be built at batch {batch} (see the warnings above)")
     written_hlo += sum(VARIANTS[s][0] == "jax" for s in variants) if args.hlo else 0
-    flops = variants[flops_slug]["flops"] if flops_slug in variants else None
+    flops = count_flops(args.config, batch, overrides)  # the same work for every row
     unit = max(v["unit"] for v in variants.values())
     iters = max(args.iters, unit)
     iters -= iters % unit
-    times = {s: [] for s in variants}
-    for round_ in range(args.warmup + args.repeats):
+    times, memory = {s: [] for s in variants}, {}
+    rounds = args.warmup + args.repeats
+    for round_ in range(rounds):
       for s, v in variants.items():
+        if round_ == rounds - 1 and "reset_memory" in v:
+          v["reset_memory"]()
         t = time.perf_counter()
         v["run"](iters)
         if round_ >= args.warmup:
           times[s].append((time.perf_counter() - t) / iters)
+        if round_ == rounds - 1:
+          memory[s] = v["memory"]()
     batch_rows = []
     for s, v in variants.items():
       sec = float(np.median(times[s]))
       row = dict(batch=batch, variant=v["name"], slug=s, images_per_s=batch / sec,
                  ms_per_iter=1e3 * sec, tflops=(flops / sec / 1e12) if flops else None,
-                 peak_memory=v["memory"]())
+                 device_memory=memory[s])
       row["share_of_peak"] = row["tflops"] / peak if (row["tflops"] and peak) else None
       row["projected_minutes"] = projected_minutes(row["images_per_s"], batch)
       batch_rows.append(row)
@@ -471,8 +498,14 @@ def run(args, overrides) -> dict:
       write_files(dict(header=header, rows=rows, end_to_end=None, peak_tflops=peak), args.out)
     if args.profile:  # after this batch's figures are taken, so tracing cannot change them
       for s, v in variants.items():
-        written_traces += _profile(v, s, batch, args.profile_iters, args.profile) is not None
-    del variants  # free this batch's models and data before the next one
+        if v["framework"] == "torch":
+          torch_to_profile.append((v, s, batch))
+        else:
+          written_traces += _profile(v, s, batch, args.profile_iters, args.profile) is not None
+    del variants  # free this batch's JAX programs and data before the next one
+  for v, s, batch in torch_to_profile:
+    written_traces += _profile(v, s, batch, args.profile_iters, args.profile) is not None
+  del torch_to_profile
   if args.hlo:
     print(f"optimized HLO: {written_hlo} files in {args.hlo}", flush=True)
   if args.profile:
@@ -499,11 +532,11 @@ def format_table(report: dict) -> str:
 
   epochs = " / ".join(map(str, PROJECTION_EPOCHS))
   lines = [report["header"], "",
-           "| batch | variant | images/s | ms/iter | TFLOP/s | share of peak | peak memory GiB | "
+           "| batch | variant | images/s | ms/iter | TFLOP/s | share of peak | device memory GiB | "
            f"vs PyTorch eager fp32 | {epochs} epochs of CelebA (min) |",
            "|---|---|---|---|---|---|---|---|---|"]
   for r in report["rows"]:
-    mem = None if r["peak_memory"] is None else r["peak_memory"] / 2**30
+    mem = None if r["device_memory"] is None else r["device_memory"] / 2**30
     share = None if r["share_of_peak"] is None else f"{100 * r['share_of_peak']:.1f}%"
     ratio = r.get("vs_torch_fp32")
     lines.append(f"| {r['batch']} | {r['variant']} | {r['images_per_s']:,.0f} | "
@@ -520,9 +553,10 @@ def format_table(report: dict) -> str:
               f"{epochs} epochs of CelebA: {_projection(e2e['projected_minutes'])} min"]
   lines.append("")
   lines.append(f"peak used for the share: {fmt(report.get('peak_tflops'), '.0f')} TFLOP/s (bf16 "
-               "dense); peak memory is the process's high-water mark so far (JAX) or torch's "
-               f"max_memory_allocated; an epoch of CelebA is {CELEBA_IMAGES:,} images less the "
-               "last partial batch")
+               "dense) and FLOPs counted by XLA (CPU) for the JAX iteration; device memory: JAX, "
+               "the compiled step's arguments, results and temporaries (XLA's buffer assignment), "
+               "PyTorch, max_memory_allocated over the variant's last timed round; an epoch of "
+               f"CelebA is {CELEBA_IMAGES:,} images less the last partial batch")
   return "\n".join(lines)
 
 

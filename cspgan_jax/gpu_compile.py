@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
 import importlib.util
 import os
 import subprocess
@@ -121,21 +120,8 @@ def _quiet_stderr(held: list):
 
 def compile_step(config, devices, state_layout: str = "auto", steps: int = 1):
   """The trainer's step for `config`, compiled for `devices`; -> jax's Compiled."""
-  import jax
-  import jax.numpy as jnp
-  from cspgan_jax import input_pipeline, train, trainer
-  layout = input_pipeline.make_layout(config.data.num_examples, config.train.batch_size,
-                                      num_shards=len(devices), first_shard=0,
-                                      local_shards=len(devices))
-  r = config.model.resolution
-  batch_fn = functools.partial(input_pipeline.gather_batch, seed=config.data.shuffle_seed,
-                               per_device_batch=layout.per_device_batch,
-                               steps_per_epoch=layout.steps_per_epoch)
-  mesh = trainer.device_mesh(devices)
-  state = jax.eval_shape(lambda: train.init_state(config, jax.random.PRNGKey(0)))
-  args = (jax.ShapeDtypeStruct((len(devices), layout.shard_size, r, r, 3), jnp.uint8),
-          jax.ShapeDtypeStruct((len(devices),), jnp.int32),
-          jax.ShapeDtypeStruct((2,), jnp.uint32))
+  from cspgan_jax import trainer
+  batch_fn, mesh, state, args = trainer.abstract_training_inputs(config, devices)
   if state_layout == "default":  # row-major, as an unannotated jit would take the state
     return trainer.make_step(config, "device", batch_fn, steps, mesh,
                              trainer.replicated_sharding(mesh)).lower(state, *args).compile()
@@ -206,10 +192,10 @@ def run(args, overrides) -> Optional[str]:
 
 def memory_line(compiled) -> str:
   """Device memory of the step as XLA's buffer assignment sizes it."""
+  from cspgan_jax import trainer
   m = compiled.memory_analysis()
   mib = lambda n: f"{n / 2**20:,.0f} MiB"
-  total = (m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
-           + m.temp_size_in_bytes)
+  total = trainer.step_memory_bytes(compiled)
   return (f"device memory (XLA's buffer assignment; cuDNN workspaces, which autotuning picks, "
           f"not included): arguments {mib(m.argument_size_in_bytes)} (of which "
           f"{mib(m.alias_size_in_bytes)} donated and reused for the results), temporaries "

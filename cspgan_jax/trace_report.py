@@ -104,6 +104,10 @@ def _normalise(name: str) -> str:
   return re.sub(r"[.\-]", "_", name)
 
 
+def _known(name: str, by_hlo_name: dict) -> bool:
+  return name in by_hlo_name or _normalise(name) in by_hlo_name
+
+
 class TraceReport:
   """Device time of one trace, per iteration, by kind, layer and op."""
 
@@ -122,8 +126,12 @@ class TraceReport:
     for e in self.events:
       args = e.get("args", {})
       op = args.get("hlo_op") or e["name"]
-      if op in control:  # a GPU kernel launched inside a command buffer (a CUDA graph) may
-        op = e["name"]   # carry the buffer's name: its own kernel name says more
+      # A kernel launched inside a command buffer (a CUDA graph) carries the buffer's name, a
+      # control op or (XLA:GPU, jax 0.11) a `command_buffer_N` the compiled HLO's text does not
+      # show; its own name is then the fusion's, which the HLO does.
+      if op in control or (by_hlo_name and not _known(op, by_hlo_name)
+                           and _known(e["name"], by_hlo_name)):
+        op = e["name"]
       self.rows[op][0] += float(e["dur"])
       self.rows[op][1] += 1
       if op not in self.info:
@@ -139,9 +147,12 @@ class TraceReport:
 
   def _infer_iterations(self, trace: dict) -> int:
     """JAX: most instructions run once per iteration, so the commonest call count. PyTorch:
-    two Adam steps per iteration."""
+    two Adam steps per iteration, counted on the host: with CUDA, the profiler repeats each
+    annotation on the GPU's timeline (`gpu_user_annotation`), which once halved every
+    per-iteration figure of the H200 run's PyTorch traces."""
     steps = sum(1 for e in trace.get("traceEvents", [])
-                if e.get("ph") == "X" and str(e.get("name", "")).startswith("Optimizer.step#"))
+                if e.get("ph") == "X" and str(e.get("name", "")).startswith("Optimizer.step#")
+                and e.get("cat") != "gpu_user_annotation")
     if steps:
       return max(steps // 2, 1)
     counts = collections.Counter(calls for _, calls in self.rows.values())

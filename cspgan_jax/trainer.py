@@ -13,6 +13,7 @@ checkpointing, as orbax requires.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -23,7 +24,7 @@ from typing import Optional
 import jax
 import numpy as np
 
-from cspgan_jax import checkpoint, images, input_pipeline, train
+from cspgan_jax import background, checkpoint, images, input_pipeline, train
 from cspgan_jax.errors import ConfigError, CspganError
 
 AXIS = "devices"
@@ -192,6 +193,33 @@ def place_for(state, formats):
   if all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree_util.tree_leaves(state)):
     return formats
   return jax.device_put(state, formats, donate=True)
+
+
+def step_memory_bytes(compiled) -> int:
+  """Device memory a compiled step needs, as XLA's buffer assignment sizes it: its arguments
+  and results (the donated state counted once) and its temporaries (on a GPU, cuDNN's
+  workspaces that autotuning picked among them)."""
+  m = compiled.memory_analysis()
+  return int(m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
+             + m.temp_size_in_bytes)
+
+
+def abstract_training_inputs(config, devices):
+  """(batch_fn, mesh, state, args) of the device-data step over `devices`, as shapes only: what
+  compiles or lowers the step without data, parameters or, with a compile-only device, a GPU."""
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  layout = input_pipeline.make_layout(config.data.num_examples, config.train.batch_size,
+                                      num_shards=len(devices), first_shard=0,
+                                      local_shards=len(devices))
+  r = config.model.resolution
+  batch_fn = functools.partial(input_pipeline.gather_batch, seed=config.data.shuffle_seed,
+                               per_device_batch=layout.per_device_batch,
+                               steps_per_epoch=layout.steps_per_epoch)
+  state = jax.eval_shape(lambda: train.init_state(config, jax.random.PRNGKey(0)))
+  args = (jax.ShapeDtypeStruct((len(devices), layout.shard_size, r, r, 3), jnp.uint8),
+          jax.ShapeDtypeStruct((len(devices),), jnp.int32),
+          jax.ShapeDtypeStruct((2,), jnp.uint32))
+  return batch_fn, device_mesh(devices), state, args
 
 
 def make_step(config, kind: str, batch_fn=None, steps: int = 1, mesh=None, state_format=None):
@@ -387,6 +415,8 @@ def train_and_evaluate(config, workdir: str, progress: bool = True) -> train.GAN
 
   log = RunLog(workdir, main_process)
   mngr = checkpoint.manager(workdir, keep=t.keep_checkpoints)
+  # Grids and (one process) checkpoint writes leave the loop: it goes on dispatching steps.
+  output = background.BackgroundWriter()
   bar = None
   if main_process and progress:
     from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
@@ -421,23 +451,24 @@ def train_and_evaluate(config, workdir: str, progress: bool = True) -> train.GAN
           # G's copy on this process's first device: sampling there needs no trip of G's
           # 128 MB of parameters through the host (one process samples, so no collective).
           g = first_local_copy(p_state.g)
-          grid = images.make_grid(np.asarray(sample_fn(g.params, g.batch_stats, fixed_noise)))
-          log.samples(step, grid)
+          output.submit(_write_grid, log, step, sample_fn(g.params, g.batch_stats, fixed_noise))
         # One process: the flag is free to read. Several: agreeing is a collective, so not every step.
         check = (jax.process_count() == 1 or step == total
                  or (step - n) // t.stop_check_every != step // t.stop_check_every)
         stopping = stop.requested() if check else False
         if step % t.checkpoint_every == 0 or step == total or stopping:
-          _save(mngr, p_state, config)
+          _save(mngr, p_state, config, output)
           last_saved = step
         if stopping:
           say(f"signal {stop.signal or '(another process)'}: saved step {step}, exiting")
           break
+    output.drain()  # the last grid and checkpoint written, or their error raised here
   finally:
     if streamed is not None:
       streamed.close()  # stops the prefetching thread
     if bar is not None:
       bar.close()
+    output.close()
     mngr.wait_until_finished()  # asynchronous saves complete before the program ends
     mngr.close()
     log.close()
@@ -446,6 +477,20 @@ def train_and_evaluate(config, workdir: str, progress: bool = True) -> train.GAN
   return unreplicate(p_state)
 
 
-def _save(mngr, p_state, config) -> None:
-  """Copies device 0's state to the host, then lets orbax write it in the background."""
-  checkpoint.save_async(mngr, unreplicate(p_state), config)
+def _write_grid(log, step, samples) -> None:  # on the output thread: waits for G's samples
+  log.samples(step, images.make_grid(np.asarray(samples)))
+
+
+def _save(mngr, p_state, config, output) -> None:
+  """Has orbax write device 0's state; the loop goes on at once where it can.
+
+  One process: a device copy of the state (the next step donates its buffers) is fetched and
+  handed to orbax on the output thread. Several: orbax's save meets the other processes in a
+  device collective, which must not run beside the step's own, so the copy to the host happens
+  here and only the file writes are in the background.
+  """
+  if jax.process_count() > 1:
+    checkpoint.save_async(mngr, unreplicate(p_state), config)
+    return
+  snapshot = jax.device_put(first_local_copy(p_state), may_alias=False)
+  output.submit(lambda: checkpoint.save_async(mngr, unreplicate(snapshot), config))

@@ -86,8 +86,17 @@ def test_bench_script_measures_writes_hlo_and_traces(tmp_path):
       "JAX float32", "JAX bfloat16", "JAX bfloat16, 2 steps/dispatch", "PyTorch eager float32",
       "PyTorch eager bf16 autocast, channels_last"]
   assert [r["slug"] for r in rows] == slugs
+  from cspgan_jax import bench
+  flops = bench.count_flops(TINY, 8, [])
+  state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(
+      jax.eval_shape(lambda: train.init_state(config_lib.load_config(TINY), jax.random.PRNGKey(0)))))
   for r in rows:
-    assert r["images_per_s"] > 0 and r["tflops"] > 0
+    assert r["images_per_s"] > 0
+    assert abs(r["tflops"] * 1e12 * r["ms_per_iter"] / 1e3 - flops) <= 1e-9 * flops, r["slug"]
+    if r["slug"].startswith("jax"):  # the state, its donated successor and the temporaries
+      assert state_bytes < r["device_memory"] < 20 * state_bytes, (r["slug"], r["device_memory"])
+    else:  # no device memory to read on a CPU
+      assert r["device_memory"] is None
     assert abs(r["ms_per_iter"] * r["images_per_s"] / 1e3 - 8) < 1e-6 * 8
     epoch = (202_599 // 8) * 8  # the last partial batch dropped
     assert set(r["projected_minutes"]) == {"10", "15", "40"}
@@ -206,3 +215,31 @@ def test_bench_leaves_out_a_variant_that_fails_to_build(tmp_path, capsys, monkey
                  "RuntimeError: no such API in this version"]
   rows = [l for l in out.read_text().splitlines() if l.startswith("| 8 |")]
   assert len(rows) == 1 and "| JAX float32 |" in rows[0], rows
+
+
+def test_flop_count_is_xlas_count_of_the_compiled_step():
+  """The bench counts FLOPs on the step lowered for a CPU, since XLA:GPU's count of its compiled
+  step leaves out cuDNN's convolutions; it is the count XLA:CPU gives the compiled step."""
+  from cspgan_jax import bench
+  counted = bench.count_flops(TINY, 8, [])
+  config = bench._jax_config(TINY, 8, "float32", 1, [])  # pylint: disable=protected-access
+  batch_fn, mesh, state, args = trainer.abstract_training_inputs(config, jax.devices()[:1])
+  compiled = trainer.make_step(config, "device", batch_fn, 1, mesh,
+                               trainer.replicated_sharding(mesh)).lower(state, *args).compile()
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  # Convolutions are most of it: G and D forward, and their two backward passes.
+  assert counted == pytest.approx(cost["flops"], rel=0.01)
+  assert counted > 8 * 1e6
+
+
+def test_bench_takes_every_jax_trace_before_pytorchs(tmp_path, monkeypatch):
+  """PyTorch's profiler keeps CUPTI on a GPU (a JAX trace after it came back without GPU events
+  on the H200): the bench traces every JAX variant, all batches, before any PyTorch one."""
+  from cspgan_jax import bench
+  order = []
+  monkeypatch.setattr(bench, "_profile", lambda v, s, b, i, d: order.append((s, b)) or "x")
+  assert cli.main(["bench", "--config", TINY, "--batches", "8,16", "--iters", "1", "--repeats",
+                   "1", "--warmup", "0", "--variants", "jax-fp32,torch-fp32", "--profile",
+                   str(tmp_path / "prof")]) == 0
+  assert order == [("jax-fp32", 8), ("jax-fp32", 16), ("torch-fp32", 8), ("torch-fp32", 16)]

@@ -6,6 +6,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 
 import jax
 import numpy as np
@@ -68,6 +69,43 @@ def test_resume_is_bit_identical(tmp_path, resumed_pipeline):
   assert _leaves_equal(restored, resumed)
   assert checkpoint.all_steps(str(tmp_path / "half")) == [4, 8]
   assert not _leaves_equal(half.g.params, resumed.g.params)  # it did train on
+
+
+def test_grids_and_checkpoints_are_written_beside_the_running_loop(tmp_path, monkeypatch):
+  """The step-2 grid and checkpoint are held on the output thread until the loop has logged
+  step 6: a loop that waited for them would never get there (each would time out). The step-2
+  checkpoint, taken from a device copy while steps 3-8 donated the state, is step 2's state."""
+  reached, logged, held = threading.Event(), [], []
+  console_line = trainer.console_line
+
+  def counting_console_line(*args):
+    logged.append(args)
+    if len(logged) >= 3:  # steps 2, 4 and 6
+      reached.set()
+    return console_line(*args)
+
+  def held_at_step_2(write, step_of):
+    def job(*args):
+      if step_of(*args) == 2:
+        held.append(reached.wait(timeout=30))
+      return write(*args)
+    return job
+
+  monkeypatch.setattr(trainer, "console_line", counting_console_line)
+  monkeypatch.setattr(trainer, "_write_grid", held_at_step_2(trainer._write_grid,  # pylint: disable=protected-access
+                                                             lambda log, step, samples: step))
+  monkeypatch.setattr(checkpoint, "save_async", held_at_step_2(
+      checkpoint.save_async, lambda mngr, state, config: int(np.asarray(state.step))))
+  run = tmp_path / "run"
+  final = _train(run, "--config.train.num_steps=8", "--config.train.sample_every=2",
+                 "--config.train.checkpoint_every=2", "--config.train.keep_checkpoints=10")
+  assert held == [True, True]  # the grid's job, then the checkpoint's
+  assert checkpoint.all_steps(str(run)) == [2, 4, 6, 8]
+  assert sorted(os.listdir(run / trainer.SAMPLES_DIR)) == [
+      f"fixed_noise_{s:08d}.png" for s in (2, 4, 6, 8)]
+  two = _train(tmp_path / "two", "--config.train.num_steps=2")
+  assert _leaves_equal(checkpoint.restore(str(run), step=2)[0], two)
+  assert _leaves_equal(checkpoint.restore(str(run), step=8)[0], final)
 
 
 def test_sigterm_saves_and_the_run_completes(tmp_path):
@@ -193,3 +231,24 @@ def test_unwritable_workdir_and_foreign_checkpoint_are_one_line(tmp_path, capsys
   err = capsys.readouterr().err.strip().splitlines()[-1]
   assert "different architecture: model.ngf: checkpoint 8, config 16" in err
   assert checkpoint.all_steps(workdir) == before
+
+
+def test_output_thread_runs_jobs_in_order_and_raises_their_error_in_the_loop():
+  from cspgan_jax import background
+  writer, done = background.BackgroundWriter(), []
+  gate = threading.Event()
+  writer.submit(lambda: gate.wait(30) and done.append(1))
+  writer.submit(lambda: done.append(2))
+  assert done == []  # submit does not wait
+  gate.set()
+
+  def fail():
+    raise OSError("No space left on device")
+
+  writer.submit(fail)
+  writer.submit(lambda: done.append(3))
+  with pytest.raises(OSError, match="No space left"):
+    writer.drain()
+  assert done == [1, 2, 3]
+  writer.drain()  # an error is raised once
+  writer.close()
