@@ -267,7 +267,11 @@ def _profile(variant, slug, batch, iters, directory) -> Optional[str]:
 
 # ---- the real loop ----
 
-def end_to_end(config_path, batch, steps, overrides):
+# --e2e-dtypes value -> the bare variant it is compared with
+E2E_BARE = {"float32": "jax-fp32", "bfloat16": "jax-bf16"}
+
+
+def end_to_end(config_path, batch, steps, overrides, dtype="float32"):
   """`cspgan train` on synthetic device-resident data; images/s over the second half.
 
   The second half holds a checkpoint (at its start) and two sample grids (at 1/2 and 3/4 of the
@@ -282,6 +286,7 @@ def end_to_end(config_path, batch, steps, overrides):
       f"--config.train.batch_size={batch}", f"--config.train.num_steps={2 * half}",
       f"--config.train.log_every={half}", f"--config.train.sample_every={sample_every}",
       f"--config.train.checkpoint_every={half}", "--config.data.source=synthetic",
+      f"--config.train.dtype={dtype}",
       # the bare iteration's data, so that the step is the very program timed there (and a
       # persistent compilation cache serves it)
       f"--config.data.num_examples={max(4 * batch, 512)}", "--config.data.pipeline=device",
@@ -290,7 +295,7 @@ def end_to_end(config_path, batch, steps, overrides):
     trainer.train_and_evaluate(config, workdir, progress=False)
     with open(os.path.join(workdir, trainer.METRICS_FILE)) as f:
       last = json.loads(f.read().splitlines()[-1])
-  return dict(batch=batch, steps=2 * half, sample_every=sample_every, checkpoint_every=half,
+  return dict(dtype=dtype, batch=batch, steps=2 * half, sample_every=sample_every, checkpoint_every=half,
               data="synthetic", images_per_s=last["images_per_sec"])
 
 
@@ -317,8 +322,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--e2e", type=int, default=0,
                       help="also run `cspgan train` for this many steps (>= 4) at the first "
                            "batch size and compare its images/s over the second half (a "
-                           "checkpoint and two sample grids in it) with the bare JAX float32 "
-                           "iteration (needs jax-fp32)")
+                           "checkpoint and two sample grids in it) with the bare iteration of "
+                           "the same dtype")
+  parser.add_argument("--e2e-dtypes", default="float32",
+                      help="comma list of train.dtype for --e2e: float32 (needs jax-fp32), "
+                           "bfloat16 (needs jax-bf16); default float32")
   parser.add_argument("--hlo", default=None, metavar="DIR",
                       help="write the optimized HLO of each timed JAX step to "
                            "DIR/b{batch}_{variant}.hlo.txt")
@@ -357,6 +365,15 @@ def _make_dir(path: str, option: str) -> None:
     raise CspganError(f"{option} {path}: cannot create the folder: {e.strerror or e}") from e
 
 
+def _parse_e2e_dtypes(text: str) -> List[str]:
+  dtypes = [d.strip() for d in text.split(",") if d.strip()]
+  unknown = [d for d in dtypes if d not in E2E_BARE]
+  if not dtypes or unknown:
+    raise CspganError(f"--e2e-dtypes: {unknown[0] if unknown else text!r} is not one of "
+                      f"{', '.join(E2E_BARE)}")
+  return dtypes
+
+
 def _validate(args):
   """The arguments' own checks, before jax is even imported: (batches, variants)."""
   variants = _parse_variants(args.variants)
@@ -374,9 +391,12 @@ def _validate(args):
   if 0 < args.e2e < 4:
     raise CspganError(f"--e2e needs >= 4 steps (a sampler warm-up before the timed half), "
                       f"got {args.e2e}")
-  if args.e2e > 0 and "jax-fp32" not in variants:
-    raise CspganError("--e2e compares with the bare JAX float32 iteration: add jax-fp32 to "
-                      "--variants")
+  e2e_dtypes = _parse_e2e_dtypes(args.e2e_dtypes)
+  if args.e2e > 0:
+    for dtype in e2e_dtypes:
+      if E2E_BARE[dtype] not in variants:
+        raise CspganError(f"--e2e in {dtype} compares with the bare {E2E_BARE[dtype]} "
+                          f"iteration: add {E2E_BARE[dtype]} to --variants")
   if args.out:
     if os.path.splitext(args.out)[1].lower() == ".json":
       raise CspganError(f"--out {args.out}: the markdown table goes there and the JSON beside "
@@ -511,12 +531,18 @@ def run(args, overrides) -> dict:
   if args.profile:
     print(f"traces: {written_traces} files in {args.profile}", flush=True)
 
-  e2e = None
-  if args.e2e:
-    e2e = end_to_end(args.config, batches[0], args.e2e, overrides)
-    bare = next(r for r in rows if r["slug"] == "jax-fp32" and r["batch"] == batches[0])
-    e2e["vs_bare"] = e2e["images_per_s"] / bare["images_per_s"]
-    e2e["projected_minutes"] = projected_minutes(e2e["images_per_s"], e2e["batch"])
+  e2e = []  # one entry per --e2e-dtypes value
+  for dtype in (_parse_e2e_dtypes(args.e2e_dtypes) if args.e2e else []):
+    bare = next((r for r in rows if r["slug"] == E2E_BARE[dtype] and r["batch"] == batches[0]),
+                None)
+    if bare is None:  # that variant failed to build: its warning is above
+      continue
+    run_ = end_to_end(args.config, batches[0], args.e2e, overrides, dtype)
+    run_["vs_bare"] = run_["images_per_s"] / bare["images_per_s"]
+    run_["projected_minutes"] = projected_minutes(run_["images_per_s"], run_["batch"])
+    e2e.append(run_)
+    if args.out:
+      write_files(dict(header=header, rows=rows, end_to_end=e2e, peak_tflops=peak), args.out)
   return dict(header=header, rows=rows, end_to_end=e2e, peak_tflops=peak)
 
 
@@ -541,15 +567,15 @@ def format_table(report: dict) -> str:
     ratio = r.get("vs_torch_fp32")
     lines.append(f"| {r['batch']} | {r['variant']} | {r['images_per_s']:,.0f} | "
                  f"{r['ms_per_iter']:.2f} | {fmt(r['tflops'], '.3g')} | {share or 'n/a'} | "
-                 f"{fmt(mem, '.2f')} | {'n/a' if ratio is None else f'{ratio:.2f}x'} | "
+                 f"{fmt(mem, '.3g')} | {'n/a' if ratio is None else f'{ratio:.2f}x'} | "
                  f"{_projection(r['projected_minutes'])} |")
-  e2e = report.get("end_to_end")
-  if e2e:
-    lines += ["", f"end-to-end `cspgan train` (batch {e2e['batch']}, steps {e2e['steps']}, "
+  for e2e in report.get("end_to_end") or []:
+    lines += ["", f"end-to-end `cspgan train`, {e2e['dtype']} (batch {e2e['batch']}, steps "
+              f"{e2e['steps']}, "
               f"{e2e['data']} data; logs every {e2e['steps'] // 2}, sample grids every "
               f"{e2e['sample_every']}, checkpoints every {e2e['checkpoint_every']}): "
               f"{e2e['images_per_s']:,.0f} images/s over the second half = "
-              f"{100 * e2e['vs_bare']:.1f}% of the bare JAX float32 iteration; "
+              f"{100 * e2e['vs_bare']:.1f}% of the bare JAX {e2e['dtype']} iteration; "
               f"{epochs} epochs of CelebA: {_projection(e2e['projected_minutes'])} min"]
   lines.append("")
   lines.append(f"peak used for the share: {fmt(report.get('peak_tflops'), '.0f')} TFLOP/s (bf16 "

@@ -29,13 +29,15 @@ export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$(pwd)" PYTHONUNBUFFERED=1
 export JAX_COMPILATION_CACHE_DIR=/tmp/jax_cache JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0
 if [[ -n "${GPU_CHECK_DRY:-}" ]]; then  # CPU-sized stand-ins for every stage
   BENCH_ARGS="--config configs/tiny.py --batches 8 --iters 2 --repeats 1 --warmup 1 --scan 2
-    --variants jax-fp32,jax-bf16,jax-bf16-scan,torch-fp32,torch-bf16 --e2e 8 --profile-iters 2"
+    --variants jax-fp32,jax-bf16,jax-bf16-scan,torch-fp32,torch-bf16 --e2e 8
+    --e2e-dtypes float32,bfloat16 --profile-iters 2"
   FLAG_ARGS="--config configs/tiny.py --batches 8 --iters 2 --repeats 1 --warmup 1 --scan 2"
   FLAG_SETS=("--xla_cpu_enable_fast_math=false")
   TESTS=(tests/test_losses.py)
   T_BENCH=400 T_FLAGS=120 T_TESTS=(120) GPU_CHECK_SECONDS=${GPU_CHECK_SECONDS:-900}
 else
-  BENCH_ARGS="--config configs/baseline.py --batches 64,256 --scan 8 --e2e 1000 --profile-iters 3"
+  BENCH_ARGS="--config configs/baseline.py --batches 64,256 --scan 8 --e2e 1000
+    --e2e-dtypes float32,bfloat16 --profile-iters 3"
   FLAG_ARGS="--config configs/baseline.py --batches 64,256 --scan 8 --iters 20 --repeats 3"
   # What autotuning gives (on by default) and what CUDA graphs give (on by default for fusions
   # and library calls): each flag set turns one off.

@@ -74,7 +74,8 @@ def test_bench_script_measures_writes_hlo_and_traces(tmp_path):
   proc = subprocess.run(
       [sys.executable, os.path.join(REPO, "scripts", "bench.py"), "--config", TINY,
        "--batches", "8", "--iters", "2", "--repeats", "1", "--warmup", "1",
-       "--variants", ",".join(slugs), "--scan", "2", "--e2e", "8", "--hlo", str(hlo),
+       "--variants", ",".join(slugs), "--scan", "2", "--e2e", "8",
+       "--e2e-dtypes", "float32,bfloat16", "--hlo", str(hlo),
        "--profile", str(prof), "--profile-iters", "2", "--out", str(out)],
       env=dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu"), capture_output=True, text=True,
       timeout=600, cwd=REPO)
@@ -104,13 +105,16 @@ def test_bench_script_measures_writes_hlo_and_traces(tmp_path):
       expected = int(epochs) * epoch / r["images_per_s"] / 60
       assert abs(minutes - expected) <= 1e-9 * expected, (r["slug"], epochs)
   assert rows[3]["vs_torch_fp32"] == 1.0
-  e2e = report["end_to_end"]
-  assert e2e["images_per_s"] > 0 and e2e["batch"] == 8
-  # The timed second half holds a checkpoint and two grids; the first grid compiled before it.
-  assert (e2e["steps"], e2e["sample_every"], e2e["checkpoint_every"]) == (8, 2, 4)
-  assert abs(e2e["vs_bare"] - e2e["images_per_s"] / rows[0]["images_per_s"]) < 1e-9
+  assert [e["dtype"] for e in report["end_to_end"]] == ["float32", "bfloat16"]
+  for e2e, bare in zip(report["end_to_end"], rows[:2]):  # against jax-fp32, jax-bf16
+    assert e2e["images_per_s"] > 0 and e2e["batch"] == 8
+    # The timed second half holds a checkpoint and two grids; the first grid compiled before it.
+    assert (e2e["steps"], e2e["sample_every"], e2e["checkpoint_every"]) == (8, 2, 4)
+    assert abs(e2e["vs_bare"] - e2e["images_per_s"] / bare["images_per_s"]) < 1e-9
   table = out.read_text()
-  assert "| 8 | JAX float32 |" in table and "end-to-end `cspgan train`" in table
+  assert "| 8 | JAX float32 |" in table
+  assert "end-to-end `cspgan train`, float32" in table
+  assert "end-to-end `cspgan train`, bfloat16" in table and "bare JAX bfloat16 iteration" in table
   assert "10 / 15 / 40 epochs of CelebA (min)" in table
   for slug in slugs[:3]:
     text = (hlo / f"b8_{slug}.hlo.txt").read_text()
@@ -137,6 +141,7 @@ def test_bench_keeps_an_earlier_runs_files(tmp_path, capsys):
 @pytest.mark.parametrize("flag,value,needle", [
     ("--variants", "jax-fp32,jax-fp64", "'jax-fp64'"),
     ("--batches", "8,0", "--batches"),
+    ("--e2e-dtypes", "float32,float16", "'float16'"),
 ])
 def test_bench_rejects_bad_arguments_in_one_line(capsys, flag, value, needle):
   from cspgan_jax import cli
@@ -243,3 +248,10 @@ def test_bench_takes_every_jax_trace_before_pytorchs(tmp_path, monkeypatch):
                    "1", "--warmup", "0", "--variants", "jax-fp32,torch-fp32", "--profile",
                    str(tmp_path / "prof")]) == 0
   assert order == [("jax-fp32", 8), ("jax-fp32", 16), ("torch-fp32", 8), ("torch-fp32", 16)]
+
+
+def test_bench_end_to_end_needs_the_bare_variant_of_its_dtype(capsys):
+  assert cli.main(["bench", "--config", TINY, "--variants", "jax-fp32", "--e2e", "8",
+                   "--e2e-dtypes", "bfloat16"]) == 2
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1 and "add jax-bf16 to --variants" in err, err
