@@ -47,6 +47,9 @@ def get_config():
   config.train.matmul_precision = "default"
   config.train.steps_per_dispatch = 1    # > 1: a lax.scan of that many steps per launch
   config.train.scan_unroll = 1           # lax.scan's unroll for steps_per_dispatch > 1
+  # True: D's passes over the real and the fake batch as one batch of twice the size (each half
+  # its own BatchNorm statistics): the same arithmetic, fewer and larger convolutions.
+  config.train.d_real_fake_together = False
   config.train.sync_bn = False           # multi-device: BatchNorm statistics per device, as DataParallel
   # The report samples the fixed-noise grid with G in training mode (batch statistics).
   config.train.sample_use_running_average = False

@@ -8,18 +8,20 @@ Every variant runs the full iteration of the seed (D on real, D on fake, D's Ada
 through the updated D, G's Adam step) on data already on the device, after warm-up, with device
 synchronisation, alternating variant by variant in rounds so that drift of the machine hits all
 of them; the figure is the median round. JAX: the trainer's own compiled step (batch gathered
-from device-resident data inside the step), float32 (jax-fp32), bfloat16 (jax-bf16), and
-bfloat16 with `--scan K` steps per dispatch (jax-bf16-scan). PyTorch: eager float32 (torch-fp32;
-TF32 convolutions, PyTorch's default), bf16 autocast with channels_last (torch-bf16), and
-`torch.compile` float32 (torch-compile), each with `cudnn.benchmark` on and no `.item()` per
-step, as a user tuning for speed would run them. `--variants` picks among them.
+from device-resident data inside the step), float32 (jax-fp32), bfloat16 (jax-bf16),
+bfloat16 with `--scan K` steps per dispatch (jax-bf16-scan), and bfloat16 with D's real and fake
+passes as one batch (jax-bf16-dpair, `train.d_real_fake_together`). PyTorch: eager float32
+(torch-fp32; TF32 convolutions, PyTorch's default), bf16 autocast with channels_last
+(torch-bf16), and `torch.compile` float32 (torch-compile), each with `cudnn.benchmark` on and no
+`.item()` per step, as a user tuning for speed would run them. `--variants` picks among them.
 
 FLOPs per iteration come from XLA's cost analysis of the single-step JAX iteration lowered for
 the CPU, and are used for every row (the same work): XLA:GPU's analysis of the compiled step
-leaves out the convolutions it hands to cuDNN (it counted 0.05 of 12 GFLOP an image on an H200). Each row also projects the wall time of 10, 15
-and 40 epochs of CelebA at its images/s. The table goes to stdout, and with `--out` to a file
-(markdown) plus JSON. `--hlo DIR` keeps the optimized HLO of each timed JAX step, `--profile DIR`
-a trace (Perfetto / Chrome JSON, gzipped) of a few iterations of every variant.
+leaves out the convolutions it hands to cuDNN (it counted 0.05 of 12 GFLOP an image on an H200).
+Each row also projects the wall time of 10, 15 and 40 epochs of CelebA at its images/s. The
+table goes to stdout, and with `--out` to a file (markdown) plus JSON. `--hlo DIR` keeps the
+optimized HLO of each timed JAX step, `--profile DIR` a trace (Perfetto / Chrome JSON, gzipped)
+of a few iterations of every variant.
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ VARIANTS = {
     "jax-fp32": ("jax", "float32"),
     "jax-bf16": ("jax", "bfloat16"),
     "jax-bf16-scan": ("jax", "bfloat16"),
+    "jax-bf16-dpair": ("jax", "bfloat16"),  # train.d_real_fake_together
     "torch-fp32": ("torch", "fp32"),
     "torch-bf16": ("torch", "bf16"),
     "torch-compile": ("torch", "compile"),
@@ -137,7 +140,8 @@ def jax_variant(config_path, batch, dtype, scan, overrides, unroll=1, hlo_path=N
   memory = trainer.step_memory_bytes(step)
 
   name = f"JAX {dtype}" + (f", {scan} steps/dispatch" if scan > 1 else "") + (
-      f" (unroll {unroll})" if scan > 1 and unroll > 1 else "")
+      f" (unroll {unroll})" if scan > 1 and unroll > 1 else "") + (
+      ", D on real + fake in one pass" if config.train.get("d_real_fake_together") else "")
   return dict(name=name, run=run, memory=lambda: memory, unit=scan, framework="jax")
 
 
@@ -425,6 +429,8 @@ def _build(slug, args, batch, overrides):
     return torch_variant(args.config, batch, what, overrides)
   scan = args.scan if slug == "jax-bf16-scan" else 1
   hlo_path = os.path.join(args.hlo, f"b{batch}_{slug}.hlo.txt") if args.hlo else None
+  if slug == "jax-bf16-dpair":
+    overrides = [*overrides, "--config.train.d_real_fake_together=True"]
   return jax_variant(args.config, batch, what, scan, overrides,
                      unroll=args.unroll if scan > 1 else 1, hlo_path=hlo_path)
 

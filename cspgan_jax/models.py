@@ -195,7 +195,10 @@ class BatchNorm(nn.Module):
   Training mode normalises with the biased batch variance but moves `var` towards the *unbiased*
   one (flax uses the biased one); `momentum` is PyTorch's (weight of the new value).
   `num_batches_tracked` is kept so PyTorch checkpoints round-trip exactly. With `axis_name`,
-  statistics are taken over the whole cross-device batch (sync BatchNorm).
+  statistics are taken over the whole cross-device batch (sync BatchNorm). With `groups` > 1
+  the batch is that many batches stacked (D on real and fake images in one pass): each is
+  normalised by its own statistics, and the running ones move once per group, in order, as
+  that many calls would move them.
   """
   momentum: float = 0.1
   epsilon: float = 1e-5
@@ -203,7 +206,7 @@ class BatchNorm(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x, use_running_average: bool):
+  def __call__(self, x, use_running_average: bool, groups: int = 1):
     c = x.shape[-1]
     scale = self.param("scale", bn_scale_init, (c,))
     bias = self.param("bias", nn.initializers.zeros, (c,))
@@ -216,12 +219,21 @@ class BatchNorm(nn.Module):
       alpha = scale / jnp.sqrt(ra_var.value + self.epsilon)
       y = xf * alpha + (bias - ra_mean.value * alpha)
     else:
-      y, mean, var, n = batch_norm_train(xf, scale, bias, self.epsilon, self.axis_name)
+      train_bn = lambda v: batch_norm_train(v, scale, bias, self.epsilon, self.axis_name)
+      if groups == 1:
+        y, mean, var, n = train_bn(xf)
+        stats = [(mean, var, n)]
+      else:
+        y, mean, var, n = jax.vmap(train_bn)(xf.reshape((groups, -1) + xf.shape[1:]))
+        y = y.reshape(xf.shape)
+        n = jnp.broadcast_to(n, (groups,))
+        stats = [(mean[g], var[g], n[g]) for g in range(groups)]
       if not self.is_initializing():
         m = self.momentum
-        ra_mean.value = (1 - m) * ra_mean.value + m * mean
-        ra_var.value = (1 - m) * ra_var.value + m * var * (n / (n - 1))
-        tracked.value = tracked.value + 1
+        for mean_g, var_g, n_g in stats:
+          ra_mean.value = (1 - m) * ra_mean.value + m * mean_g
+          ra_var.value = (1 - m) * ra_var.value + m * var_g * (n_g / (n_g - 1))
+          tracked.value = tracked.value + 1
     return y.astype(self.dtype)
 
 
@@ -316,7 +328,8 @@ class Discriminator(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x, train: bool = True):
+  def __call__(self, x, train: bool = True, groups: int = 1):
+    """`groups` > 1: x is that many batches stacked, each with its own BatchNorm statistics."""
     n_down = check_resolution(self.resolution)  # stride-2 steps from R down to 4x4 (128 -> 5)
     bn = functools.partial(BatchNorm, self.bn_momentum, self.bn_epsilon, self.axis_name,
                            self.dtype)
@@ -328,7 +341,7 @@ class Discriminator(nn.Module):
       c, idx, n_stages = self.ndf, 2, n_down - 1
     elif self.kind == "avgpool":
       x = conv(2 * self.ndf, name="main_0")(x)
-      x = leaky_relu(bn(name="main_1")(x, use_running_average=not train))
+      x = leaky_relu(bn(name="main_1")(x, use_running_average=not train, groups=groups))
       x = nn.avg_pool(x, (4, 4), strides=(2, 2), padding=((1, 1), (1, 1)),
                       count_include_pad=True)  # main.3
       c, idx, n_stages = 2 * self.ndf, 4, n_down - 2
@@ -337,7 +350,8 @@ class Discriminator(nn.Module):
     for _ in range(n_stages):
       c *= 2
       x = conv(c, name=f"main_{idx}")(x)
-      x = leaky_relu(bn(name=f"main_{idx + 1}")(x, use_running_average=not train))
+      x = leaky_relu(bn(name=f"main_{idx + 1}")(x, use_running_average=not train,
+                                                groups=groups))
       idx += 3
     x = conv2d(1, 4, 1, 0, use_bias=False, dtype=self.dtype, name=f"main_{idx}")(x)  # (N,1,1,1)
     return x.reshape(x.shape[0]).astype(jnp.float32)

@@ -78,10 +78,10 @@ def init_state(config, rng) -> GANState:
   return create_state(config, *init_variables(config, rng))
 
 
-def _apply(module: nn.Module, params, batch_stats, x, train: bool = True):
+def _apply(module: nn.Module, params, batch_stats, x, train: bool = True, **kwargs):
   """module(x) in training mode; returns (output, updated batch_stats)."""
   out, mutated = module.apply({"params": params, "batch_stats": batch_stats}, x, train=train,
-                              mutable=["batch_stats"])
+                              mutable=["batch_stats"], **kwargs)
   return out, mutated.get("batch_stats", {})
 
 
@@ -111,8 +111,15 @@ def _train_step_with_noise(state: GANState, real, z, *, config, axis_name: Optio
                                  has_aux=True)
 
   def d_loss(d_params):
-    logits_real, stats = _apply(disc, d_params, state.d.batch_stats, real)
-    logits_fake, stats = _apply(disc, d_params, stats, jax.lax.stop_gradient(fake))
+    if config.train.get("d_real_fake_together", False):
+      # One pass over both batches (each its own BatchNorm statistics, the running ones moved
+      # real first): the same sums as two passes, in convolutions of twice the batch.
+      both = jnp.concatenate([real.astype(fake.dtype), jax.lax.stop_gradient(fake)])
+      logits, stats = _apply(disc, d_params, state.d.batch_stats, both, groups=2)
+      logits_real, logits_fake = logits[:real.shape[0]], logits[real.shape[0]:]
+    else:
+      logits_real, stats = _apply(disc, d_params, state.d.batch_stats, real)
+      logits_fake, stats = _apply(disc, d_params, stats, jax.lax.stop_gradient(fake))
     err_real, err_fake = loss_fn(logits_real, 1.0), loss_fn(logits_fake, 0.0)
     return err_real + err_fake, (stats, logits_real, logits_fake)
 

@@ -70,7 +70,7 @@ def test_cadences_must_be_multiples_of_steps_per_dispatch():
 
 def test_bench_script_measures_writes_hlo_and_traces(tmp_path):
   out, hlo, prof = tmp_path / "bench.md", tmp_path / "hlo", tmp_path / "prof"
-  slugs = ["jax-fp32", "jax-bf16", "jax-bf16-scan", "torch-fp32", "torch-bf16"]
+  slugs = ["jax-fp32", "jax-bf16", "jax-bf16-scan", "jax-bf16-dpair", "torch-fp32", "torch-bf16"]
   proc = subprocess.run(
       [sys.executable, os.path.join(REPO, "scripts", "bench.py"), "--config", TINY,
        "--batches", "8", "--iters", "2", "--repeats", "1", "--warmup", "1",
@@ -84,7 +84,8 @@ def test_bench_script_measures_writes_hlo_and_traces(tmp_path):
   report = json.loads((tmp_path / "bench.json").read_text())
   rows = report["rows"]
   assert [r["variant"] for r in rows] == [
-      "JAX float32", "JAX bfloat16", "JAX bfloat16, 2 steps/dispatch", "PyTorch eager float32",
+      "JAX float32", "JAX bfloat16", "JAX bfloat16, 2 steps/dispatch",
+      "JAX bfloat16, D on real + fake in one pass", "PyTorch eager float32",
       "PyTorch eager bf16 autocast, channels_last"]
   assert [r["slug"] for r in rows] == slugs
   from cspgan_jax import bench
@@ -104,7 +105,7 @@ def test_bench_script_measures_writes_hlo_and_traces(tmp_path):
     for epochs, minutes in r["projected_minutes"].items():
       expected = int(epochs) * epoch / r["images_per_s"] / 60
       assert abs(minutes - expected) <= 1e-9 * expected, (r["slug"], epochs)
-  assert rows[3]["vs_torch_fp32"] == 1.0
+  assert rows[4]["vs_torch_fp32"] == 1.0
   assert [e["dtype"] for e in report["end_to_end"]] == ["float32", "bfloat16"]
   for e2e, bare in zip(report["end_to_end"], rows[:2]):  # against jax-fp32, jax-bf16
     assert e2e["images_per_s"] > 0 and e2e["batch"] == 8
@@ -116,10 +117,10 @@ def test_bench_script_measures_writes_hlo_and_traces(tmp_path):
   assert "end-to-end `cspgan train`, float32" in table
   assert "end-to-end `cspgan train`, bfloat16" in table and "bare JAX bfloat16 iteration" in table
   assert "10 / 15 / 40 epochs of CelebA (min)" in table
-  for slug in slugs[:3]:
+  for slug in slugs[:4]:
     text = (hlo / f"b8_{slug}.hlo.txt").read_text()
     assert "HloModule" in text and "ENTRY" in text
-  assert sorted(os.listdir(hlo)) == sorted(f"b8_{s}.hlo.txt" for s in slugs[:3])
+  assert sorted(os.listdir(hlo)) == sorted(f"b8_{s}.hlo.txt" for s in slugs[:4])
   for slug in slugs:
     with gzip.open(prof / f"b8_{slug}.trace.json.gz", "rt") as f:
       events = json.load(f)["traceEvents"]

@@ -43,6 +43,20 @@ def test_five_iterations_match_pytorch(tiny_config, block, kind):
   # The bound is not vacuous: test_optax_adam_rounding_breaks_parity exceeds it 30-fold.
 
 
+def test_d_on_real_and_fake_in_one_pass_matches_pytorch(tiny_config):
+  """`train.d_real_fake_together`: D's two passes as one batch of twice the size, each half
+  normalised by its own statistics, the running ones moved real first. PyTorch's two passes
+  are the reference, at the same bounds. The avgpool discriminator holds BatchNorm at every
+  place the dcgan one does and one more (both fail with statistics over the whole batch)."""
+  config = tiny_config("model.discriminator=avgpool", "train.d_real_fake_together=True")
+  rows = parity.run_parity(config, steps=5, seed=0, images_kind="noise")
+  assert {"params D", "bn_stats D", "adam_nu D"} <= {r.group for r in rows}
+  for r in rows:
+    assert parity.within_floor(r, REL_TOL), r
+    if r.group.startswith("params"):
+      assert parity.within_floor_abs(r, ABS_TOL), r
+
+
 @pytest.mark.parametrize("kind", ["dcgan", "avgpool"])
 def test_faces_match_pytorch(tiny_config, kind):
   config = tiny_config(f"model.discriminator={kind}")
