@@ -8,7 +8,8 @@ Numerics check against PyTorch (2-core CPU, a few minutes):
   cspgan parity --config configs/baseline.py --steps 3
 
 Train (CelebA prepared once, README "Data"): cspgan train --config configs/baseline.py --workdir runs/baseline
-On GPUs; times in docs/PERFORMANCE.md (CPU: 42 s a baseline step).
+On one H200 (2026-11-27): 7,769 images/s, 10 epochs in 4.3 min of iterations; with
+--config.train.dtype=bfloat16 11,894 images/s, 2.8 min (docs/PERFORMANCE.md; CPU: 42 s a step).
 """
 
 import ml_collections
