@@ -492,5 +492,20 @@ def _save(mngr, p_state, config, output) -> None:
   if jax.process_count() > 1:
     checkpoint.save_async(mngr, unreplicate(p_state), config)
     return
-  snapshot = jax.device_put(first_local_copy(p_state), may_alias=False)
-  output.submit(lambda: checkpoint.save_async(mngr, unreplicate(snapshot), config))
+  snapshot = _device_snapshot(first_local_copy(p_state))
+  output.submit(lambda: checkpoint.save_async(mngr, jax.tree_util.tree_map(np.asarray, snapshot),
+                                              config))
+
+
+def _device_snapshot(tree):
+  """A copy on the device that the next step's donation leaves intact (no compilation). A jax
+  that cannot make one gets a host copy made here, as before the output thread, and one line."""
+  try:
+    return jax.device_put(tree, may_alias=False)
+  except (TypeError, ValueError, NotImplementedError) as e:
+    if not getattr(_device_snapshot, "warned", False):
+      _device_snapshot.warned = True
+      print(f"[train] note: no device copy of the state for checkpoints ({type(e).__name__}: "
+            f"{' '.join(str(e).split())[:200]}); copying it to the host in the loop instead",
+            file=sys.stderr, flush=True)
+    return jax.tree_util.tree_map(np.asarray, tree)

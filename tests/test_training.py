@@ -252,3 +252,25 @@ def test_output_thread_runs_jobs_in_order_and_raises_their_error_in_the_loop():
   assert done == [1, 2, 3]
   writer.drain()  # an error is raised once
   writer.close()
+
+
+def test_a_jax_without_device_copies_checkpoints_through_the_host(tmp_path, monkeypatch, capsys):
+  """The GPU machine runs another jax: if it cannot copy the state on the device, checkpoints
+  still hold the right step's state (copied to the host in the loop), with one note line."""
+  put = jax.device_put
+
+  def no_may_alias(x, *args, may_alias=None, **kwargs):
+    if may_alias is not None:
+      raise TypeError("device_put() got an unexpected keyword argument 'may_alias'")
+    return put(x, *args, **kwargs)
+
+  monkeypatch.setattr(jax, "device_put", no_may_alias)
+  monkeypatch.setattr(trainer._device_snapshot, "warned", False, raising=False)  # pylint: disable=protected-access
+  run = tmp_path / "run"
+  _train(run, "--config.train.num_steps=4", "--config.train.checkpoint_every=2",
+         "--config.train.sample_every=2")
+  notes = [l for l in capsys.readouterr().err.splitlines() if "no device copy" in l]
+  assert len(notes) == 1 and "may_alias" in notes[0], notes
+  monkeypatch.setattr(jax, "device_put", put)
+  two = _train(tmp_path / "two", "--config.train.num_steps=2")
+  assert _leaves_equal(checkpoint.restore(str(run), step=2)[0], two)
