@@ -299,8 +299,8 @@ def end_to_end(config_path, batch, steps, overrides, dtype="float32"):
     trainer.train_and_evaluate(config, workdir, progress=False)
     with open(os.path.join(workdir, trainer.METRICS_FILE)) as f:
       last = json.loads(f.read().splitlines()[-1])
-  return dict(dtype=dtype, batch=batch, steps=2 * half, sample_every=sample_every, checkpoint_every=half,
-              data="synthetic", images_per_s=last["images_per_sec"])
+  return dict(dtype=dtype, batch=batch, steps=2 * half, sample_every=sample_every,
+              checkpoint_every=half, data="synthetic", images_per_s=last["images_per_sec"])
 
 
 # ---- arguments ----
