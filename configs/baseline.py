@@ -28,6 +28,10 @@ def get_config():
   config.model.resolution = 128
   config.model.bn_momentum = 0.1         # PyTorch convention: weight of the new batch statistic
   config.model.bn_epsilon = 1e-5
+  # True: each network's first and last layers (3 channels in or out, or a 4x4 window over a
+  # 4x4 or 1x1 input: shapes cuDNN runs slowly) as one matmul between im2col / col2im
+  # rearrangements (`conv_matmul`): the same products, summed in another order.
+  config.model.edge_layers_as_matmul = False
 
   config.train = ml_collections.ConfigDict()
   config.train.batch_size = 64            # global: split evenly over all devices

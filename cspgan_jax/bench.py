@@ -9,8 +9,10 @@ through the updated D, G's Adam step) on data already on the device, after warm-
 synchronisation, alternating variant by variant in rounds so that drift of the machine hits all
 of them; the figure is the median round. JAX: the trainer's own compiled step (batch gathered
 from device-resident data inside the step), float32 (jax-fp32), bfloat16 (jax-bf16),
-bfloat16 with `--scan K` steps per dispatch (jax-bf16-scan), and bfloat16 with D's real and fake
-passes as one batch (jax-bf16-dpair, `train.d_real_fake_together`). PyTorch: eager float32
+bfloat16 with `--scan K` steps per dispatch (jax-bf16-scan), and bfloat16 with the options that
+are candidates for the default: D's real and fake passes as one batch (jax-bf16-dpair,
+`train.d_real_fake_together`), the networks' first and last layers as matmuls
+(jax-bf16-edgemm, `model.edge_layers_as_matmul`), and both (jax-bf16-dpair-edgemm). PyTorch: eager float32
 (torch-fp32; TF32 convolutions, PyTorch's default), bf16 autocast with channels_last
 (torch-bf16), and `torch.compile` float32 (torch-compile), each with `cudnn.benchmark` on and no
 `.item()` per step, as a user tuning for speed would run them. `--variants` picks among them.
@@ -59,11 +61,24 @@ VARIANTS = {
     "jax-fp32": ("jax", "float32"),
     "jax-bf16": ("jax", "bfloat16"),
     "jax-bf16-scan": ("jax", "bfloat16"),
-    "jax-bf16-dpair": ("jax", "bfloat16"),  # train.d_real_fake_together
+    "jax-bf16-dpair": ("jax", "bfloat16"),
+    "jax-bf16-edgemm": ("jax", "bfloat16"),
+    "jax-bf16-dpair-edgemm": ("jax", "bfloat16"),
     "torch-fp32": ("torch", "fp32"),
     "torch-bf16": ("torch", "bf16"),
     "torch-compile": ("torch", "compile"),
 }
+# The options (off by default) that a JAX variant turns on, and how its row names each: a
+# candidate for the default is timed beside what it would replace.
+OPTIONS = {
+    "dpair": ("train.d_real_fake_together", "D on real + fake in one pass"),
+    "edgemm": ("model.edge_layers_as_matmul", "edge layers as matmuls"),
+}
+
+
+def variant_options(slug: str) -> List[str]:
+  """The config keys a variant turns on: `jax-bf16-dpair-edgemm` -> both options."""
+  return [OPTIONS[part][0] for part in slug.split("-")[2:] if part in OPTIONS]
 
 
 def peak_tflops(device_kind: str, override: float):
@@ -93,6 +108,11 @@ def _jax_config(config_path, batch, dtype, scan, overrides, unroll=1):
       # cadences unused here, but they must be multiples of steps_per_dispatch to validate
       *(f"--config.train.{e}={scan}" for e in ("log_every", "sample_every", "checkpoint_every")),
       *overrides])
+
+
+def _option_on(config, key: str) -> bool:
+  section, name = key.split(".")
+  return bool(config[section].get(name, False))
 
 
 def count_flops(config_path, batch, overrides) -> Optional[float]:
@@ -140,8 +160,8 @@ def jax_variant(config_path, batch, dtype, scan, overrides, unroll=1, hlo_path=N
   memory = trainer.step_memory_bytes(step)
 
   name = f"JAX {dtype}" + (f", {scan} steps/dispatch" if scan > 1 else "") + (
-      f" (unroll {unroll})" if scan > 1 and unroll > 1 else "") + (
-      ", D on real + fake in one pass" if config.train.get("d_real_fake_together") else "")
+      f" (unroll {unroll})" if scan > 1 and unroll > 1 else "") + "".join(
+          f", {label}" for key, label in OPTIONS.values() if _option_on(config, key))
   return dict(name=name, run=run, memory=lambda: memory, unit=scan, framework="jax")
 
 
@@ -429,8 +449,7 @@ def _build(slug, args, batch, overrides):
     return torch_variant(args.config, batch, what, overrides)
   scan = args.scan if slug == "jax-bf16-scan" else 1
   hlo_path = os.path.join(args.hlo, f"b{batch}_{slug}.hlo.txt") if args.hlo else None
-  if slug == "jax-bf16-dpair":
-    overrides = [*overrides, "--config.train.d_real_fake_together=True"]
+  overrides = [*overrides, *(f"--config.{key}=True" for key in variant_options(slug))]
   return jax_variant(args.config, batch, what, scan, overrides,
                      unroll=args.unroll if scan > 1 else 1, hlo_path=hlo_path)
 

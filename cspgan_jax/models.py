@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from cspgan_jax import conv_matmul
+
 BLOCKS = ("relu", "leaky_bn")
 DISCRIMINATORS = ("dcgan", "avgpool")
 LEAKY_SLOPE = 0.2
@@ -116,19 +118,39 @@ class ConvTranspose2d(nn.Module):
   stride: int = 2
   padding: int = 1
   dtype: Any = jnp.float32
+  as_matmul: bool = False  # `conv_matmul.conv_transpose`: one matmul, then col2im
 
   @nn.compact
   def __call__(self, x):
     k = self.kernel_size
     kernel = self.param("kernel", conv_kernel_init, (k, k, self.features, x.shape[-1]))
-    return conv_transpose(x.astype(self.dtype), kernel.astype(self.dtype), self.stride,
-                          self.padding)
+    compute = conv_matmul.conv_transpose if self.as_matmul else conv_transpose
+    return compute(x.astype(self.dtype), kernel.astype(self.dtype), self.stride, self.padding)
 
 
 def conv_transpose2d(features: int, kernel_size: int = 4, stride: int = 2, padding: int = 1, *,
-                     dtype=jnp.float32, name=None) -> ConvTranspose2d:
+                     dtype=jnp.float32, as_matmul: bool = False, name=None) -> ConvTranspose2d:
   """PyTorch `ConvTranspose2d(in, features, k, s, p, bias=False)`."""
-  return ConvTranspose2d(features, kernel_size, stride, padding, dtype=dtype, name=name)
+  return ConvTranspose2d(features, kernel_size, stride, padding, dtype=dtype, as_matmul=as_matmul,
+                         name=name)
+
+
+class Conv2dAsMatmul(nn.Module):
+  """PyTorch `Conv2d(in, features, k, s, p, bias=False)` computed as im2col and one matmul
+  (`conv_matmul.conv2d`), with flax Conv's parameter (`kernel`, HWIO, the same init), so
+  checkpoints and `torch_port` do not tell the two forms apart."""
+  features: int
+  kernel_size: int
+  stride: int = 1
+  padding: int = 0
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    k = self.kernel_size
+    kernel = self.param("kernel", conv_kernel_init, (k, k, x.shape[-1], self.features))
+    return conv_matmul.conv2d(x.astype(self.dtype), kernel.astype(self.dtype), self.stride,
+                              self.padding)
 
 
 def _channel_sum(v, axis_name):
@@ -252,6 +274,7 @@ class CSPup(nn.Module):
   bn_epsilon: float = 1e-5
   axis_name: Optional[str] = None
   dtype: Any = jnp.float32
+  transposed_as_matmul: bool = False  # left_0 and right_2 as `conv_matmul.conv_transpose`
 
   @nn.compact
   def __call__(self, x, train: bool = True):
@@ -259,7 +282,7 @@ class CSPup(nn.Module):
     x1, x2 = x[..., :split], x[..., split:]  # odd channel counts: x2 keeps the extra one
     c, dt = self.out_channels, self.dtype
     convt = functools.partial(conv_transpose2d, c, self.kernel_size, self.stride, self.padding,
-                              dtype=dt)
+                              dtype=dt, as_matmul=self.transposed_as_matmul)
     conv1x1 = functools.partial(conv2d, c, 1, dtype=dt)
     left = convt(name="left_0")(x1)
     if self.block == "relu":
@@ -295,6 +318,8 @@ class Generator(nn.Module):
   bn_epsilon: float = 1e-5
   axis_name: Optional[str] = None
   dtype: Any = jnp.float32
+  # the first block's transposed convs (from 1x1) and the last (to 3 channels) as matmuls
+  edge_as_matmul: bool = False
 
   @nn.compact
   def __call__(self, z, train: bool = True):
@@ -306,8 +331,10 @@ class Generator(nn.Module):
     for i in range(n_blocks):
       c = self.ngf * 2 ** (n_blocks - 1 - i)
       stride, pad = (1, 0) if i == 0 else (2, 1)
-      x = block(c, 4, stride, pad, name=f"main_{i}")(x, train)  # (N, 4 * 2**i, 4 * 2**i, c)
-    x = conv_transpose2d(self.nc, 4, 2, 1, dtype=self.dtype, name=f"main_{n_blocks}")(x)
+      x = block(c, 4, stride, pad, transposed_as_matmul=self.edge_as_matmul and i == 0,
+                name=f"main_{i}")(x, train)  # (N, 4 * 2**i, 4 * 2**i, c)
+    x = conv_transpose2d(self.nc, 4, 2, 1, dtype=self.dtype, as_matmul=self.edge_as_matmul,
+                         name=f"main_{n_blocks}")(x)
     return jnp.tanh(x.astype(jnp.float32))
 
 
@@ -326,6 +353,8 @@ class Discriminator(nn.Module):
   bn_epsilon: float = 1e-5
   axis_name: Optional[str] = None
   dtype: Any = jnp.float32
+  # the first conv (from 3 channels) and the last (a 4x4 window to one logit) as matmuls
+  edge_as_matmul: bool = False
 
   @nn.compact
   def __call__(self, x, train: bool = True, groups: int = 1):
@@ -335,12 +364,15 @@ class Discriminator(nn.Module):
                            self.dtype)
     conv = functools.partial(conv2d, kernel_size=4, stride=2, padding=1, use_bias=False,
                              dtype=self.dtype)
+    # The first and last convolutions, either form (same parameters)
+    edge_conv = Conv2dAsMatmul if self.edge_as_matmul else functools.partial(conv2d,
+                                                                           use_bias=False)
     x = x.astype(self.dtype)
     if self.kind == "dcgan":
-      x = leaky_relu(conv(self.ndf, name="main_0")(x))
+      x = leaky_relu(edge_conv(self.ndf, 4, 2, 1, dtype=self.dtype, name="main_0")(x))
       c, idx, n_stages = self.ndf, 2, n_down - 1
     elif self.kind == "avgpool":
-      x = conv(2 * self.ndf, name="main_0")(x)
+      x = edge_conv(2 * self.ndf, 4, 2, 1, dtype=self.dtype, name="main_0")(x)
       x = leaky_relu(bn(name="main_1")(x, use_running_average=not train, groups=groups))
       x = nn.avg_pool(x, (4, 4), strides=(2, 2), padding=((1, 1), (1, 1)),
                       count_include_pad=True)  # main.3
@@ -353,7 +385,7 @@ class Discriminator(nn.Module):
       x = leaky_relu(bn(name=f"main_{idx + 1}")(x, use_running_average=not train,
                                                 groups=groups))
       idx += 3
-    x = conv2d(1, 4, 1, 0, use_bias=False, dtype=self.dtype, name=f"main_{idx}")(x)  # (N,1,1,1)
+    x = edge_conv(1, 4, 1, 0, dtype=self.dtype, name=f"main_{idx}")(x)  # (N, 1, 1, 1)
     return x.reshape(x.shape[0]).astype(jnp.float32)
 
 
@@ -366,7 +398,8 @@ def build_models(model_config, axis_name: Optional[str] = None, dtype=jnp.float3
     raise ValueError(f"unknown discriminator {mc.discriminator!r}; expected one of {DISCRIMINATORS}")
   check_resolution(mc.resolution)
   common = dict(nc=mc.nc, resolution=mc.resolution, bn_momentum=mc.bn_momentum,
-                bn_epsilon=mc.bn_epsilon, axis_name=axis_name, dtype=dtype)
+                bn_epsilon=mc.bn_epsilon, axis_name=axis_name, dtype=dtype,
+                edge_as_matmul=mc.get("edge_layers_as_matmul", False))
   gen = Generator(nz=mc.nz, ngf=mc.ngf, block=mc.block, **common)
   disc = Discriminator(ndf=mc.ndf, kind=mc.discriminator, **common)
   return gen, disc

@@ -95,6 +95,27 @@ def test_a_scanned_step_moves_what_single_steps_move(compiled_for_h100):
   assert scan["loops"] == 0 and scan["copied_inputs"] == []
 
 
+def test_edge_layers_as_matmul_leave_cudnn_for_matmuls(compiled_for_h100):
+  """`model.edge_layers_as_matmul`: each network's first and last layers (on the H200 at batch
+  64 in bf16 the 3-channel ones alone took 0.72 of 2.97 ms of convolutions) leave cuDNN for
+  matmuls, every other convolution stays, and the data moved does not grow with the im2col /
+  col2im rearrangements (the baseline at batch 64: 174 -> 104 MiB, docs/PERFORMANCE.md)."""
+  conv, mm = compiled_for_h100["bfloat16_auto"], compiled_for_h100["bfloat16_edgemm"]
+  # tiny.py, 32x32: D main_0 (3 channels in), D main_8 (a 4x4 window over 4x4 -> 1 logit),
+  # G main_0's transposed convolutions (1x1 -> 4x4), G main_3 (3 channels out)
+  edge = {"D main_0", "D main_8", "G main_0/left_0", "G main_0/right_2", "G main_3"}
+  assert edge <= set(conv["conv_layers"]), conv["conv_layers"]
+  assert not edge & set(mm["conv_layers"]), mm["conv_layers"]
+  assert set(mm["conv_layers"]) == set(conv["conv_layers"]) - edge
+  # D's last matmul has one output column: XLA makes it a multiply-and-reduce fusion
+  assert edge - {"D main_8"} <= set(mm["matmul_layers"]), mm["matmul_layers"]
+  assert mm["counts"]["convolution"] < conv["counts"]["convolution"]
+  assert mm["move_bytes"] <= 1.05 * conv["move_bytes"], (conv["move_bytes"], mm["move_bytes"])
+  # at most the two layers' own kernels copied (4x4x3x8 float32 each here; none at 128x128)
+  assert mm["loops"] == 0
+  assert sum(mm["copied_inputs"]) <= sum(conv["copied_inputs"]) + 2 * 4 * 4 * 3 * 8 * 4
+
+
 def test_two_gpus_average_the_gradients_in_a_few_asynchronous_all_reduces(compiled_for_h100):
   """Over two GPUs XLA combines the gradients' pmean into a few all-reduces that start early and
   overlap the rest of the step; together they carry every parameter's gradient once (plus

@@ -180,3 +180,88 @@ def test_conv_transpose_matches_pytorch_and_flax(in_ch, out_ch, stride, pad, hw)
     assert _rel(g[1], _nhwc(xt.grad)) < FORWARD_TOL
   # the same sums as plain autodiff, up to float32 rounding
   assert _rel(g_ours[0]["params"]["kernel"], g_flax[0]["params"]["kernel"]) < 1e-6
+
+
+@pytest.mark.parametrize("transposed, in_ch, out_ch, stride, pad, hw", [
+    (False, 3, 5, 2, 1, 8),   # D's first layer
+    (False, 6, 1, 1, 0, 4),   # D's last layer: a 4x4 window over 4x4, one output
+    (True, 6, 3, 2, 1, 5),    # G's last layer
+    (True, 4, 3, 1, 0, 1)])   # G's first block's transposed convolutions: 1x1 -> 4x4
+def test_matmul_forms_match_pytorch_and_the_convolutions(transposed, in_ch, out_ch, stride, pad,
+                                                         hw):
+  """`model.edge_layers_as_matmul`: a convolution as im2col + one matmul, a transposed one as
+  one matmul + col2im. Same parameters (name, shape, initialisation) as the convolution forms,
+  forward and both gradients against PyTorch's modules and against the convolution forms."""
+  rng = np.random.default_rng(1)
+  x = rng.standard_normal((2, hw, hw, in_ch)).astype(np.float32)
+  if transposed:
+    ours = models.conv_transpose2d(out_ch, 4, stride, pad, as_matmul=True)
+    conv_form = models.conv_transpose2d(out_ch, 4, stride, pad)
+    net = torch.nn.ConvTranspose2d(in_ch, out_ch, 4, stride, pad, bias=False)
+    to_torch = (3, 2, 0, 1)  # (k, k, out, in) -> (in, out, k, k)
+  else:
+    ours = models.Conv2dAsMatmul(out_ch, 4, stride, pad)
+    conv_form = models.conv2d(out_ch, 4, stride, pad, use_bias=False)
+    net = torch.nn.Conv2d(in_ch, out_ch, 4, stride, pad, bias=False)
+    to_torch = (3, 2, 0, 1)  # HWIO -> OIHW
+  variables = ours.init(jax.random.PRNGKey(3), x)
+  np.testing.assert_array_equal(variables["params"]["kernel"],
+                                conv_form.init(jax.random.PRNGKey(3), x)["params"]["kernel"])
+
+  cot = rng.standard_normal(np.shape(ours.apply(variables, x))).astype(np.float32)
+  loss = lambda module: lambda v, x: (module.apply(v, x) * cot).sum()
+  g_ours = jax.grad(loss(ours), argnums=(0, 1))(variables, x)
+  g_conv = jax.grad(loss(conv_form), argnums=(0, 1))(variables, x)
+  with torch.no_grad():
+    net.weight.copy_(torch.from_numpy(
+        np.transpose(np.asarray(variables["params"]["kernel"]), to_torch).copy()))
+  xt = _nchw(x).requires_grad_(True)
+  y = net(xt)
+  (y * _nchw(cot)).sum().backward()
+  assert _rel(ours.apply(variables, x), _nhwc(y)) < FORWARD_TOL
+  assert _rel(g_ours[0]["params"]["kernel"], net.weight.grad.numpy().transpose(2, 3, 1, 0)) \
+      < FORWARD_TOL
+  assert _rel(g_ours[1], _nhwc(xt.grad)) < FORWARD_TOL
+  # the convolution forms' numbers, up to the order of float32 sums
+  assert _rel(ours.apply(variables, x), conv_form.apply(variables, x)) < FORWARD_TOL
+  for a, b in zip(jax.tree_util.tree_leaves(g_ours), jax.tree_util.tree_leaves(g_conv)):
+    assert _rel(a, b) < FORWARD_TOL
+
+
+def test_edge_layers_as_matmul_lose_nothing_in_bfloat16(tiny_config):
+  """Both networks with their edge layers as matmuls hold the same variables as with the
+  convolutions, and in bfloat16 give G's images and every parameter's gradient (through D) no
+  further from the float32 convolutions than the bf16 convolutions do: col2im adds each
+  output's taps in float32 and rounds once, as a convolution's accumulator does. (Float32:
+  the module test above, and whole training steps against PyTorch in test_train_parity.py.)"""
+  import jax.numpy as jnp
+  from jax import tree_util
+  config = tiny_config()  # the dcgan D: the variables other tests create (init is slow eagerly)
+  variables = train.init_variables(config, jax.random.PRNGKey(0))
+  z = jax.random.normal(jax.random.PRNGKey(1), (8, config.model.nz))
+  config.model.edge_layers_as_matmul = True
+  assert tree_util.tree_all(tree_util.tree_map(
+      np.array_equal, variables, train.init_variables(config, jax.random.PRNGKey(0))))
+
+  def images_and_grads(as_matmul, dtype):
+    config.model.edge_layers_as_matmul = as_matmul
+    gen, disc = models.build_models(config.model, dtype=dtype)
+    (g_vars, d_vars) = variables
+
+    def f(params_g, params_d):
+      images, _ = gen.apply({**g_vars, "params": params_g}, z, mutable=["batch_stats"])
+      logits, _ = disc.apply({**d_vars, "params": params_d}, images, mutable=["batch_stats"])
+      return jnp.sum(jnp.sin(100 * logits)), images
+    (_, images), grads = jax.jit(jax.value_and_grad(f, argnums=(0, 1), has_aux=True))(
+        g_vars["params"], d_vars["params"])
+    return images, tree_util.tree_leaves(grads)
+
+  ref_images, ref_grads = images_and_grads(False, jnp.float32)
+  errors = {}
+  for as_matmul in (False, True):
+    images, grads = images_and_grads(as_matmul, jnp.bfloat16)
+    assert len(grads) == len(ref_grads)
+    errors[as_matmul] = (_rel(images, ref_images), [_rel(a, b) for a, b in zip(grads, ref_grads)])
+  (conv_images, conv_grads), (mm_images, mm_grads) = errors[False], errors[True]
+  assert 1e-3 < conv_images and mm_images < 1.5 * conv_images, (conv_images, mm_images)
+  assert np.median(mm_grads) < 1.5 * np.median(conv_grads), (conv_grads, mm_grads)

@@ -70,7 +70,9 @@ def test_cadences_must_be_multiples_of_steps_per_dispatch():
 
 def test_bench_script_measures_writes_hlo_and_traces(tmp_path):
   out, hlo, prof = tmp_path / "bench.md", tmp_path / "hlo", tmp_path / "prof"
-  slugs = ["jax-fp32", "jax-bf16", "jax-bf16-scan", "jax-bf16-dpair", "torch-fp32", "torch-bf16"]
+  # jax-bf16-dpair-edgemm: both candidate options (each alone is the same code path)
+  slugs = ["jax-fp32", "jax-bf16", "jax-bf16-scan", "jax-bf16-dpair-edgemm", "torch-fp32",
+           "torch-bf16"]
   proc = subprocess.run(
       [sys.executable, os.path.join(REPO, "scripts", "bench.py"), "--config", TINY,
        "--batches", "8", "--iters", "2", "--repeats", "1", "--warmup", "1",
@@ -85,7 +87,8 @@ def test_bench_script_measures_writes_hlo_and_traces(tmp_path):
   rows = report["rows"]
   assert [r["variant"] for r in rows] == [
       "JAX float32", "JAX bfloat16", "JAX bfloat16, 2 steps/dispatch",
-      "JAX bfloat16, D on real + fake in one pass", "PyTorch eager float32",
+      "JAX bfloat16, D on real + fake in one pass, edge layers as matmuls",
+      "PyTorch eager float32",
       "PyTorch eager bf16 autocast, channels_last"]
   assert [r["slug"] for r in rows] == slugs
   from cspgan_jax import bench

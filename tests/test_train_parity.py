@@ -25,6 +25,15 @@ ABS_TOL = 1e-5
 FACES_SEED = 1  # see the docstring: seed 0 holds a one-ulp LeakyReLU tie at step 4 (avgpool)
 
 
+def assert_within_bounds(rows):
+  """Every row within 1e-5 relative or 4x PyTorch's own float32 error; parameters also 1e-5
+  absolute (the module docstring says why both arms)."""
+  for r in rows:
+    assert parity.within_floor(r, REL_TOL), r
+    if r.group.startswith("params"):
+      assert parity.within_floor_abs(r, ABS_TOL), r
+
+
 @pytest.mark.parametrize("block", ["relu", "leaky_bn"])
 @pytest.mark.parametrize("kind", ["dcgan", "avgpool"])
 def test_five_iterations_match_pytorch(tiny_config, block, kind):
@@ -34,10 +43,7 @@ def test_five_iterations_match_pytorch(tiny_config, block, kind):
   assert {f"step {k}" for k in range(1, 6)} <= groups
   assert {"params G", "params D", "bn_stats D", "adam_mu G", "adam_nu D"} <= groups
   assert ("bn_stats G" in groups) == (block == "leaky_bn")
-  for r in rows:
-    assert parity.within_floor(r, REL_TOL), r
-    if r.group.startswith("params"):
-      assert parity.within_floor_abs(r, ABS_TOL), r
+  assert_within_bounds(rows)
   assert sorted(f"{r.group[-1]} {r.name}" for r in rows if r.group.startswith("params")) == sorted(
       config_params(block, kind))
   # The bound is not vacuous: test_optax_adam_rounding_breaks_parity exceeds it 30-fold.
@@ -51,10 +57,18 @@ def test_d_on_real_and_fake_in_one_pass_matches_pytorch(tiny_config):
   config = tiny_config("model.discriminator=avgpool", "train.d_real_fake_together=True")
   rows = parity.run_parity(config, steps=5, seed=0, images_kind="noise")
   assert {"params D", "bn_stats D", "adam_nu D"} <= {r.group for r in rows}
-  for r in rows:
-    assert parity.within_floor(r, REL_TOL), r
-    if r.group.startswith("params"):
-      assert parity.within_floor_abs(r, ABS_TOL), r
+  assert_within_bounds(rows)
+
+
+@pytest.mark.parametrize("kind", ["dcgan", "avgpool"])
+def test_edge_layers_as_matmul_match_pytorch(tiny_config, kind):
+  """`model.edge_layers_as_matmul`: D's first and last convolutions as im2col + a matmul, G's
+  first block's and last transposed ones as a matmul + col2im, against PyTorch's convolutions,
+  at the same bounds. dcgan: D's first convolution feeds a LeakyReLU; avgpool: a BatchNorm."""
+  config = tiny_config(f"model.discriminator={kind}", "model.edge_layers_as_matmul=True")
+  rows = parity.run_parity(config, steps=5, seed=0, images_kind="noise")
+  assert {"params G", "params D", "adam_nu G"} <= {r.group for r in rows}
+  assert_within_bounds(rows)
 
 
 @pytest.mark.parametrize("kind", ["dcgan", "avgpool"])

@@ -1,6 +1,6 @@
 """Compiles the trainer's step for an H100 without one (jax's CUDA plugin, compile-only device),
 in float32 and bfloat16, with the state in the compiler's layouts and in row-major ones, and
-(bfloat16) four iterations a dispatch; prints RESULT json of what hlo_report finds. `python gpu_compile_step.py CONFIG PLUGIN_DIR`."""
+(bfloat16) four iterations a dispatch and the edge layers as matmuls; prints RESULT json of what hlo_report finds. `python gpu_compile_step.py CONFIG PLUGIN_DIR`."""
 import json
 import re
 import sys
@@ -13,17 +13,22 @@ result = {"device_kind": devices[0].device_kind}
 for dtype in ("float32", "bfloat16"):
   config = config_lib.load_config(config_path, [f"--config.train.dtype={dtype}",
                                                 "--config.data.source=synthetic"])
-  for layout, steps in (("auto", 1), ("default", 1), ("scan", 4)):
-    if dtype == "float32" and layout == "scan":
+  for layout, steps in (("auto", 1), ("default", 1), ("scan", 4), ("edgemm", 1)):
+    if dtype == "float32" and layout in ("scan", "edgemm"):
       continue
-    compiled = gpu_compile.compile_step(config, devices, "auto" if layout == "scan" else layout,
-                                        steps)
+    config.model.edge_layers_as_matmul = layout == "edgemm"
+    compiled = gpu_compile.compile_step(config, devices,
+                                        "default" if layout == "default" else "auto", steps)
     text = compiled.as_text()
     report = hlo_report.HloReport(text)
     moves = report.data_movement()
     result[f"{dtype}_{layout}"] = dict(
         counts=report.counts(),
         conv_kinds=sorted({k.detail for k in report.kernels if k.category == "convolution"}),
+        conv_layers=sorted({k.layer.replace(" (bwd)", "") for k in report.kernels
+                            if k.category == "convolution"}),
+        matmul_layers=sorted({k.layer.replace(" (bwd)", "") for k in report.kernels
+                              if k.category == "matmul"}),
         conv_labels=sorted(set(re.findall(r"dim_labels=([^,\s]+)", text))),
         move_kernels=len(moves), move_bytes=sum(k.inst.out_bytes for k in moves),
         reversing=[k.detail for k in moves if "reverse" in k.detail],
