@@ -359,17 +359,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                            "variant to DIR/b{batch}_{variant}.trace.json.gz (Perfetto / Chrome)")
   parser.add_argument("--profile-iters", type=int, default=3,
                       help="iterations per trace (rounded up to whole dispatches; default 3)")
+  parser.add_argument("--profile-variants", default=None,
+                      help="comma list: trace only these of --variants (default: all of them)")
 
 
-def _parse_variants(text: str) -> List[str]:
+def _parse_variants(text: str, option: str = "--variants", accepted=tuple(VARIANTS)) -> List[str]:
   asked = [v.strip() for v in text.split(",") if v.strip()]
   if not asked:
-    raise CspganError(f"--variants is empty (accepted: {', '.join(VARIANTS)})")
-  unknown = [v for v in asked if v not in VARIANTS]
+    raise CspganError(f"{option} is empty (accepted: {', '.join(accepted)})")
+  unknown = [v for v in asked if v not in accepted]
   if unknown:
-    raise CspganError(f"--variants: unknown variant {unknown[0]!r} "
-                      f"(accepted: {', '.join(VARIANTS)})")
+    raise CspganError(f"{option}: {unknown[0]!r} is not one of {', '.join(accepted)}")
   return [v for v in VARIANTS if v in asked]  # the table's order, each once
+
+
+def profiled_variants(args, variants: List[str]) -> List[str]:
+  """The variants `--profile` traces: `--profile-variants` (a subset of `--variants`) or all."""
+  if args.profile_variants is None:
+    return variants
+  return _parse_variants(args.profile_variants, "--profile-variants", variants)
 
 
 def _parse_batches(text: str) -> List[int]:
@@ -402,6 +410,7 @@ def _validate(args):
   """The arguments' own checks, before jax is even imported: (batches, variants)."""
   variants = _parse_variants(args.variants)
   batches = _parse_batches(args.batches)
+  profiled = profiled_variants(args, variants)
   for option, value, low in (("--iters", args.iters, 1), ("--repeats", args.repeats, 1),
                              ("--warmup", args.warmup, 0), ("--e2e", args.e2e, 0),
                              ("--unroll", args.unroll, 1),
@@ -433,7 +442,7 @@ def _validate(args):
       for v in variants:
         if args.hlo and VARIANTS[v][0] == "jax":
           targets.append(os.path.join(args.hlo, f"b{b}_{v}.hlo.txt"))
-        if args.profile:
+        if args.profile and v in profiled:
           targets.append(os.path.join(args.profile, f"b{b}_{v}.trace.json.gz"))
     existing = next((t for t in targets if os.path.exists(t)), None)
     if existing:
@@ -457,6 +466,7 @@ def _build(slug, args, batch, overrides):
 def run(args, overrides) -> dict:
   """Measures every variant at every batch size: {header, rows, end_to_end, peak_tflops}."""
   batches, slugs = _validate(args)
+  profiled = profiled_variants(args, slugs)
   from cspgan_jax import config_lib
   config_lib.load_config(args.config, overrides)  # a bad config or override fails before work
   # The output folders too: an unwritable one must not surface after minutes of measuring.
@@ -543,6 +553,8 @@ def run(args, overrides) -> dict:
       write_files(dict(header=header, rows=rows, end_to_end=None, peak_tflops=peak), args.out)
     if args.profile:  # after this batch's figures are taken, so tracing cannot change them
       for s, v in variants.items():
+        if s not in profiled:
+          continue
         if v["framework"] == "torch":
           torch_to_profile.append((v, s, batch))
         else:

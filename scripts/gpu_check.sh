@@ -31,14 +31,18 @@ export JAX_COMPILATION_CACHE_DIR=/tmp/jax_cache JAX_PERSISTENT_CACHE_MIN_COMPILE
 if [[ -n "${GPU_CHECK_DRY:-}" ]]; then  # CPU-sized stand-ins for every stage
   BENCH_ARGS="--config configs/tiny.py --batches 8 --iters 2 --repeats 1 --warmup 1 --scan 2
     --variants jax-fp32,jax-bf16,jax-bf16-scan,jax-bf16-dpair-edgemm,torch-fp32,torch-bf16 --e2e 8
-    --e2e-dtypes float32,bfloat16 --profile-iters 2"
+    --e2e-dtypes float32,bfloat16 --profile-iters 2
+    --profile-variants jax-fp32,jax-bf16,jax-bf16-dpair-edgemm"
   FLAG_ARGS="--config configs/tiny.py --batches 8 --iters 2 --repeats 1 --warmup 1"
   FLAG_SETS=("--xla_cpu_enable_fast_math=false")
   TESTS=(tests/test_losses.py)
   T_BENCH=400 T_FLAGS=120 T_TESTS=(120) GPU_CHECK_SECONDS=${GPU_CHECK_SECONDS:-900}
 else
+  # Every JAX variant but the scan is traced at both batches (the batch-256 traces of the first
+  # run came back empty); PyTorch's traces of that run were read and are not taken again.
   BENCH_ARGS="--config configs/baseline.py --batches 64,256 --scan 8 --e2e 1000
-    --e2e-dtypes float32,bfloat16 --profile-iters 3"
+    --e2e-dtypes float32,bfloat16 --profile-iters 3
+    --profile-variants jax-fp32,jax-bf16,jax-bf16-dpair,jax-bf16-edgemm,jax-bf16-dpair-edgemm"
   FLAG_ARGS="--config configs/baseline.py --batches 64,256 --iters 20 --repeats 3"
   # The edge layers' matmuls are Triton GEMM fusions by XLA's choice (`cspgan compile`): the
   # same with cuBLAS instead. (2026-11-27, H200: CUDA graphs off changed nothing measurable and

@@ -1,6 +1,7 @@
 """Mixed precision, several steps per dispatch, and the benchmark (`cspgan bench`, at CPU sizes:
 it is tested for correctness here; its figures only mean something on a GPU)."""
 
+import argparse
 import gzip
 import json
 import os
@@ -146,6 +147,7 @@ def test_bench_keeps_an_earlier_runs_files(tmp_path, capsys):
     ("--variants", "jax-fp32,jax-fp64", "'jax-fp64'"),
     ("--batches", "8,0", "--batches"),
     ("--e2e-dtypes", "float32,float16", "'float16'"),
+    ("--profile-variants", "jax-fp64", "--profile-variants: 'jax-fp64' is not one of"),
 ])
 def test_bench_rejects_bad_arguments_in_one_line(capsys, flag, value, needle):
   from cspgan_jax import cli
@@ -242,9 +244,10 @@ def test_flop_count_is_xlas_count_of_the_compiled_step():
   assert counted > 8 * 1e6
 
 
-def test_bench_takes_every_jax_trace_before_pytorchs(tmp_path, monkeypatch):
+def test_bench_takes_every_jax_trace_before_pytorchs(tmp_path, monkeypatch, capsys):
   """PyTorch's profiler keeps CUPTI on a GPU (a JAX trace after it came back without GPU events
-  on the H200): the bench traces every JAX variant, all batches, before any PyTorch one."""
+  on the H200): the bench traces every JAX variant, all batches, before any PyTorch one; and
+  only the variants `--profile-variants` names (the GPU call leaves PyTorch's out)."""
   from cspgan_jax import bench
   order = []
   monkeypatch.setattr(bench, "_profile", lambda v, s, b, i, d: order.append((s, b)) or "x")
@@ -252,6 +255,17 @@ def test_bench_takes_every_jax_trace_before_pytorchs(tmp_path, monkeypatch):
                    "1", "--warmup", "0", "--variants", "jax-fp32,torch-fp32", "--profile",
                    str(tmp_path / "prof")]) == 0
   assert order == [("jax-fp32", 8), ("jax-fp32", 16), ("torch-fp32", 8), ("torch-fp32", 16)]
+  args = lambda profile_variants: argparse.Namespace(profile_variants=profile_variants)
+  measured = ["jax-fp32", "jax-bf16", "torch-fp32"]
+  assert bench.profiled_variants(args(None), measured) == measured
+  assert bench.profiled_variants(args("torch-fp32,jax-fp32"), measured) == ["jax-fp32",
+                                                                            "torch-fp32"]
+  # a traced variant must be a measured one: one line, before any work
+  capsys.readouterr()
+  assert cli.main(["bench", "--config", TINY, "--variants", "jax-fp32", "--profile",
+                   str(tmp_path / "prof"), "--profile-variants", "torch-fp32"]) == 2
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1 and "--profile-variants: 'torch-fp32' is not one of jax-fp32" in err
 
 
 def test_bench_end_to_end_needs_the_bare_variant_of_its_dtype(capsys):
