@@ -210,8 +210,8 @@ def test_matmul_forms_match_pytorch_and_the_convolutions(transposed, in_ch, out_
 
   cot = rng.standard_normal(np.shape(ours.apply(variables, x))).astype(np.float32)
   loss = lambda module: lambda v, x: (module.apply(v, x) * cot).sum()
-  g_ours = jax.grad(loss(ours), argnums=(0, 1))(variables, x)
-  g_conv = jax.grad(loss(conv_form), argnums=(0, 1))(variables, x)
+  g_ours = jax.jit(jax.grad(loss(ours), argnums=(0, 1)))(variables, x)
+  g_conv = jax.jit(jax.grad(loss(conv_form), argnums=(0, 1)))(variables, x)
   with torch.no_grad():
     net.weight.copy_(torch.from_numpy(
         np.transpose(np.asarray(variables["params"]["kernel"]), to_torch).copy()))

@@ -60,12 +60,12 @@ def test_d_on_real_and_fake_in_one_pass_matches_pytorch(tiny_config):
   assert_within_bounds(rows)
 
 
-@pytest.mark.parametrize("kind", ["dcgan", "avgpool"])
-def test_edge_layers_as_matmul_match_pytorch(tiny_config, kind):
+def test_edge_layers_as_matmul_match_pytorch(tiny_config):
   """`model.edge_layers_as_matmul`: D's first and last convolutions as im2col + a matmul, G's
   first block's and last transposed ones as a matmul + col2im, against PyTorch's convolutions,
-  at the same bounds. dcgan: D's first convolution feeds a LeakyReLU; avgpool: a BatchNorm."""
-  config = tiny_config(f"model.discriminator={kind}", "model.edge_layers_as_matmul=True")
+  at the same bounds (the baseline's dcgan D; avgpool's figures, also within them, are in
+  docs/PARITY.md)."""
+  config = tiny_config("model.edge_layers_as_matmul=True")
   rows = parity.run_parity(config, steps=5, seed=0, images_kind="noise")
   assert {"params G", "params D", "adam_nu G"} <= {r.group for r in rows}
   assert_within_bounds(rows)
