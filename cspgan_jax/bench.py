@@ -503,7 +503,8 @@ def run(args, overrides) -> dict:
   # PyTorch's profiler keeps CUPTI once it has used it, and a JAX trace taken after one then
   # holds no GPU events: every JAX trace first, PyTorch's after the last batch.
   torch_to_profile = []
-  for batch in batches:
+  e2e = []  # one entry per --e2e-dtypes value
+  for index, batch in enumerate(batches):
     variants = {}
     for s in slugs:  # a variant that cannot be built is left out, not the end of a GPU's run
       try:
@@ -550,7 +551,8 @@ def run(args, overrides) -> dict:
       print(f"batch {batch}: {flops / batch / 1e9:.2f} GFLOP per image per iteration (XLA)",
             flush=True)
     if args.out:  # each batch's rows are kept at once: a run stopped later loses only the rest
-      write_files(dict(header=header, rows=rows, end_to_end=None, peak_tflops=peak), args.out)
+      write_files(dict(header=header, rows=rows, end_to_end=e2e or None, peak_tflops=peak),
+                  args.out)
     if args.profile:  # after this batch's figures are taken, so tracing cannot change them
       for s, v in variants.items():
         if s not in profiled:
@@ -560,6 +562,11 @@ def run(args, overrides) -> dict:
         else:
           written_traces += _profile(v, s, batch, args.profile_iters, args.profile) is not None
     del variants  # free this batch's JAX programs and data before the next one
+    if index == 0:  # right after the rows it is read against: a run cut short later keeps it
+      for run_ in _end_to_end_runs(args, batch, rows, overrides):
+        e2e.append(run_)
+        if args.out:
+          write_files(dict(header=header, rows=rows, end_to_end=e2e, peak_tflops=peak), args.out)
   for v, s, batch in torch_to_profile:
     written_traces += _profile(v, s, batch, args.profile_iters, args.profile) is not None
   del torch_to_profile
@@ -567,20 +574,20 @@ def run(args, overrides) -> dict:
     print(f"optimized HLO: {written_hlo} files in {args.hlo}", flush=True)
   if args.profile:
     print(f"traces: {written_traces} files in {args.profile}", flush=True)
+  return dict(header=header, rows=rows, end_to_end=e2e, peak_tflops=peak)
 
-  e2e = []  # one entry per --e2e-dtypes value
+
+def _end_to_end_runs(args, batch, rows, overrides):
+  """`cspgan train` at `batch` for each --e2e-dtypes value, each read against the bare row of
+  its dtype (skipped where that variant failed to build: its warning is printed already)."""
   for dtype in (_parse_e2e_dtypes(args.e2e_dtypes) if args.e2e else []):
-    bare = next((r for r in rows if r["slug"] == E2E_BARE[dtype] and r["batch"] == batches[0]),
-                None)
-    if bare is None:  # that variant failed to build: its warning is above
+    bare = next((r for r in rows if r["slug"] == E2E_BARE[dtype] and r["batch"] == batch), None)
+    if bare is None:
       continue
-    run_ = end_to_end(args.config, batches[0], args.e2e, overrides, dtype)
+    run_ = end_to_end(args.config, batch, args.e2e, overrides, dtype)
     run_["vs_bare"] = run_["images_per_s"] / bare["images_per_s"]
     run_["projected_minutes"] = projected_minutes(run_["images_per_s"], run_["batch"])
-    e2e.append(run_)
-    if args.out:
-      write_files(dict(header=header, rows=rows, end_to_end=e2e, peak_tflops=peak), args.out)
-  return dict(header=header, rows=rows, end_to_end=e2e, peak_tflops=peak)
+    yield run_
 
 
 # ---- the table ----

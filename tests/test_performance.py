@@ -247,14 +247,25 @@ def test_flop_count_is_xlas_count_of_the_compiled_step():
 def test_bench_takes_every_jax_trace_before_pytorchs(tmp_path, monkeypatch, capsys):
   """PyTorch's profiler keeps CUPTI on a GPU (a JAX trace after it came back without GPU events
   on the H200): the bench traces every JAX variant, all batches, before any PyTorch one; and
-  only the variants `--profile-variants` names (the GPU call leaves PyTorch's out)."""
+  only the variants `--profile-variants` names (the GPU call leaves PyTorch's out). The
+  end-to-end run comes right after the first batch's rows, so that a GPU call cut short in the
+  second batch keeps it."""
   from cspgan_jax import bench
   order = []
   monkeypatch.setattr(bench, "_profile", lambda v, s, b, i, d: order.append((s, b)) or "x")
+
+  def end_to_end(config, batch, steps, overrides, dtype):
+    order.append(("end to end", batch))
+    return dict(dtype=dtype, batch=batch, steps=steps, sample_every=2, checkpoint_every=4,
+                data="synthetic", images_per_s=1.0)
+  monkeypatch.setattr(bench, "end_to_end", end_to_end)
+  out = tmp_path / "bench.md"
   assert cli.main(["bench", "--config", TINY, "--batches", "8,16", "--iters", "1", "--repeats",
                    "1", "--warmup", "0", "--variants", "jax-fp32,torch-fp32", "--profile",
-                   str(tmp_path / "prof")]) == 0
-  assert order == [("jax-fp32", 8), ("jax-fp32", 16), ("torch-fp32", 8), ("torch-fp32", 16)]
+                   str(tmp_path / "prof"), "--e2e", "8", "--out", str(out)]) == 0
+  assert order == [("jax-fp32", 8), ("end to end", 8), ("jax-fp32", 16), ("torch-fp32", 8),
+                   ("torch-fp32", 16)]
+  assert "end-to-end `cspgan train`, float32 (batch 8" in out.read_text()
   args = lambda profile_variants: argparse.Namespace(profile_variants=profile_variants)
   measured = ["jax-fp32", "jax-bf16", "torch-fp32"]
   assert bench.profiled_variants(args(None), measured) == measured
