@@ -8,11 +8,11 @@ Every variant runs the full iteration of the seed (D on real, D on fake, D's Ada
 through the updated D, G's Adam step) on data already on the device, after warm-up, with device
 synchronisation, alternating variant by variant in rounds so that drift of the machine hits all
 of them; the figure is the median round. JAX: the trainer's own compiled step (batch gathered
-from device-resident data inside the step), float32 (jax-fp32), bfloat16 (jax-bf16),
-bfloat16 with `--scan K` steps per dispatch (jax-bf16-scan), and bfloat16 with the options that
-are candidates for the default: D's real and fake passes as one batch (jax-bf16-dpair,
-`train.d_real_fake_together`), the networks' first and last layers as matmuls
-(jax-bf16-edgemm, `model.edge_layers_as_matmul`), and both (jax-bf16-dpair-edgemm). PyTorch: eager float32
+from device-resident data inside the step), float32 (jax-fp32), bfloat16 (jax-bf16), bfloat16
+with `--scan K` steps per dispatch (jax-bf16-scan), and bfloat16 with the options that are
+candidates for the default: D's real and fake passes as one batch (jax-bf16-dpair,
+`train.d_real_fake_together`), the networks' first and last layers as matmuls (jax-bf16-edgemm,
+`model.edge_layers_as_matmul`), and both (jax-bf16-dpair-edgemm). PyTorch: eager float32
 (torch-fp32; TF32 convolutions, PyTorch's default), bf16 autocast with channels_last
 (torch-bf16), and `torch.compile` float32 (torch-compile), each with `cudnn.benchmark` on and no
 `.item()` per step, as a user tuning for speed would run them. `--variants` picks among them.
@@ -23,7 +23,7 @@ leaves out the convolutions it hands to cuDNN (it counted 0.05 of 12 GFLOP an im
 Each row also projects the wall time of 10, 15 and 40 epochs of CelebA at its images/s. The
 table goes to stdout, and with `--out` to a file (markdown) plus JSON. `--hlo DIR` keeps the
 optimized HLO of each timed JAX step, `--profile DIR` a trace (Perfetto / Chrome JSON, gzipped)
-of a few iterations of every variant.
+of a few iterations of every variant (or of those `--profile-variants` names).
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """Compiles the trainer's step for an H100 without one (jax's CUDA plugin, compile-only device),
 in float32 and bfloat16, with the state in the compiler's layouts and in row-major ones, and
-(bfloat16) four iterations a dispatch and the edge layers as matmuls; prints RESULT json of what hlo_report finds. `python gpu_compile_step.py CONFIG PLUGIN_DIR`."""
+(bfloat16) four iterations a dispatch and the edge layers as matmuls; prints RESULT json of
+what hlo_report finds. `python gpu_compile_step.py CONFIG PLUGIN_DIR`."""
 import json
 import re
 import sys
