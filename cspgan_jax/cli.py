@@ -165,9 +165,11 @@ def cmd_parity(args, overrides):
   if args.steps < 0:
     raise ConfigError(f"--steps must be >= 0, got {args.steps}")
   log = lambda msg: print(f"[parity] {msg}", file=sys.stderr, flush=True)
+  if args.dtype:
+    config.train.dtype = args.dtype
   rows = parity.run_parity(config, args.netG, args.netD, steps=args.steps, seed=args.seed,
                            with_floor=not args.no_floor, log=log, images_kind=args.images)
-  print(parity.format_table(rows))
+  print(parity.format_table(rows, bfloat16=config.train.dtype == "bfloat16"))
 
 
 # ---- bench ----
@@ -255,6 +257,9 @@ def build_parser() -> argparse.ArgumentParser:
   par.add_argument("--seed", type=int, default=0, help="weights (if not given), data, noise")
   par.add_argument("--images", choices=("faces", "noise"), default="faces",
                    help="real-like synthetic faces (default) or tanh(N(0, 1)) noise")
+  par.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
+                   help="the config's train.dtype unless given; bfloat16 compares with PyTorch's "
+                   "CPU bf16 autocast, its floor PyTorch's bf16 against its float32")
   par.add_argument("--no-floor", action="store_true",
                    help="skip the float64 PyTorch run that measures float32's own error")
   par.set_defaults(func=cmd_parity)

@@ -220,6 +220,19 @@ class HloReport:
     return sorted((k for k in self.kernels if k.category == "data movement"),
                   key=lambda k: -k.inst.out_bytes)
 
+  def traffic(self) -> Dict[str, int]:
+    """Bytes a step moves, by kernel kind: each kernel's distinct operands read once in full and
+    its result written once (a scan body's kernels once: one step). An upper bound for kernels
+    that read part of an operand (slices) or update one in place; the figure the
+    bandwidth-bound kernels' time follows."""
+    types = {(i.computation, i.name): i for comp in self.computations.values() for i in comp}
+    moved: Dict[str, int] = collections.Counter()
+    for k in self.kernels:
+      reads = sum(types[(k.inst.computation, name)].out_bytes for name in _operands(k.inst)
+                  if (k.inst.computation, name) in types)
+      moved[k.category] += reads + k.inst.out_bytes
+    return dict(moved)
+
   def data_dependent_loops(self) -> List[Instruction]:
     """While loops without a known trip count. On a GPU each trip copies the loop's predicate to
     the host and waits for it, so the host stops running ahead of the device there."""
@@ -265,6 +278,11 @@ class HloReport:
       for k in moves[:top]:
         lines.append(f"| {k.name} | {k.detail} | `{k.inst.type.split('{')[0]}` | "
                      f"{k.inst.out_bytes / 2**20:.2f} | {k.layer or '-'} |")
+    traffic = self.traffic()
+    lines += ["", "traffic (each kernel's operands read and its result written once), MiB per step: "
+              + ", ".join(f"{c} {b / 2**20:,.0f}" for c, b in
+                          sorted(traffic.items(), key=lambda x: -x[1]))
+              + f"; total {sum(traffic.values()) / 2**20:,.0f}"]
     copied = self.copied_inputs()
     lines += ["", f"of which copies of the step's inputs: {len(copied)}, "
               f"{sum(k.inst.out_bytes for k in copied) / 2**20:.1f} MiB"]

@@ -36,11 +36,33 @@ def torch_conv_bias_init(fan_in: int) -> Callable:
   return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
 
 
+@jax.custom_vjp
 def leaky_relu(x):
   """LeakyReLU(0.2) with PyTorch's derivative at 0 (the slope; jax.nn.leaky_relu gives 1).
 
-  Exact zeros are common: G's output is exactly 0 where a ReLU stack went dead."""
-  return jnp.where(x > 0, x, LEAKY_SLOPE * x)
+  Exact zeros are common: G's output is exactly 0 where a ReLU stack went dead. The backward
+  pass reads the output, not the input (y > 0 exactly where x > 0, the slope being positive):
+  the input then has one reader, so XLA can fuse the activation into the matmul or
+  convolution that produces it and never write the pre-activation."""
+  return jnp.where(x > 0, x, _times_slope(x))
+
+
+def _times_slope(v):
+  # In float32, rounded once, as PyTorch's kernels compute it in bf16: a bf16 0.2 is 0.2002,
+  # and multiplying by it puts about one negative value in five an ulp off PyTorch's.
+  return (v.astype(jnp.float32) * LEAKY_SLOPE).astype(v.dtype)
+
+
+def _leaky_relu_fwd(x):
+  y = leaky_relu(x)
+  return y, y
+
+
+def _leaky_relu_bwd(y, dy):
+  return (jnp.where(y > 0, dy, _times_slope(dy)),)
+
+
+leaky_relu.defvjp(_leaky_relu_fwd, _leaky_relu_bwd)
 
 
 def check_resolution(resolution: int) -> int:
@@ -50,20 +72,53 @@ def check_resolution(resolution: int) -> int:
   return int(math.log2(resolution)) - 2
 
 
-def conv2d(features: int, kernel_size: int, stride: int = 1, padding: int = 0, *,
-           in_features: int = 0, use_bias: bool = True, dtype=jnp.float32, name=None) -> nn.Conv:
-  """PyTorch `Conv2d(in_features, features, k, s, p)` as a flax Conv (NHWC, kernel HWIO).
-
-  `in_features` only sets the bias init's fan-in (PyTorch's default bias init, which DCGAN keeps).
-  """
-  bias_init = (torch_conv_bias_init(in_features * kernel_size ** 2) if use_bias
-               else nn.initializers.zeros)
-  return nn.Conv(features, (kernel_size,) * 2, strides=stride, padding=[(padding, padding)] * 2,
-                 use_bias=use_bias, kernel_init=conv_kernel_init, bias_init=bias_init,
-                 dtype=dtype, name=name)
-
-
 _CONV_DIMS = ("NHWC", "HWIO", "NHWC")
+
+
+class Conv2d(nn.Module):
+  """PyTorch `Conv2d(in_features, features, k, s, p, bias=use_bias)` (NHWC; flax Conv's
+  parameters: `kernel` HWIO and `bias`, the same names, shapes, init and checkpoints).
+
+  In bf16 the bias is added to the convolution's float32 sums and rounded once, on every
+  platform. flax's Conv rounds the convolution to bf16 and adds the bias there, and XLA:CPU runs
+  that as written: two roundings, which put two thirds of G's bf16 values an ulp or more off
+  PyTorch's CPU autocast (one rounding, in oneDNN's convolution) and G's images 10% further
+  from float32. XLA:GPU fuses the same HLO into cuDNN's convolution-with-bias, which rounds
+  once, and a float32 convolution result there would cost bandwidth (baseline, batch 64: +26%
+  traffic), so the float32-sum form is the CPU's only. (PyTorch on CUDA adds the bias after
+  cuDNN's bf16 result: two roundings.) `in_features` only sets the bias init's fan-in
+  (PyTorch's default bias init, which DCGAN keeps)."""
+  features: int
+  kernel_size: int
+  stride: int = 1
+  padding: int = 0
+  in_features: int = 0
+  use_bias: bool = True
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    k, dt = self.kernel_size, self.dtype
+    kernel = self.param("kernel", conv_kernel_init, (k, k, x.shape[-1], self.features))
+    conv = functools.partial(lax.conv_general_dilated, window_strides=(self.stride,) * 2,
+                             padding=[(self.padding,) * 2] * 2, dimension_numbers=_CONV_DIMS)
+    if not self.use_bias:
+      return conv(x.astype(dt), kernel.astype(dt))
+    bias = self.param("bias", torch_conv_bias_init(self.in_features * k * k), (self.features,))
+    x, kernel, bias = x.astype(dt), kernel.astype(dt), bias.astype(dt)  # autocast casts all three
+    as_written = lambda x, w, b: conv(x, w) + b
+    if jnp.dtype(dt) == jnp.float32:
+      return as_written(x, kernel, bias)
+
+    @jax.custom_vjp
+    def rounded_once(x, w, b):
+      return (conv(x, w, preferred_element_type=jnp.float32) + b).astype(dt)
+
+    # The backward pass as on the GPU and in PyTorch: from the bf16 gradient, in bf16 (autodiff
+    # of the float32 form would run the CPU's backward convolutions in float32).
+    rounded_once.defvjp(lambda x, w, b: (rounded_once(x, w, b), (x, w, b)),
+                        lambda res, dy: jax.vjp(as_written, *res)[1](dy))
+    return lax.platform_dependent(x, kernel, bias, cpu=rounded_once, default=as_written)
 
 
 def _strided_conv(u, kernel, stride: int, pad: int):
@@ -283,7 +338,7 @@ class CSPup(nn.Module):
     c, dt = self.out_channels, self.dtype
     convt = functools.partial(conv_transpose2d, c, self.kernel_size, self.stride, self.padding,
                               dtype=dt, as_matmul=self.transposed_as_matmul)
-    conv1x1 = functools.partial(conv2d, c, 1, dtype=dt)
+    conv1x1 = functools.partial(Conv2d, c, 1, dtype=dt)
     left = convt(name="left_0")(x1)
     if self.block == "relu":
       h = nn.relu(conv1x1(in_features=x2.shape[-1], name="right_0")(x2))
@@ -362,10 +417,10 @@ class Discriminator(nn.Module):
     n_down = check_resolution(self.resolution)  # stride-2 steps from R down to 4x4 (128 -> 5)
     bn = functools.partial(BatchNorm, self.bn_momentum, self.bn_epsilon, self.axis_name,
                            self.dtype)
-    conv = functools.partial(conv2d, kernel_size=4, stride=2, padding=1, use_bias=False,
+    conv = functools.partial(Conv2d, kernel_size=4, stride=2, padding=1, use_bias=False,
                              dtype=self.dtype)
     # The first and last convolutions, either form (same parameters)
-    edge_conv = Conv2dAsMatmul if self.edge_as_matmul else functools.partial(conv2d,
+    edge_conv = Conv2dAsMatmul if self.edge_as_matmul else functools.partial(Conv2d,
                                                                            use_bias=False)
     x = x.astype(self.dtype)
     if self.kind == "dcgan":
@@ -374,8 +429,10 @@ class Discriminator(nn.Module):
     elif self.kind == "avgpool":
       x = edge_conv(2 * self.ndf, 4, 2, 1, dtype=self.dtype, name="main_0")(x)
       x = leaky_relu(bn(name="main_1")(x, use_running_average=not train, groups=groups))
-      x = nn.avg_pool(x, (4, 4), strides=(2, 2), padding=((1, 1), (1, 1)),
-                      count_include_pad=True)  # main.3
+      # main.3. Summed in float32 and rounded once, as PyTorch does in bf16: summing in bf16
+      # puts most outputs an ulp or more off (up to 1%).
+      x = nn.avg_pool(x.astype(jnp.float32), (4, 4), strides=(2, 2), padding=((1, 1), (1, 1)),
+                      count_include_pad=True).astype(self.dtype)
       c, idx, n_stages = 2 * self.ndf, 4, n_down - 2
     else:
       raise ValueError(f"unknown discriminator {self.kind!r}; expected one of {DISCRIMINATORS}")

@@ -6,6 +6,10 @@ compared in PyTorch's key space. Relative error is ||jax - torch|| / ||torch|| o
 Unless disabled, PyTorch also runs everything in float64. Each row then carries PyTorch's own
 float32 error against it (`fp32_floor`: no float32 implementation can be expected closer to
 PyTorch than about that) and ours (`jax_vs_fp64`: which of the two is nearer exact).
+
+With `config.train.dtype = "bfloat16"` both sides run mixed precision: the JAX models in bf16,
+PyTorch under CPU bf16 autocast (losses in float32 on both). The floor is then PyTorch's bf16
+against its own float32 run (`bf16_floor`), and `jax_vs_fp32` says which is nearer float32.
 """
 
 from __future__ import annotations
@@ -71,15 +75,17 @@ def _nhwc(x):
   return x.transpose(0, 2, 3, 1) if x.ndim == 4 else x
 
 
-def _torch_layer_outputs(net, x):
-  """{module path: output (NHWC numpy)} of one training-mode forward; `net` is not modified."""
+def _torch_layer_outputs(net, x, autocast: bool = False):
+  """{module path: output (NHWC numpy)} of one training-mode forward; `net` is not modified.
+  `autocast`: under bf16 autocast on the CPU, as a PyTorch user runs mixed precision."""
   import torch  # pylint: disable=import-outside-toplevel
   outputs = {}
   hooks = [m.register_forward_hook(
-      lambda _m, _i, out, name=name: outputs.__setitem__(name, _nhwc(out.detach().numpy())))
+      lambda _m, _i, out, name=name: outputs.__setitem__(
+          name, _nhwc(out.detach().float().numpy() if autocast else out.detach().numpy())))
            for name, m in net.named_modules() if name]
   try:
-    with torch.no_grad():
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16, enabled=autocast):
       net.train()(x)
   finally:
     for h in hooks:
@@ -100,12 +106,20 @@ def _flax_layer_outputs(module, variables, x):
   return out
 
 
-def forward_rows(tag, module, variables, net, x_jax, x_torch, with_floor=True) -> List[Row]:
-  """One row per layer with a Flax counterpart, in PyTorch's order of completion."""
+def forward_rows(tag, module, variables, net, x_jax, x_torch, with_floor=True,
+                 bfloat16: bool = False) -> List[Row]:
+  """One row per layer with a Flax counterpart, in PyTorch's order of completion.
+
+  `bfloat16`: `module` computes in bf16 and the reference is PyTorch's bf16 autocast; the floor
+  is then PyTorch's bf16 against its own float32 (not float64)."""
   # Copies: training-mode forwards move BatchNorm running statistics.
-  ref = _torch_layer_outputs(copy.deepcopy(net), x_torch)
-  ref64 = (_torch_layer_outputs(copy.deepcopy(net).double(), x_torch.double())
-           if with_floor else {})
+  ref = _torch_layer_outputs(copy.deepcopy(net), x_torch, autocast=bfloat16)
+  if not with_floor:
+    ref64 = {}
+  elif bfloat16:
+    ref64 = _torch_layer_outputs(copy.deepcopy(net), x_torch)
+  else:
+    ref64 = _torch_layer_outputs(copy.deepcopy(net).double(), x_torch.double())
   mine = _flax_layer_outputs(module, variables, x_jax)
   rows = []
   for name in ref:  # PyTorch's module order
@@ -210,6 +224,8 @@ def run_parity(config, net_g_path: Optional[str] = None, net_d_path: Optional[st
 
 def _run_parity(config, net_g_path, net_d_path, steps, seed, with_floor, log, images_kind):
   import torch  # pylint: disable=import-outside-toplevel
+  dtype = train.compute_dtype(config)
+  bf16 = dtype != np.float32
   from cspgan_jax import torch_reference  # pylint: disable=import-outside-toplevel
   net_g, net_d = torch_reference.build_reference(config.model, seed=seed)
   g_template, d_template = train.init_variables(config, jax.random.PRNGKey(0))
@@ -221,28 +237,33 @@ def _run_parity(config, net_g_path, net_d_path, steps, seed, with_floor, log, im
       net.load_state_dict({k: torch.from_numpy(v) for k, v in sd.items()}, strict=True)
   g_vars = torch_port.torch_to_flax(torch_port.module_state_dict(net_g), g_template, "netG")
   d_vars = torch_port.torch_to_flax(torch_port.module_state_dict(net_d), d_template, "netD")
-  gen, disc = models.build_models(config.model)
+  gen, disc = models.build_models(config.model, dtype=dtype)
   images, latents = parity_data(config, max(steps, 1), seed, images_kind)
 
   log("forward passes")
   rows = forward_rows("G", gen, g_vars, net_g, latents[0],
-                      torch.from_numpy(latents[0])[:, :, None, None], with_floor)
+                      torch.from_numpy(latents[0])[:, :, None, None], with_floor, bf16)
   rows += forward_rows("D", disc, d_vars, net_d, images[0],
-                       torch.from_numpy(images[0].transpose(0, 3, 1, 2).copy()), with_floor)
+                       torch.from_numpy(images[0].transpose(0, 3, 1, 2).copy()), with_floor, bf16)
 
   state = train.create_state(config, g_vars, d_vars)
   reference = _with_optimizers(net_g, net_d, config)
-  # The same iterations in float64: how far PyTorch's own float32 result is from exact.
-  reference64 = (_with_optimizers(copy.deepcopy(net_g).double(), copy.deepcopy(net_d).double(),
-                                  config) if with_floor else None)
+  # The same iterations in float64 (bf16: in float32): how far PyTorch's own result is.
+  precise = (lambda net: copy.deepcopy(net)) if bf16 else (lambda net: copy.deepcopy(net).double())
+  reference64 = (_with_optimizers(precise(net_g), precise(net_d), config) if with_floor
+                 else None)
   step_fn = train.jit_train_step(config, with_noise=True)
   for k in range(steps):
     log(f"training iteration {k + 1}/{steps}")
     state, metrics = step_fn(state, images[k], latents[k])
     real = torch.from_numpy(images[k].transpose(0, 3, 1, 2).copy())
     z = torch.from_numpy(latents[k])[:, :, None, None]
-    ref = _reference_iteration(reference, real, z)
-    ref64 = _reference_iteration(reference64, real.double(), z.double()) if with_floor else {}
+    ref = _reference_iteration(reference, real, z, autocast=bf16)
+    if not with_floor:
+      ref64 = {}
+    else:
+      ref64 = _reference_iteration(reference64, *((real, z) if bf16 else (real.double(),
+                                                                           z.double())))
     rows += [_row(f"step {k + 1}", name, metrics[name], ref[name], ref64.get(name))
              for name in ref]
   if steps:
@@ -256,23 +277,30 @@ def _with_optimizers(net_g, net_d, config):
   return {"G": (net_g, opt_g), "D": (net_d, opt_d)}
 
 
-def _reference_iteration(reference, real, z):
+def _reference_iteration(reference, real, z, autocast: bool = False):
   from cspgan_jax import torch_reference  # pylint: disable=import-outside-toplevel
   (net_g, opt_g), (net_d, opt_d) = reference["G"], reference["D"]
-  return torch_reference.train_iteration(net_g, net_d, opt_g, opt_d, real, z)
+  return torch_reference.train_iteration(net_g, net_d, opt_g, opt_d, real, z, autocast)
 
 
-def format_table(rows: List[Row]) -> str:
-  """A fixed-width table; the last line is `max_rel_err=<largest rel>`."""
+def format_table(rows: List[Row], bfloat16: bool = False) -> str:
+  """A fixed-width table; the last line is `max_rel_err=<largest rel>`. `bfloat16`: the rows of
+  a bf16 run, whose floor is PyTorch's bf16 against its float32 (and a row is above it when
+  further from PyTorch's bf16 than that)."""
+  floor, exact = ("bf16_floor", "jax_vs_fp32") if bfloat16 else ("fp32_floor", "jax_vs_fp64")
   lines = [f"{'group':<14} {'layer / quantity':<36} {'max_abs_err':>12} {'rel_err':>10} "
-           f"{'fp32_floor':>10} {'jax_vs_fp64':>11}"]
+           f"{floor:>10} {exact:>11}"]
   fmt = lambda v, w: f"{v:{w}.2e}" if v is not None else " " * w
   for r in rows:
     lines.append(f"{r.group:<14} {r.name:<36} {r.max_abs:12.3e} {r.rel:10.2e} "
                  f"{fmt(r.floor, 10)} {fmt(r.exact, 11)}")
-  above = [r for r in rows if not within_floor(r, TABLE_TOL)]
-  lines.append(f"rows above max({TABLE_TOL:g}, {FLOOR_FACTOR:g}x fp32_floor): {len(above)} "
-               f"of {len(rows)}")
+  if bfloat16:
+    above = [r for r in rows if r.floor is not None and r.rel > r.floor]
+    lines.append(f"rows above 1x bf16_floor: {len(above)} of {len(rows)}")
+  else:
+    above = [r for r in rows if not within_floor(r, TABLE_TOL)]
+    lines.append(f"rows above max({TABLE_TOL:g}, {FLOOR_FACTOR:g}x fp32_floor): {len(above)} "
+                 f"of {len(rows)}")
   lines.append(f"max_rel_err={max_rel(rows):.3e}")
   return "\n".join(lines)
 

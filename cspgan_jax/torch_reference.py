@@ -117,21 +117,32 @@ def make_optimizers(net_g, net_d, train_config):
   return opt_g, opt_d
 
 
-def train_iteration(net_g, net_d, opt_g, opt_d, real, noise):
-  """The seed's iteration (SPEC.md, "Training step"); real (b, nc, R, R), noise (b, nz, 1, 1)."""
+def train_iteration(net_g, net_d, opt_g, opt_d, real, noise, autocast: bool = False):
+  """The seed's iteration (SPEC.md, "Training step"); real (b, nc, R, R), noise (b, nz, 1, 1).
+
+  `autocast`: the networks under bf16 autocast on real's device, as a PyTorch user runs mixed
+  precision; BCELoss is not autocast-safe, so D's probabilities go to it in real's dtype."""
   criterion = nn.BCELoss()
+  amp = lambda: torch.autocast(real.device.type, torch.bfloat16, enabled=autocast)
+
+  def net_d_out(x):
+    with amp():
+      out = net_d(x)
+    return out.to(real.dtype).view(-1)
+
   net_g.train()
   net_d.train()
   b = real.size(0)
   net_d.zero_grad()
   label = torch.full((b,), 1.0, dtype=real.dtype)
-  output = net_d(real).view(-1)
+  output = net_d_out(real)
   err_d_real = criterion(output, label)
   err_d_real.backward()
   d_x = output.mean().item()
-  fake = net_g(noise)
+  with amp():
+    fake = net_g(noise)
   label.fill_(0.0)
-  output = net_d(fake.detach()).view(-1)
+  output = net_d_out(fake.detach())
   err_d_fake = criterion(output, label)
   err_d_fake.backward()
   d_g_z1 = output.mean().item()
@@ -140,7 +151,7 @@ def train_iteration(net_g, net_d, opt_g, opt_d, real, noise):
 
   net_g.zero_grad()
   label.fill_(1.0)
-  output = net_d(fake).view(-1)
+  output = net_d_out(fake)
   err_g = criterion(output, label)
   err_g.backward()
   d_g_z2 = output.mean().item()

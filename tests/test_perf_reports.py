@@ -82,12 +82,19 @@ def test_hlo_report_classifies_gpu_shaped_hlo():
   # Bytes written: 64*256*16*16 bf16 (2 B) and 64*4*4*512 bf16 and 256 f32.
   assert [k.inst.out_bytes for k in report.data_movement()] == [8388608, 1048576, 1024]
   assert [k.name for k in report.copied_inputs()] == ["copy.1"]
+  # Each kernel's distinct operands read once and its result written once (a scan body's once):
+  # the convolutions 8 MiB in + 4 MiB out, 1 KiB in + 8 MiB out; the moves 1+1 KiB, 8+8 MiB,
+  # 2+1 MiB; the add 1+1 KiB.
+  assert report.traffic() == {"convolution": 12582912 + 8389632,
+                              "data movement": 2048 + 16777216 + 3145728,
+                              "elementwise/reduction": 2048}
   assert report.channel_split_slices() == {"G main_1": "own kernel"}
   assert hlo_report.Instruction("t", "tuple", "(f32[2]{0}, bf16[3,4]{1,0}, u8[0]{0})", "",
                                 "c").out_bytes == 8 + 24
   text = report.markdown()
   assert "1 conv forward" in text and "1 conv backward-input" in text
   assert "data-movement kernels: 3, writing 9.0 MiB" in text
+  assert "MiB per step: convolution 20, data movement 19, elementwise/reduction 0; total 39" in text
 
 
 def test_hlo_report_refuses_what_is_not_hlo(tmp_path, capsys):

@@ -107,3 +107,32 @@ def test_optax_adam_rounding_breaks_parity(tiny_config):
   exact, optax_adam = worst("torch_adam"), worst("adam")
   assert optax_adam > 30 * exact, (exact, optax_adam)
   assert optax_adam > 30
+
+
+def test_bfloat16_iterations_track_pytorch_autocast(config_path, capsys):
+  """`cspgan parity --dtype bfloat16`: the JAX models in bf16 against PyTorch's CPU bf16
+  autocast, each row's floor PyTorch's bf16 against its own float32. At tiny.py's widths every
+  layer of both forward passes is bit for bit PyTorch's (tests/test_models.py covers the real
+  widths). The iterations then differ as bf16 gradients do (summation orders; PyTorch takes the
+  loss of bf16-rounded sigmoid probabilities, ours of the logits): the losses stay within bf16's
+  precision, and after three Adam steps each state group (parameters, Adam moments, BatchNorm
+  statistics) is typically as near PyTorch's bf16 run as that run is to its float32 one."""
+  import jax
+  import numpy as np
+  from cspgan_jax import cli
+  assert cli.main(["parity", "--config", config_path("tiny"), "--steps", "3",
+                   "--dtype", "bfloat16"]) == 0
+  lines = capsys.readouterr().out.strip().splitlines()
+  assert lines[0].split()[-2:] == ["bf16_floor", "jax_vs_fp32"]
+  rows = {}
+  for line in lines[1:-2]:
+    group, name, _, rel, floor, _ = line.rsplit(None, 5)
+    rows.setdefault(group.split()[0], []).append((name, float(rel), float(floor)))
+  assert len(rows["forward"]) == 25
+  for _, rel, floor in rows["forward"]:  # a GPU's convolutions sum in another order
+    assert rel == 0 if jax.default_backend() == "cpu" else rel < 0.6 * floor
+  assert all(1e-3 < floor < 1e-2 for _, _, floor in rows["forward"])  # bf16's own error
+  assert len(rows["step"]) == 15 and max(rel for _, rel, _ in rows["step"]) < 5e-3
+  for group in ("params", "adam_mu", "adam_nu", "bn_stats"):
+    ratios = [rel / floor for _, rel, floor in rows[group] if floor > 0]
+    assert np.median(ratios) < 1.2, (group, rows[group])
