@@ -129,6 +129,25 @@ def test_networks_match_reference_layer_by_layer(tiny_config, block, kind):
     assert parity.within_floor(r, FORWARD_TOL), r
 
 
+def test_bfloat16_conv_bias_gradient_is_summed_in_float32():
+  """A 1x1 convolution's bias gradient at batch 64 from bf16 output gradients: summed in float32
+  as PyTorch's autocast backward sums it (a bf16 sum, autodiff's default, was 9% off)."""
+  rs = np.random.RandomState(0)
+  x = rs.randn(64, 8, 8, 32).astype(np.float32)
+  dy = jax.numpy.asarray(rs.randn(64, 8, 8, 512) * 0.01 + 0.003, jax.numpy.bfloat16)
+  conv = models.Conv2d(512, 1, in_features=32, dtype=jax.numpy.bfloat16)
+  params = conv.init(jax.random.PRNGKey(0), x)["params"]
+  grad = jax.vjp(lambda p: conv.apply({"params": p}, x), params)[1](dy)[0]["bias"]
+  dy32 = np.asarray(dy.astype(jax.numpy.float32))
+  exact = dy32.astype(np.float64).sum((0, 1, 2))
+  assert grad.dtype == jax.numpy.float32 and _rel(grad, exact) < 1e-5
+  tc = torch.nn.Conv2d(32, 512, 1)
+  with torch.autocast("cpu", torch.bfloat16):
+    out = tc(_nchw(x))
+  out.backward(_nchw(dy32).to(torch.bfloat16))
+  assert _rel(grad, tc.bias.grad.numpy()) < 4e-3  # PyTorch rounds its sum to bf16 once
+
+
 @pytest.mark.parametrize("block,kind", [("relu", "dcgan"), ("leaky_bn", "avgpool")])
 def test_bfloat16_networks_match_pytorch_autocast_layer_by_layer(tiny_config, block, kind):
   """bf16 against PyTorch's CPU bf16 autocast, from the same weights. Every operation between
