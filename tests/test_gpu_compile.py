@@ -118,6 +118,18 @@ def test_edge_layers_as_matmul_leave_cudnn_for_matmuls(compiled_for_h100):
   assert sum(mm["copied_inputs"]) <= sum(conv["copied_inputs"]) + edge_kernels
 
 
+def test_every_biased_convolution_is_cudnns_convolution_with_bias(compiled_for_h100):
+  """`models.Conv2d` leaves the bf16 bias add as written off the CPU because XLA:GPU fuses it
+  into cuDNN's convolution-with-bias, which adds it before its one rounding (PyTorch's CPU
+  arithmetic; the CPU gets float32 sums instead): G's biased 1x1 convolutions, all of them,
+  and no other layer (tiny.py: three CSPup blocks)."""
+  biased = {f"G main_{b}/right_{i}" for b in range(3) for i in (0, 3, 5)}
+  for variant in ("float32_auto", "bfloat16_auto", "bfloat16_edgemm"):
+    fused = compiled_for_h100[variant]["fused_bias_layers"]
+    # (XLA may also run a backward convolution as a fused forward one: D's, in float32)
+    assert {l for l in fused if "(bwd)" not in l} == biased, (variant, fused)
+
+
 def test_two_gpus_average_the_gradients_in_a_few_asynchronous_all_reduces(compiled_for_h100):
   """Over two GPUs XLA combines the gradients' pmean into a few all-reduces that start early and
   overlap the rest of the step; together they carry every parameter's gradient once (plus

@@ -30,6 +30,8 @@ for dtype in ("float32", "bfloat16"):
                             if k.category == "convolution"}),
         matmul_layers=sorted({k.layer.replace(" (bwd)", "") for k in report.kernels
                               if k.category == "matmul"}),
+        fused_bias_layers=sorted({k.layer for k in report.kernels
+                                  if k.detail == "conv forward (fused bias/act)"}),
         conv_labels=sorted(set(re.findall(r"dim_labels=([^,\s]+)", text))),
         move_kernels=len(moves), move_bytes=sum(k.inst.out_bytes for k in moves),
         reversing=[k.detail for k in moves if "reverse" in k.detail],
