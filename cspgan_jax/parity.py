@@ -294,7 +294,9 @@ def format_table(rows: List[Row], bfloat16: bool = False) -> str:
   for r in rows:
     lines.append(f"{r.group:<14} {r.name:<36} {r.max_abs:12.3e} {r.rel:10.2e} "
                  f"{fmt(r.floor, 10)} {fmt(r.exact, 11)}")
-  if bfloat16:
+  if bfloat16 and all(r.floor is None for r in rows):
+    lines.append("rows above 1x bf16_floor: not measured (no floor run)")
+  elif bfloat16:
     above = [r for r in rows if r.floor is not None and r.rel > r.floor]
     lines.append(f"rows above 1x bf16_floor: {len(above)} of {len(rows)}")
   else:
