@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from cspgan_jax import models, parity, torch_port, torch_reference, train
+from cspgan_jax import conv_matmul, models, parity, torch_port, torch_reference, train
 
 FORWARD_TOL = 1e-6
 
@@ -301,6 +301,26 @@ def test_matmul_forms_match_pytorch_and_the_convolutions(transposed, in_ch, out_
   assert _rel(ours.apply(variables, x), conv_form.apply(variables, x)) < FORWARD_TOL
   for a, b in zip(jax.tree_util.tree_leaves(g_ours), jax.tree_util.tree_leaves(g_conv)):
     assert _rel(a, b) < FORWARD_TOL
+
+
+def test_transposed_matmul_form_rounds_once_in_bfloat16():
+  """G's last layer as a matmul + col2im in bf16: each output's taps are summed in float32 and
+  rounded once, as the convolution does, so the two forms agree but for a few ties (rounding
+  each tap's channel sum to bf16 first put 40% of outputs an ulp off, 1.4x as far from float32
+  at batch 64)."""
+  import jax.numpy as jnp
+  rs = np.random.RandomState(0)
+  x = jnp.asarray(rs.randn(8, 32, 32, 64), jnp.bfloat16)
+  kernel = jnp.asarray(rs.randn(4, 4, 3, 64) * 0.02, jnp.bfloat16)
+  exact = models.conv_transpose(x.astype(jnp.float32), kernel.astype(jnp.float32), 2, 1)
+  conv = np.asarray(models.conv_transpose(x, kernel, 2, 1), np.float32)
+  mm = np.asarray(conv_matmul.conv_transpose(x, kernel, 2, 1), np.float32)
+  assert np.mean(conv == mm) > 0.999
+  assert _rel(mm, exact) < 1.02 * _rel(conv, exact)
+  # The backward pass stays in bf16 (its matmuls take the bf16 cotangent).
+  dx, dk = jax.vjp(lambda a, b: conv_matmul.conv_transpose(a, b, 2, 1), x, kernel)[1](
+      jnp.ones((8, 64, 64, 3), jnp.bfloat16))
+  assert dx.dtype == dk.dtype == jnp.bfloat16
 
 
 def test_edge_layers_as_matmul_lose_nothing_in_bfloat16(tiny_config):
