@@ -10,11 +10,14 @@ cuDNN's convolutions take with their kernels relayouted around them. As a matmul
 channels form one dimension (48 for 3 channels), and what is left is moving the activations
 once, which is bandwidth-bound.
 
-- `conv2d`: im2col (the k*k strided windows, stacked) then patches @ kernel. Its gradients are
-  autodiff's: the kernel's is patches^T @ dy, the input's dy @ kernel^T scattered back (pads).
-- `conv_transpose`: x @ kernel gives every tap's contribution, then col2im adds each at its
-  place (one pad per tap, interior-padded by the stride, in float32). Gradients: autodiff's,
-  im2col of dy then two matmuls.
+- `conv2d`: im2col (the k*k strided windows, stacked) then patches @ kernel, its float32 sums
+  rounded once. Its gradients are the matmul's: the kernel's is patches^T @ dy, the input's
+  dy @ kernel^T scattered back (pads).
+- `conv_transpose`: x @ kernel gives every tap's contribution in float32, then col2im adds
+  each at its place (one pad per tap, interior-padded by the stride) and rounds once.
+  Gradients: im2col of dy then two matmuls.
+
+In bf16 both round once, as a convolution does; the backward matmuls take bf16 cotangents.
 
 The products are the convolution's; only the order of the sums differs, so results match the
 convolutions to rounding (tests/test_models.py checks both against lax and PyTorch).
@@ -43,14 +46,6 @@ def im2col(x, k: int, stride: int, pad: int):
   return jnp.concatenate(taps, axis=-1)
 
 
-def conv2d(x, kernel, stride: int, pad: int):
-  """`lax.conv_general_dilated(x, kernel, stride, pad)` for NHWC x and an HWIO kernel."""
-  k, _, c, features = kernel.shape
-  patches = im2col(x, k, stride, pad)
-  return lax.dot_general(patches, kernel.reshape(k * k * c, features),
-                         (((3,), (0,)), ((), ())))
-
-
 def _matmul(a, b, out_dtype=None):
   return lax.dot_general(a, b, (((a.ndim - 1,), (0,)), ((), ())),
                          preferred_element_type=out_dtype)
@@ -71,6 +66,16 @@ def _matmul_float32_out_bwd(residuals, dy):
 
 _matmul_float32_out.defvjp(lambda a, b: (_matmul_float32_out(a, b), (a, b)),
                            _matmul_float32_out_bwd)
+
+
+def conv2d(x, kernel, stride: int, pad: int):
+  """`lax.conv_general_dilated(x, kernel, stride, pad)` for NHWC x and an HWIO kernel."""
+  k, _, c, features = kernel.shape
+  patches = im2col(x, k, stride, pad)
+  # Float32 sums rounded once to x's dtype. The same as a bf16-out matmul where it stays one:
+  # XLA:GPU turns D's last (one output column) into a multiply and a reduction, which left as
+  # bf16 would round every product to bf16 before the float32 sum.
+  return _matmul_float32_out(patches, kernel.reshape(k * k * c, features)).astype(x.dtype)
 
 
 def conv_transpose(x, kernel, stride: int, pad: int):

@@ -114,6 +114,9 @@ def test_edge_layers_as_matmul_leave_cudnn_for_matmuls(compiled_for_h100):
   # at most the edge layers' own float32 kernels copied into the layout their matmuls read
   # (here D main_0's and G main_3's 4x4x3x8, D main_8's 4x4x32x1; at 128x128 none is)
   assert mm["loops"] == 0
+  # D's last matmul, strength-reduced to a multiply and a sum, multiplies in float32: its
+  # products are not rounded to bf16 before the float32 sum (conv_matmul.conv2d).
+  assert mm["bf16_dot_products"] == 0
   edge_kernels = 4 * (2 * 4 * 4 * 3 * 8 + 4 * 4 * 32 * 1)
   assert sum(mm["copied_inputs"]) <= sum(conv["copied_inputs"]) + edge_kernels
 

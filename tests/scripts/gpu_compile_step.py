@@ -32,6 +32,10 @@ for dtype in ("float32", "bfloat16"):
                               if k.category == "matmul"}),
         fused_bias_layers=sorted({k.layer for k in report.kernels
                                   if k.detail == "conv forward (fused bias/act)"}),
+        # forward matmul products XLA computes as bf16 multiplies (a dot it strength-reduced)
+        bf16_dot_products=len(re.findall(
+            r"= bf16\[[^\]]*\][^ ]* multiply\([^\n]*op_name=\"[^\"]*/jvp\(Discriminator\)"
+            r"/[^\"]*dot_general", text)),
         conv_labels=sorted(set(re.findall(r"dim_labels=([^,\s]+)", text))),
         move_kernels=len(moves), move_bytes=sum(k.inst.out_bytes for k in moves),
         reversing=[k.detail for k in moves if "reverse" in k.detail],
