@@ -133,6 +133,14 @@ def test_every_biased_convolution_is_cudnns_convolution_with_bias(compiled_for_h
     assert {l for l in fused if "(bwd)" not in l} == biased, (variant, fused)
 
 
+def test_no_sum_accumulates_in_bf16(compiled_for_h100):
+  """In bf16 every reduction the GPU runs accumulates in float32: the bias gradients
+  (`models.add_bias`), BatchNorm's statistics, the losses. The program the H200 ran on
+  2026-11-27 summed G's 15 bias gradients in bf16 (23 reductions), 9% off at batch 64."""
+  for variant in ("bfloat16_auto", "bfloat16_scan", "bfloat16_edgemm"):
+    assert compiled_for_h100[variant]["bf16_reduces"] == 0, variant
+
+
 def test_two_gpus_average_the_gradients_in_a_few_asynchronous_all_reduces(compiled_for_h100):
   """Over two GPUs XLA combines the gradients' pmean into a few all-reduces that start early and
   overlap the rest of the step; together they carry every parameter's gradient once (plus

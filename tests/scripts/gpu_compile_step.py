@@ -32,6 +32,8 @@ for dtype in ("float32", "bfloat16"):
                               if k.category == "matmul"}),
         fused_bias_layers=sorted({k.layer for k in report.kernels
                                   if k.detail == "conv forward (fused bias/act)"}),
+        # reductions that accumulate in bf16 (the H200 run's program had 23: bias gradients)
+        bf16_reduces=len(re.findall(r"= bf16\[[0-9,]*\]\{[^}]*\} reduce\(", text)),
         # forward matmul products XLA computes as bf16 multiplies (a dot it strength-reduced)
         bf16_dot_products=len(re.findall(
             r"= bf16\[[^\]]*\][^ ]* multiply\([^\n]*op_name=\"[^\"]*/jvp\(Discriminator\)"
