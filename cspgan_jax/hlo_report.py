@@ -279,10 +279,10 @@ class HloReport:
         lines.append(f"| {k.name} | {k.detail} | `{k.inst.type.split('{')[0]}` | "
                      f"{k.inst.out_bytes / 2**20:.2f} | {k.layer or '-'} |")
     traffic = self.traffic()
-    lines += ["", "traffic (each kernel's operands read and its result written once), MiB per step: "
-              + ", ".join(f"{c} {b / 2**20:,.0f}" for c, b in
-                          sorted(traffic.items(), key=lambda x: -x[1]))
-              + f"; total {sum(traffic.values()) / 2**20:,.0f}"]
+    by_kind = ", ".join(f"{c} {b / 2**20:,.0f}"
+                        for c, b in sorted(traffic.items(), key=lambda x: -x[1]))
+    lines += ["", "traffic (each kernel's operands read and its result written once), MiB per "
+              f"step: {by_kind}; total {sum(traffic.values()) / 2**20:,.0f}"]
     copied = self.copied_inputs()
     lines += ["", f"of which copies of the step's inputs: {len(copied)}, "
               f"{sum(k.inst.out_bytes for k in copied) / 2**20:.1f} MiB"]

@@ -41,9 +41,10 @@ def leaky_relu(x):
   """LeakyReLU(0.2) with PyTorch's derivative at 0 (the slope; jax.nn.leaky_relu gives 1).
 
   Exact zeros are common: G's output is exactly 0 where a ReLU stack went dead. The backward
-  pass reads the output, not the input (y > 0 exactly where x > 0, the slope being positive):
-  the input then has one reader, so XLA can fuse the activation into the matmul or
-  convolution that produces it and never write the pre-activation."""
+  pass reads the output, not the input (y > 0 exactly where x > 0, the slope being positive),
+  so the pre-activation is not kept for it: 6-9% less temporary memory in the compiled step
+  (docs/PERFORMANCE.md). XLA still writes it: a matmul takes an elementwise epilogue only when
+  its result has one reader, and the select reads it three times."""
   return jnp.where(x > 0, x, _times_slope(x))
 
 
@@ -97,9 +98,9 @@ class Conv2d(nn.Module):
   from float32. XLA:GPU fuses the same HLO into cuDNN's convolution-with-bias, which adds the
   bias in its float32 compute type before rounding (to be confirmed on a GPU by
   tests/test_models.py's autocast test), and a float32 convolution result there would cost
-  bandwidth (baseline, batch 64: +26% traffic), so the float32-sum form is the CPU's only. (PyTorch on CUDA adds the bias after
-  cuDNN's bf16 result: two roundings.) `in_features` only sets the bias init's fan-in
-  (PyTorch's default bias init, which DCGAN keeps)."""
+  bandwidth (baseline, batch 64: +26% traffic), so the float32-sum form is the CPU's only.
+  (PyTorch on CUDA adds the bias after cuDNN's bf16 result: two roundings.) `in_features` only
+  sets the bias init's fan-in (PyTorch's default bias init, which DCGAN keeps)."""
   features: int
   kernel_size: int
   stride: int = 1
