@@ -42,7 +42,7 @@ def leaky_relu(x):
 
   Exact zeros are common: G's output is exactly 0 where a ReLU stack went dead. The backward
   pass reads the output, not the input (y > 0 exactly where x > 0, the slope being positive),
-  so the pre-activation is not kept for it: 6-9% less temporary memory in the compiled step
+  so the pre-activation is not kept for it: about 8% less temporary memory in the compiled step
   (docs/PERFORMANCE.md). XLA still writes it: a matmul takes an elementwise epilogue only when
   its result has one reader, and the select reads it three times."""
   return jnp.where(x > 0, x, _times_slope(x))
