@@ -51,21 +51,20 @@ def _matmul(a, b, out_dtype=None):
                          preferred_element_type=out_dtype)
 
 
-@jax.custom_vjp
-def _matmul_float32_out(a, b):
-  """a @ b (contracting a's last axis) with the float32 sums not rounded to a's dtype. The
-  backward pass is the rounded form's: from the cotangent in a's dtype (bf16 matmuls, as every
-  other layer's backward; autodiff of this form would run float32 ones)."""
-  return _matmul(a, b, jnp.float32)
+def values_with_gradients_of(values, gradients):
+  """A function returning `values(*args)` whose backward pass is `gradients`' (the same
+  arguments; results equal up to rounding). In bf16: float32 sums rounded once in the forward
+  pass, while the backward pass stays the bf16 form's, from a bf16 cotangent (autodiff of the
+  float32 form would run float32 matmuls or convolutions there)."""
+  f = jax.custom_vjp(values)
+  f.defvjp(lambda *args: (values(*args), args),
+           lambda args, dy: jax.vjp(gradients, *args)[1](dy))
+  return f
 
 
-def _matmul_float32_out_bwd(residuals, dy):
-  _, vjp = jax.vjp(_matmul, *residuals)
-  return vjp(dy.astype(residuals[0].dtype))
-
-
-_matmul_float32_out.defvjp(lambda a, b: (_matmul_float32_out(a, b), (a, b)),
-                           _matmul_float32_out_bwd)
+# a @ b with the float32 sums not rounded to a's dtype
+_matmul_float32_out = values_with_gradients_of(
+    lambda a, b: _matmul(a, b, jnp.float32), lambda a, b: _matmul(a, b).astype(jnp.float32))
 
 
 def conv2d(x, kernel, stride: int, pad: int):

@@ -123,14 +123,11 @@ class Conv2d(nn.Module):
     if jnp.dtype(dt) == jnp.float32:
       return as_written(x, kernel, bias)
 
-    @jax.custom_vjp
-    def rounded_once(x, w, b):
-      return (conv(x, w, preferred_element_type=jnp.float32) + b.astype(dt)).astype(dt)
-
-    # The backward pass as on the GPU and in PyTorch: from the bf16 gradient, in bf16 (autodiff
-    # of the float32 form would run the CPU's backward convolutions in float32).
-    rounded_once.defvjp(lambda x, w, b: (rounded_once(x, w, b), (x, w, b)),
-                        lambda res, dy: jax.vjp(as_written, *res)[1](dy))
+    # The backward pass as on the GPU and in PyTorch: from the bf16 gradient, in bf16.
+    rounded_once = conv_matmul.values_with_gradients_of(
+        lambda x, w, b: (conv(x, w, preferred_element_type=jnp.float32) + b.astype(dt)
+                         ).astype(dt),
+        as_written)
     return lax.platform_dependent(x, kernel, bias, cpu=rounded_once, default=as_written)
 
 

@@ -225,7 +225,7 @@ def run_parity(config, net_g_path: Optional[str] = None, net_d_path: Optional[st
 def _run_parity(config, net_g_path, net_d_path, steps, seed, with_floor, log, images_kind):
   import torch  # pylint: disable=import-outside-toplevel
   dtype = train.compute_dtype(config)
-  bf16 = dtype != np.float32
+  bf16 = np.dtype(dtype) != np.float32
   from cspgan_jax import torch_reference  # pylint: disable=import-outside-toplevel
   net_g, net_d = torch_reference.build_reference(config.model, seed=seed)
   g_template, d_template = train.init_variables(config, jax.random.PRNGKey(0))
