@@ -261,6 +261,29 @@ class HloReport:
         found.setdefault(block, set()).add(fate)
     return {block: ", ".join(sorted(f)) for block, f in sorted(found.items())}
 
+  def column_sums(self) -> List[tuple]:
+    """(kernel, layer, rows, columns) of each reduction that sums the rows of a matrix into one
+    value a column, in one kernel: a per-channel sum (bias gradients, BatchNorm statistics)
+    over N*H*W rows, or the last stage of one XLA split. XLA:GPU gives such a kernel a block
+    per 64-128 columns, so a long one runs on few of the chip's SMs."""
+    found = []
+    for k in self.kernels:
+      insts = [k.inst] + (self._body_ops(k.inst) if k.inst.op == "fusion" else [])
+      by_name = {i.name: i for i in insts}
+      for inst in insts:
+        if inst.op != "reduce" or "dimensions={0}" not in inst.rest:
+          continue
+        first = next(iter(re.findall(r"%([\w.\-]+)", inst.rest)), None)
+        source = by_name.get(first) or self.by_name.get(first)
+        shape = _ARRAY.findall(source.inst.type if isinstance(source, Kernel) else
+                               source.type) if source else []
+        out = _ARRAY.findall(inst.type)
+        if len(shape) == 1 and len(out) == 1 and len(out[0][1].split(",")) == 1:
+          dims = [int(d) for d in shape[0][1].split(",") if d]
+          if len(dims) == 2:
+            found.append((k.name, k.layer, dims[0], dims[1]))
+    return found
+
   def markdown(self, top: int = 15) -> str:
     counts = self.counts()
     lines = [f"HLO module `{self.module}`: {len(self.kernels)} kernel-level instructions", "",
@@ -295,6 +318,11 @@ class HloReport:
       lines += ["", f"all-reduces over devices: {len(reduces)} ({asynchronous} asynchronous, "
                 f"overlapping compute), {sum(k.inst.out_bytes for k in reduces) / 2**20:.1f} "
                 "MiB a step"]
+    sums = self.column_sums()
+    if sums:
+      _, layer, rows, cols = max(sums, key=lambda s: (s[2], s[3]))
+      lines += ["", f"per-column sums in one kernel (few blocks on a GPU when long): {len(sums)}, "
+                f"the longest {rows:,} rows x {cols:,} ({layer or '-'})"]
     split = self.channel_split_slices()
     if split:
       lines += ["", "CSPup channel-split slices (forward): " +

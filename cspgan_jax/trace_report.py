@@ -123,6 +123,7 @@ class TraceReport:
       self.events = [e for e in self.events if e.get("args", {}).get("hlo_op") not in control]
     self.rows = collections.defaultdict(lambda: [0.0, 0])  # op -> [us, calls]
     self.info = {}
+    kernels = collections.defaultdict(lambda: [0.0, None])  # (op, kernel) -> [us, blocks]
     for e in self.events:
       args = e.get("args", {})
       op = args.get("hlo_op") or e["name"]
@@ -134,6 +135,10 @@ class TraceReport:
         op = e["name"]
       self.rows[op][0] += float(e["dur"])
       self.rows[op][1] += 1
+      grid = _GRID.search(str(args.get("kernel_details", "")))
+      kernels[(op, e["name"])][0] += float(e["dur"])
+      if grid:
+        kernels[(op, e["name"])][1] = int(grid[1]) * int(grid[2]) * int(grid[3])
       if op not in self.info:
         kernel = by_hlo_name.get(op) or by_hlo_name.get(_normalise(op))
         if kernel is not None:
@@ -142,6 +147,12 @@ class TraceReport:
           kind = _kind_by_name(e["name"])
           self.info[op] = ("unmatched HLO op" if "hlo_op" in args and kind == "elementwise/other"
                            else kind, "-")
+    # An op's thread blocks (CUPTI's grid, where the trace has it): those of its longest
+    # kernel, since a cuDNN call may launch a small helper kernel beside the main one.
+    self.blocks = {}
+    for (op, _), (us, blocks) in sorted(kernels.items(), key=lambda x: x[1][0]):
+      if blocks is not None:
+        self.blocks[op] = blocks
     self.iterations = iterations or self._infer_iterations(trace)
     self.busy_us, self.span_us = busy_time(self.events)
 
@@ -184,11 +195,39 @@ class TraceReport:
       lines += ["", "| layer | ms/iter | share |", "|---|---|---|"]
       lines += [f"| {k} | {us / 1e3:.3f} | {100 * us * it / total:.1f}% |"
                 for k, us in layers[:top]]
-    lines += ["", "| op | kind | layer | ms/iter | calls/iter |", "|---|---|---|---|---|"]
+    lines += ["", "| op | kind | layer | ms/iter | calls/iter | blocks |",
+              "|---|---|---|---|---|---|"]
     for op, (us, calls) in sorted(self.rows.items(), key=lambda x: -x[1][0])[:top]:
-      kind, layer = self.info[op]
-      lines.append(f"| {op[:60]} | {kind} | {layer} | {us / it / 1e3:.3f} | {calls / it:g} |")
+      lines.append(self._op_row(op, us, calls))
+    few = self.few_blocks()
+    if few:
+      lines += ["", f"ops launched on fewer than {FEW_BLOCKS} thread blocks (a quarter of an "
+                f"H100's or H200's SMs), {FEW_BLOCKS_MIN_US:g} us or more an iteration: "
+                f"{sum(us for _, us in few) / it / 1e3:.3f} ms/iteration",
+                "", "| op | kind | layer | ms/iter | calls/iter | blocks |",
+                "|---|---|---|---|---|---|"]
+      lines += [self._op_row(op, us, self.rows[op][1]) for op, us in few[:top]]
     return "\n".join(lines)
+
+  def _op_row(self, op: str, us: float, calls: int) -> str:
+    kind, layer = self.info[op]
+    return (f"| {op[:60]} | {kind} | {layer} | {us / self.iterations / 1e3:.3f} | "
+            f"{calls / self.iterations:g} | {self.blocks.get(op, '-')} |")
+
+  def few_blocks(self) -> List[Tuple[str, float]]:
+    """(op, us) of the kernels that leave most of the chip idle: launched on fewer blocks
+    than it has SMs and long enough to matter, largest first. (In the H200 run a bias
+    gradient of 8 MiB ran on 4 blocks for 61 us; a copy's rate would take 3.)"""
+    return sorted(((op, us) for op, (us, _) in self.rows.items()
+                   if self.blocks.get(op, FEW_BLOCKS) < FEW_BLOCKS
+                   and us / self.iterations >= FEW_BLOCKS_MIN_US), key=lambda x: -x[1])
+
+
+_GRID = re.compile(r"grid:(\d+),(\d+),(\d+)")
+# A quarter of an H100's or H200's 132 SMs: cuDNN's persistent kernels launch 108-132 blocks and
+# keep every SM busy; the reductions that did not ran on 1-16.
+FEW_BLOCKS = 33
+FEW_BLOCKS_MIN_US = 5.0
 
 
 def _kind_by_name(name: str) -> str:

@@ -148,6 +148,25 @@ def test_bfloat16_conv_bias_gradient_is_summed_in_float32():
   assert _rel(grad, tc.bias.grad.numpy()) < 4e-3  # PyTorch rounds its sum to bf16 once
 
 
+@pytest.mark.parametrize("shape,two_stages", [((64, 8, 8, 512), True), ((8, 4, 4, 16), True),
+                                              ((32, 16, 16, 8), False), ((5, 7), False)])
+def test_channel_sum_is_the_sum_per_sample_first_up_to_xlas_own_split(shape, two_stages):
+  """Per-channel sums (bias gradients, BatchNorm statistics) of up to 4,096 rows run each sample
+  first, in a program XLA cannot fold back into one sum; the result is the float32 sum in
+  another order. Longer ones are one sum, which XLA:GPU splits itself."""
+  x = np.random.RandomState(0).randn(*shape).astype(np.float32) + 0.5
+  got = jax.jit(models.channel_sum)(x)
+  exact = x.astype(np.float64).reshape(-1, shape[-1]).sum(0)
+  assert got.shape == (shape[-1],) and _rel(got, exact) < 1e-6
+  hlo = jax.jit(models.channel_sum).lower(x).compile().as_text()
+  assert hlo.count(" reduce(") == (2 if two_stages else 1), hlo
+  # the bias gradient is the same sum
+  bias = np.zeros(shape[-1], np.float32)
+  grad = jax.jit(lambda b, ct: jax.vjp(lambda b: models.add_bias(jax.numpy.zeros(shape), b),
+                                       b)[1](ct)[0])(bias, x)
+  np.testing.assert_array_equal(grad, got)
+
+
 @pytest.mark.parametrize("block,kind", [("relu", "dcgan"), ("leaky_bn", "avgpool")])
 def test_bfloat16_networks_match_pytorch_autocast_layer_by_layer(tiny_config, block, kind):
   """bf16 against PyTorch's CPU bf16 autocast, from the same weights. Every operation between

@@ -222,6 +222,32 @@ def test_trace_report_reads_gpu_stream_lines_and_skips_derived_ones(tmp_path):
   assert trace_report.main([str(tmp_path)]) == 0
 
 
+def test_trace_report_names_the_kernels_that_leave_the_chip_idle():
+  """CUPTI's grid in each kernel's details: an op's blocks are its longest kernel's (cuDNN adds
+  a one-block helper beside its main kernel); ops on few blocks and long enough are listed."""
+  grid = lambda n: f"regs:32 static_shared:8256 grid:{n},1,1 block:1024,1,1 occ_pct:100"
+  events = []
+  for it in range(2):
+    t0 = 100.0 * it
+    events += [
+        _event(2, 7, "nhwcAddPaddingKernel", t0, 2, hlo_op="cudnn-conv.1", kernel_details=grid(1)),
+        _event(2, 7, "sm90_xmma_fprop", t0 + 2, 40, hlo_op="cudnn-conv.1",
+               kernel_details=grid(264)),
+        _event(2, 7, "input_add_reduce_fusion", t0 + 50, 30, hlo_op="input_add_reduce_fusion",
+               kernel_details=grid(4)),
+        _event(2, 7, "loop_add_fusion", t0 + 80, 3, hlo_op="loop_add_fusion",
+               kernel_details=grid(2)),  # few blocks, but too short to matter
+    ]
+  meta = [{"ph": "M", "pid": 2, "name": "process_name", "args": {"name": "/device:GPU:0"}}]
+  report = trace_report.TraceReport({"traceEvents": meta + events}, iterations=2)
+  assert report.blocks == {"cudnn-conv.1": 264, "input_add_reduce_fusion": 4,
+                           "loop_add_fusion": 2}
+  assert report.few_blocks() == [("input_add_reduce_fusion", 60.0)]
+  text = report.markdown()
+  assert "| input_add_reduce_fusion | unmatched HLO op | - | 0.030 | 1 | 4 |" in text
+  assert "fewer than 33 thread blocks" in text and ": 0.030 ms/iteration" in text
+
+
 def test_trace_report_reads_torch_gpu_kernels():
   events = [{"ph": "X", "cat": "kernel", "pid": 0, "tid": 7, "name": name, "ts": ts, "dur": dur}
             for name, ts, dur in (("sm90_xmma_dgrad_implicit_gemm", 0, 30),

@@ -42,6 +42,7 @@ for dtype in ("float32", "bfloat16"):
         move_kernels=len(moves), move_bytes=sum(k.inst.out_bytes for k in moves),
         reversing=[k.detail for k in moves if "reverse" in k.detail],
         copied_inputs=[k.inst.out_bytes for k in report.copied_inputs()],
+        column_sum_rows=max(rows for _, _, rows, _ in report.column_sums()),
         loops=len(report.data_dependent_loops()),
         split=report.channel_split_slices(),
         temp_bytes=compiled.memory_analysis().temp_size_in_bytes,
