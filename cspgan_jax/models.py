@@ -66,6 +66,27 @@ def _leaky_relu_bwd(y, dy):
 leaky_relu.defvjp(_leaky_relu_fwd, _leaky_relu_bwd)
 
 
+@jax.custom_vjp
+def relu(x):
+  """ReLU whose backward pass reads its output (y > 0 exactly where x > 0; the derivative at 0
+  is 0, as PyTorch's and jax.nn.relu's).
+
+  jax.nn.relu's backward reads the input, so the convolution before it has two readers and
+  XLA:GPU cannot fold `max(conv + bias, 0)` into cuDNN's convolution-with-bias-and-ReLU (its
+  rewriter wants one): G's 1x1 convolutions' ReLUs ran as kernels of their own, each reading
+  and writing the activation once more."""
+  return jnp.maximum(x, jnp.zeros((), x.dtype))
+
+
+def _relu_fwd(x):
+  y = relu(x)
+  # Behind the barrier XLA cannot rewrite `max(x, 0) > 0` back to `x > 0`, which it does.
+  return y, lax.optimization_barrier(y)
+
+
+relu.defvjp(_relu_fwd, lambda y, dy: (jnp.where(y > 0, dy, jnp.zeros((), dy.dtype)),))
+
+
 def check_resolution(resolution: int) -> int:
   """Number of stride-2 stages for a square power-of-two resolution >= 32 (128 -> 5)."""
   if resolution < 32 or resolution & (resolution - 1):
@@ -386,9 +407,9 @@ class CSPup(nn.Module):
     conv1x1 = functools.partial(Conv2d, c, 1, dtype=dt)
     left = convt(name="left_0")(x1)
     if self.block == "relu":
-      h = nn.relu(conv1x1(in_features=x2.shape[-1], name="right_0")(x2))
+      h = relu(conv1x1(in_features=x2.shape[-1], name="right_0")(x2))
       h = convt(name="right_2")(h)
-      h = nn.relu(conv1x1(in_features=c, name="right_3")(h))
+      h = relu(conv1x1(in_features=c, name="right_3")(h))
       right = conv1x1(in_features=c, name="right_5")(h)
     elif self.block == "leaky_bn":
       bn = functools.partial(BatchNorm, self.bn_momentum, self.bn_epsilon, self.axis_name, dt)

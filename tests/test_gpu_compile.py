@@ -141,6 +141,17 @@ def test_no_sum_accumulates_in_bf16(compiled_for_h100):
     assert compiled_for_h100[variant]["bf16_reduces"] == 0, variant
 
 
+def test_every_relu_is_in_its_cudnn_convolution(compiled_for_h100):
+  """`models.relu` (its backward reads the output, behind an optimization barrier): XLA:GPU
+  folds each of G's ReLUs into the 1x1 convolution before it, cuDNN's convolution with bias and
+  ReLU (tiny.py: three CSPup blocks, two ReLUs each). With jax.nn.relu the convolution had a
+  second reader and each ReLU ran as a kernel of its own."""
+  for variant in ("float32_auto", "bfloat16_auto", "bfloat16_scan", "bfloat16_edgemm"):
+    v = compiled_for_h100[variant]
+    assert v["relu_convs"] == 6 and v["max_kernels"] == 0, (variant, v["relu_convs"],
+                                                             v["max_kernels"])
+
+
 def test_per_channel_sums_run_per_sample_first(compiled_for_h100):
   """`models.channel_sum`: no kernel sums more than a batch's rows into per-channel values
   (tiny.py: batch 8; bias gradients and BatchNorm statistics over up to 8 x 16 x 16 rows).

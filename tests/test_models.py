@@ -148,6 +148,24 @@ def test_bfloat16_conv_bias_gradient_is_summed_in_float32():
   assert _rel(grad, tc.bias.grad.numpy()) < 4e-3  # PyTorch rounds its sum to bf16 once
 
 
+@pytest.mark.parametrize("dtype", [np.float32, jax.numpy.bfloat16])
+def test_relu_is_pytorchs_with_the_backward_reading_its_output(dtype):
+  """`models.relu`: the values and gradients of PyTorch's ReLU (0 at 0) and jax.nn.relu's, its
+  backward pass a function of the output alone (what lets XLA:GPU fold it into cuDNN)."""
+  x = jax.numpy.asarray(np.array([[-2.0, -0.0, 0.0, 1e-30, 3.0, -1e-30]]), dtype)
+  dy = jax.numpy.asarray(np.array([[1.0, 2.0, 3.0, 4.0, 5.0, 6.0]]), dtype)
+  y, vjp = jax.vjp(models.relu, x)
+  y_ref, vjp_ref = jax.vjp(jax.nn.relu, x)
+  np.testing.assert_array_equal(np.asarray(y, np.float32), np.asarray(y_ref, np.float32))
+  np.testing.assert_array_equal(np.asarray(vjp(dy)[0], np.float32),
+                                np.asarray(vjp_ref(dy)[0], np.float32))
+  t = torch.tensor(np.asarray(x, np.float32), requires_grad=True)
+  torch.relu(t).backward(torch.tensor(np.asarray(dy, np.float32)))
+  np.testing.assert_array_equal(np.asarray(vjp(dy)[0], np.float32), t.grad.numpy())
+  jaxpr = str(jax.make_jaxpr(lambda x, dy: jax.vjp(models.relu, x)[1](dy))(x, dy))
+  assert jaxpr.count("optimization_barrier") == 1  # the residual is the barrier's output
+
+
 @pytest.mark.parametrize("shape,two_stages", [((64, 8, 8, 512), True), ((8, 4, 4, 16), True),
                                               ((32, 16, 16, 8), False), ((5, 7), False)])
 def test_channel_sum_is_the_sum_per_sample_first_up_to_xlas_own_split(shape, two_stages):

@@ -43,6 +43,11 @@ for dtype in ("float32", "bfloat16"):
         reversing=[k.detail for k in moves if "reverse" in k.detail],
         copied_inputs=[k.inst.out_bytes for k in report.copied_inputs()],
         column_sum_rows=max(rows for _, _, rows, _ in report.column_sums()),
+        relu_convs=text.count('"activation_mode":"kRelu"'),
+        # kernels that only take a maximum: a ReLU XLA did not fold into its convolution
+        max_kernels=sum(1 for k in report.kernels if k.inst.op == "fusion" and
+                        {b.op for b in report._body_ops(k.inst)} - {"parameter", "constant",
+                                                                     "broadcast"} == {"maximum"}),
         loops=len(report.data_dependent_loops()),
         split=report.channel_split_slices(),
         temp_bytes=compiled.memory_analysis().temp_size_in_bytes,
