@@ -291,7 +291,10 @@ class HloReport:
     lines += [f"| {c} | {n} |" for c, n in sorted(counts.items(), key=lambda x: -x[1])]
     convs = collections.Counter(k.detail for k in self.kernels if k.category == "convolution")
     if convs:
-      lines += ["", "convolutions: " + ", ".join(f"{n} {d}" for d, n in convs.most_common())]
+      relus = sum('"activation_mode":"kRelu"' in k.inst.rest for k in self.kernels
+                  if k.category == "convolution")
+      lines += ["", "convolutions: " + ", ".join(f"{n} {d}" for d, n in convs.most_common()) +
+                (f"; {relus} with the ReLU after them folded in" if relus else "")]
     moves = self.data_movement()
     total = sum(k.inst.out_bytes for k in moves)
     lines += ["", f"data-movement kernels: {len(moves)}, writing {total / 2**20:.1f} MiB per "

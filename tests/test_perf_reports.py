@@ -97,6 +97,52 @@ def test_hlo_report_classifies_gpu_shaped_hlo():
   assert "MiB per step: convolution 20, data movement 19, elementwise/reduction 0; total 39" in text
 
 
+SUMS_HLO = """HloModule jit_step, is_scheduled=true
+
+%add (a: f32[], b: f32[]) -> f32[] {
+  %a = f32[] parameter(0)
+  %b = f32[] parameter(1)
+  ROOT %s = f32[] add(%a, %b)
+}
+
+%fused_reduce (param_0: bf16[64,8,8,512]) -> f32[512] {
+  %param_0 = bf16[64,8,8,512]{3,2,1,0} parameter(0)
+  %convert.1 = f32[64,8,8,512]{3,2,1,0} convert(%param_0)
+  %bitcast.1 = f32[4096,512]{1,0} bitcast(%convert.1)
+  %zero = f32[] constant(0)
+  ROOT %reduce.1 = f32[512]{0} reduce(%bitcast.1, %zero), dimensions={0}, to_apply=%add, metadata={op_name="jit(step)/transpose(jvp(Generator))/main_1/right_5/reduce_sum"}
+}
+
+%fused_rows (param_0.1: f32[512,64]) -> f32[512] {
+  %param_0.1 = f32[512,64]{1,0} parameter(0)
+  %zero.1 = f32[] constant(0)
+  ROOT %reduce.2 = f32[512]{0} reduce(%param_0.1, %zero.1), dimensions={1}, to_apply=%add
+}
+
+ENTRY %main (x: bf16[64,8,8,512], w: bf16[512,1,1,512], b: bf16[512], r: f32[512,64]) -> (f32[512], f32[512], bf16[64,8,8,512]) {
+  %x = bf16[64,8,8,512]{3,2,1,0} parameter(0)
+  %w = bf16[512,1,1,512]{3,2,1,0} parameter(1)
+  %b = bf16[512]{0} parameter(2)
+  %r = f32[512,64]{1,0} parameter(3)
+  %input_reduce_fusion = f32[512]{0} fusion(%x), kind=kInput, calls=%fused_reduce
+  %input_rows = f32[512]{0} fusion(%r), kind=kInput, calls=%fused_rows
+  %cudnn-conv-bias-activation.1 = (bf16[64,8,8,512]{3,2,1,0}, u8[0]{0}) custom-call(%x, %w, %b), window={size=1x1}, dim_labels=b01f_o01i->b01f, custom_call_target="__cudnn$convBiasActivationForward", backend_config={"cudnn_conv_backend_config":{"activation_mode":"kRelu","conv_result_scale":1}}
+  %gte = bf16[64,8,8,512]{3,2,1,0} get-tuple-element(%cudnn-conv-bias-activation.1), index=0
+  ROOT %t = (f32[512]{0}, f32[512]{0}, bf16[64,8,8,512]{3,2,1,0}) tuple(%input_reduce_fusion, %input_rows, %gte)
+}
+"""
+
+
+def test_hlo_report_finds_long_column_sums_and_folded_relus():
+  """A per-channel sum over 4,096 rows in one kernel (dimensions={0} of a matrix) is listed; a
+  row reduction (dimensions={1}) is not; a cuDNN convolution with its ReLU is counted."""
+  report = hlo_report.HloReport(SUMS_HLO)
+  assert report.column_sums() == [("input_reduce_fusion", "G main_1/right_5 (bwd)", 4096, 512)]
+  text = report.markdown()
+  assert "1 conv forward (fused bias/act); 1 with the ReLU after them folded in" in text
+  assert "the longest 4,096 rows x 512 (G main_1/right_5 (bwd))" in text
+
+
 def test_hlo_report_refuses_what_is_not_hlo(tmp_path, capsys):
   path = tmp_path / "x.hlo.txt"
   path.write_text("not hlo\n")
