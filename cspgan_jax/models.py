@@ -3,6 +3,10 @@
 Submodule names mirror the reference's `state_dict` paths with dots turned into underscores
 (`main.0.right.3` -> `main_0/right_3`), so `torch_port` converts by one rule and a parity failure
 names one layer. Activations are functions here but keep their index in the names, as in PyTorch.
+
+BatchNorm, the activations and the bias add are custom VJPs (PyTorch's gradient formulas, and
+backward passes that let XLA:GPU fuse what it otherwise would not), so the networks support
+reverse-mode differentiation only: `jax.jvp` / `jax.jacfwd` through them raise.
 """
 
 from __future__ import annotations
