@@ -215,8 +215,8 @@ class TraceReport:
             f"{calls / self.iterations:g} | {self.blocks.get(op, '-')} |")
 
   def few_blocks(self) -> List[Tuple[str, float]]:
-    """(op, us) of the kernels that leave most of the chip idle: launched on fewer blocks
-    than it has SMs and long enough to matter, largest first. (In the H200 run a bias
+    """(op, us) of the kernels that leave most of the chip idle: launched on fewer than
+    `FEW_BLOCKS` blocks and long enough to matter, largest first. (In the H200 run a bias
     gradient of 8 MiB ran on 4 blocks for 61 us; a copy's rate would take 3.)"""
     return sorted(((op, us) for op, (us, _) in self.rows.items()
                    if self.blocks.get(op, FEW_BLOCKS) < FEW_BLOCKS
