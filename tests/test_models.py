@@ -176,8 +176,11 @@ def test_channel_sum_is_the_sum_per_sample_first_up_to_xlas_own_split(shape, two
   got = jax.jit(models.channel_sum)(x)
   exact = x.astype(np.float64).reshape(-1, shape[-1]).sum(0)
   assert got.shape == (shape[-1],) and _rel(got, exact) < 1e-6
-  hlo = jax.jit(models.channel_sum).lower(x).compile().as_text()
-  assert hlo.count(" reduce(") == (2 if two_stages else 1), hlo
+  lowered = jax.jit(models.channel_sum).lower(x)
+  assert lowered.as_text().count("stablehlo.optimization_barrier") == int(two_stages)
+  if jax.default_backend() == "cpu":  # (XLA:GPU splits the longer one-stage sum itself)
+    hlo = lowered.compile().as_text()
+    assert hlo.count(" reduce(") == (2 if two_stages else 1), hlo
   # the bias gradient is the same sum
   bias = np.zeros(shape[-1], np.float32)
   grad = jax.jit(lambda b, ct: jax.vjp(lambda b: models.add_bias(jax.numpy.zeros(shape), b),
