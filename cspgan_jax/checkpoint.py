@@ -34,8 +34,23 @@ def manager(workdir: str, keep: Optional[int] = None, create: bool = True):
                                item_names=("state", "config"))
 
 
+def _state_dict(state: train.GANState) -> dict:
+  """The state as a checkpoint holds it: without the networks' `compute_params` (bf16 copies
+  of parameters it holds, made again on restore), so checkpoints of either dtype and of
+  earlier versions have one layout."""
+  tree = serialization.to_state_dict(state.without_compute_params())
+  for net in ("g", "d"):
+    tree[net] = {k: v for k, v in tree[net].items() if k != "compute_params"}
+  return tree
+
+
+def _from_state_dict(template: train.GANState, tree: dict) -> train.GANState:
+  tree = dict(tree, **{net: dict(tree[net], compute_params=None) for net in ("g", "d")})
+  return serialization.from_state_dict(template.without_compute_params(), tree)
+
+
 def _to_saveable(state: train.GANState):
-  return serialization.to_state_dict(jax.device_get(state))
+  return _state_dict(jax.device_get(state))
 
 
 def save(workdir: str, state: train.GANState, config: ml_collections.ConfigDict,
@@ -61,7 +76,7 @@ def save_async(mngr: ocp.CheckpointManager, state: train.GANState,
   before exiting. Every process of a multi-host run calls it, as orbax requires."""
   step = int(np.asarray(state.step))
   mngr.save(step, args=ocp.args.Composite(
-      state=ocp.args.StandardSave(serialization.to_state_dict(state)),
+      state=ocp.args.StandardSave(_state_dict(state)),
       config=ocp.args.JsonSave(json.loads(config.to_json_best_effort()))), force=True)
   return step
 
@@ -136,12 +151,12 @@ def restore(workdir: str, config: Optional[ml_collections.ConfigDict] = None,
   mngr = manager(workdir, create=False)
   try:
     restored = mngr.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(serialization.to_state_dict(template))))
+        state=ocp.args.StandardRestore(_state_dict(template))))
   except Exception as e:  # corrupt or foreign files: one line naming the checkpoint
     first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
     raise CheckpointError(f"cannot restore checkpoint step {step} from "
                           f"{checkpoint_dir(workdir)}: {first}") from e
   finally:
     mngr.close()
-  state = serialization.from_state_dict(template, restored["state"])
-  return state, config
+  state = _from_state_dict(template, restored["state"])
+  return state.with_compute_params(train.compute_dtype(config)), config

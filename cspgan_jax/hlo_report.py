@@ -246,6 +246,32 @@ class HloReport:
     return [k for k in self.kernels if k.inst.computation == self.entry and k.inst.op == "copy"
             and _operands(k.inst) & params]
 
+  def parameter_casts(self) -> List[Kernel]:
+    """Kernels that round a float32 input of the step (a parameter, as jit names it) to bf16
+    and write nothing else: the casts mixed precision makes where the step starts, which
+    `train.ModelState.compute_params` moves into the optimizer's update."""
+    entry = {i.name: i for i in self.computations[self.entry]}
+
+    def source(name: str) -> Optional[Instruction]:
+      inst = entry.get(name)
+      while inst is not None and inst.op in ("bitcast", "get-tuple-element"):
+        names = _operands(inst)
+        inst = entry.get(next(iter(names))) if len(names) == 1 else None
+      return inst
+
+    casts = []
+    for k in self.kernels:
+      if k.inst.computation != self.entry or k.category == "convolution":
+        continue
+      if {dtype for dtype, _ in _ARRAY.findall(k.inst.type)} != {"bf16"}:
+        continue
+      params = [i for i in map(source, _operands(k.inst)) if i is not None and
+                i.op == "parameter" and i.type.startswith("f32") and "params" in i.name]
+      # no more written than the parameters read: not, say, BatchNorm's output using its bias
+      if params and k.inst.out_bytes <= sum(i.out_bytes for i in params):
+        casts.append(k)
+    return casts
+
   def channel_split_slices(self) -> Dict[str, str]:
     """Each slice in a CSPup block's forward pass (the channel split), and what became of it:
     'own kernel' (a copy of half the input) or 'fused into <fusion kind>'."""
@@ -312,6 +338,10 @@ class HloReport:
     copied = self.copied_inputs()
     lines += ["", f"of which copies of the step's inputs: {len(copied)}, "
               f"{sum(k.inst.out_bytes for k in copied) / 2**20:.1f} MiB"]
+    casts = self.parameter_casts()
+    if casts:
+      lines += ["", f"casts of float32 parameters to bf16 where the step starts: {len(casts)}, "
+                f"writing {sum(k.inst.out_bytes for k in casts) / 2**20:.1f} MiB"]
     loops = self.data_dependent_loops()
     lines += ["", f"while loops of data-dependent length (a host sync a trip on a GPU): "
               f"{len(loops)}" + (f" ({', '.join(i.name for i in loops)})" if loops else "")]

@@ -17,12 +17,19 @@ import optax
 from flax import struct
 from flax.training import train_state
 
-from cspgan_jax import losses, models, optim
+from cspgan_jax import losses, models, optim, param_copies
 
 
 class ModelState(train_state.TrainState):
-  """One network: params, its optax state, and BatchNorm statistics (`{}` when it has none)."""
+  """One network: params, its optax state, and BatchNorm statistics (`{}` when it has none).
+
+  `compute_params`: in bf16, the convolutions' parameters rounded to bf16 by the step that
+  updated them (`param_copies`; not checkpointed), None in float32."""
   batch_stats: Any = None
+  compute_params: Any = None
+
+  def with_compute_params(self, dtype) -> "ModelState":
+    return self.replace(compute_params=param_copies.make(self.params, dtype))
 
 
 class GANState(struct.PyTreeNode):
@@ -30,6 +37,14 @@ class GANState(struct.PyTreeNode):
   step: jax.Array
   g: ModelState
   d: ModelState
+
+  def with_compute_params(self, dtype) -> "GANState":
+    """Both networks' `compute_params` made from their parameters (None for float32)."""
+    return self.replace(g=self.g.with_compute_params(dtype), d=self.d.with_compute_params(dtype))
+
+  def without_compute_params(self) -> "GANState":
+    """What a checkpoint holds: the copies are made again from the parameters on restore."""
+    return self.with_compute_params(jnp.float32)
 
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -68,7 +83,8 @@ def create_state(config, g_vars, d_vars) -> GANState:
     return ModelState.create(apply_fn=module.apply, params=variables["params"],
                              tx=make_optimizer(lr, t),
                              batch_stats=variables.get("batch_stats", {})).replace(
-                                 step=jnp.zeros((), jnp.int32))  # a stable dtype to checkpoint
+                                 step=jnp.zeros((), jnp.int32)  # a stable dtype to checkpoint
+                                 ).with_compute_params(compute_dtype(config))
 
   return GANState(step=jnp.zeros((), jnp.int32), g=model_state(gen, g_vars, t.lr_g),
                   d=model_state(disc, d_vars, t.lr_d))
@@ -78,8 +94,11 @@ def init_state(config, rng) -> GANState:
   return create_state(config, *init_variables(config, rng))
 
 
-def _apply(module: nn.Module, params, batch_stats, x, train: bool = True, **kwargs):
-  """module(x) in training mode; returns (output, updated batch_stats)."""
+def _apply(module: nn.Module, params, batch_stats, x, train: bool = True, copies=None,
+           **kwargs):
+  """module(x) in training mode; returns (output, updated batch_stats). With `copies` (a
+  `ModelState.compute_params`) the convolutions read those, the gradient going to `params`."""
+  params = param_copies.use(params, copies)
   out, mutated = module.apply({"params": params, "batch_stats": batch_stats}, x, train=train,
                               mutable=["batch_stats"], **kwargs)
   return out, mutated.get("batch_stats", {})
@@ -107,19 +126,23 @@ def _train_step_with_noise(state: GANState, real, z, *, config, axis_name: Optio
   sigmoid_mean = lambda logits: jax.nn.sigmoid(logits.astype(jnp.float32)).mean()
 
   # G forward once; its pullback is reused for G's gradient, like `fake` in PyTorch.
-  fake, g_vjp, g_stats = jax.vjp(lambda p: _apply(gen, p, state.g.batch_stats, z), state.g.params,
-                                 has_aux=True)
+  fake, g_vjp, g_stats = jax.vjp(
+      lambda p: _apply(gen, p, state.g.batch_stats, z, copies=state.g.compute_params),
+      state.g.params, has_aux=True)
+  d_copies = state.d.compute_params
 
   def d_loss(d_params):
     if config.train.get("d_real_fake_together", False):
       # One pass over both batches (each its own BatchNorm statistics, the running ones moved
       # real first): the same sums as two passes, in convolutions of twice the batch.
       both = jnp.concatenate([real.astype(fake.dtype), jax.lax.stop_gradient(fake)])
-      logits, stats = _apply(disc, d_params, state.d.batch_stats, both, groups=2)
+      logits, stats = _apply(disc, d_params, state.d.batch_stats, both, groups=2,
+                             copies=d_copies)
       logits_real, logits_fake = logits[:real.shape[0]], logits[real.shape[0]:]
     else:
-      logits_real, stats = _apply(disc, d_params, state.d.batch_stats, real)
-      logits_fake, stats = _apply(disc, d_params, stats, jax.lax.stop_gradient(fake))
+      logits_real, stats = _apply(disc, d_params, state.d.batch_stats, real, copies=d_copies)
+      logits_fake, stats = _apply(disc, d_params, stats, jax.lax.stop_gradient(fake),
+                                  copies=d_copies)
     err_real, err_fake = loss_fn(logits_real, 1.0), loss_fn(logits_fake, 0.0)
     return err_real + err_fake, (stats, logits_real, logits_fake)
 
@@ -143,6 +166,10 @@ def _train_step_with_noise(state: GANState, real, z, *, config, axis_name: Optio
     g_stats, d_stats = _pmean_floats(g_stats, axis_name), _pmean_floats(d_stats, axis_name)
   new_g = state.g.apply_gradients(grads=g_grads, batch_stats=g_stats)
   new_d = new_d.replace(batch_stats=d_stats)
+  if state.g.compute_params is not None:  # rounded here, the casts join Adam's kernels
+    new_g = new_g.with_compute_params(compute_dtype(config))
+  if state.d.compute_params is not None:
+    new_d = new_d.with_compute_params(compute_dtype(config))
 
   metrics = {
       "Loss_D": err_d,

@@ -492,7 +492,7 @@ def _save(mngr, p_state, config, output) -> None:
   if jax.process_count() > 1:
     checkpoint.save_async(mngr, unreplicate(p_state), config)
     return
-  snapshot = _device_snapshot(first_local_copy(p_state))
+  snapshot = _device_snapshot(first_local_copy(p_state.without_compute_params()))
   output.submit(lambda: checkpoint.save_async(mngr, jax.tree_util.tree_map(np.asarray, snapshot),
                                               config))
 

@@ -152,6 +152,14 @@ def test_every_relu_is_in_its_cudnn_convolution(compiled_for_h100):
                                                              v["max_kernels"])
 
 
+def test_bf16_steps_start_from_the_states_bf16_copies(compiled_for_h100):
+  """No kernel casts a float32 parameter to bf16 where a bf16 step starts: the convolutions
+  read `ModelState.compute_params`, which the previous step's Adam kernels wrote (the H200
+  run's program, before them, had 47 such casts at batch 64)."""
+  for variant in ("bfloat16_auto", "bfloat16_scan", "bfloat16_edgemm"):
+    assert compiled_for_h100[variant]["param_casts"] == 0, variant
+
+
 def test_per_channel_sums_run_per_sample_first(compiled_for_h100):
   """`models.channel_sum`: no kernel sums more than a batch's rows into per-channel values
   (tiny.py: batch 8; bias gradients and BatchNorm statistics over up to 8 x 16 x 16 rows).

@@ -143,6 +143,50 @@ def test_hlo_report_finds_long_column_sums_and_folded_relus():
   assert "the longest 4,096 rows x 512 (G main_1/right_5 (bwd))" in text
 
 
+CASTS_HLO = """HloModule jit_step, is_scheduled=true
+
+%fused_convert (p0: f32[512,4,4,512]) -> bf16[512,4,4,512] {
+  %p0 = f32[512,4,4,512]{3,2,1,0} parameter(0)
+  ROOT %c0 = bf16[512,4,4,512]{3,2,1,0} convert(%p0)
+}
+
+%fused_bn (p1: f32[64], p2: bf16[64,8,8,64]) -> bf16[64,8,8,64] {
+  %p1 = f32[64]{0} parameter(0)
+  %p2 = bf16[64,8,8,64]{3,2,1,0} parameter(1)
+  %b1 = f32[64,8,8,64]{3,2,1,0} broadcast(%p1), dimensions={3}
+  %c1 = f32[64,8,8,64]{3,2,1,0} convert(%p2)
+  %a1 = f32[64,8,8,64]{3,2,1,0} add(%c1, %b1)
+  ROOT %c2 = bf16[64,8,8,64]{3,2,1,0} convert(%a1)
+}
+
+%fused_copy (p3: bf16[512,4,4,512]) -> bf16[512,4,4,512] {
+  %p3 = bf16[512,4,4,512]{3,2,1,0} parameter(0)
+  ROOT %n3 = bf16[512,4,4,512]{3,2,1,0} negate(%p3)
+}
+
+ENTRY %main (state_g_params__k.1: f32[512,4,4,512], state_d_params__bias.1: f32[64], x: bf16[64,8,8,64], state_g_compute_params__k.1: bf16[512,4,4,512]) -> (bf16[512,4,4,512], bf16[64,8,8,64], bf16[512,4,4,512]) {
+  %state_g_params__k.1 = f32[512,4,4,512]{3,2,1,0} parameter(0)
+  %state_d_params__bias.1 = f32[64]{0} parameter(1)
+  %x = bf16[64,8,8,64]{3,2,1,0} parameter(2)
+  %state_g_compute_params__k.1 = bf16[512,4,4,512]{3,2,1,0} parameter(3)
+  %bitcast.1 = f32[512,4,4,512]{3,2,1,0} bitcast(%state_g_params__k.1)
+  %loop_convert_fusion = bf16[512,4,4,512]{3,2,1,0} fusion(%bitcast.1), kind=kLoop, calls=%fused_convert, metadata={op_name="jit(step)/jvp(Generator)/main_1/left_0/convert_element_type"}
+  %loop_bn_fusion = bf16[64,8,8,64]{3,2,1,0} fusion(%state_d_params__bias.1, %x), kind=kLoop, calls=%fused_bn
+  %loop_negate_fusion = bf16[512,4,4,512]{3,2,1,0} fusion(%state_g_compute_params__k.1), kind=kLoop, calls=%fused_copy
+  ROOT %t = (bf16[512,4,4,512]{3,2,1,0}, bf16[64,8,8,64]{3,2,1,0}, bf16[512,4,4,512]{3,2,1,0}) tuple(%loop_convert_fusion, %loop_bn_fusion, %loop_negate_fusion)
+}
+"""
+
+
+def test_hlo_report_finds_casts_of_float32_parameters():
+  """A kernel writing bf16 from a float32 parameter (through a bitcast) is a cast; one that
+  uses a parameter to write a larger activation is not, nor one reading a bf16 copy."""
+  report = hlo_report.HloReport(CASTS_HLO)
+  assert [k.name for k in report.parameter_casts()] == ["loop_convert_fusion"]
+  assert ("casts of float32 parameters to bf16 where the step starts: 1, writing 8.0 MiB"
+          in report.markdown())
+
+
 def test_hlo_report_refuses_what_is_not_hlo(tmp_path, capsys):
   path = tmp_path / "x.hlo.txt"
   path.write_text("not hlo\n")

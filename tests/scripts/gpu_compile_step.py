@@ -42,6 +42,7 @@ for dtype in ("float32", "bfloat16"):
         move_kernels=len(moves), move_bytes=sum(k.inst.out_bytes for k in moves),
         reversing=[k.detail for k in moves if "reverse" in k.detail],
         copied_inputs=[k.inst.out_bytes for k in report.copied_inputs()],
+        param_casts=len(report.parameter_casts()),
         column_sum_rows=max(rows for _, _, rows, _ in report.column_sums()),
         relu_convs=text.count('"activation_mode":"kRelu"'),
         # kernels that only take a maximum: a ReLU XLA did not fold into its convolution
