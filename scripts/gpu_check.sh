@@ -43,11 +43,16 @@ else
   BENCH_ARGS="--config configs/baseline.py --batches 64,256 --scan 8 --e2e 1000
     --e2e-dtypes float32,bfloat16 --profile-iters 3
     --profile-variants jax-fp32,jax-bf16,jax-bf16-dpair,jax-bf16-edgemm,jax-bf16-dpair-edgemm"
-  FLAG_ARGS="--config configs/baseline.py --batches 64,256 --iters 20 --repeats 3"
-  # The edge layers' matmuls are Triton GEMM fusions by XLA's choice (`cspgan compile`): the
-  # same with cuBLAS instead. (2026-11-27, H200: CUDA graphs off changed nothing measurable and
-  # autotuning off did not finish in 75 s; neither is run again.)
-  FLAG_SETS=("--xla_gpu_enable_triton_gemm=false")
+  # Batch 64 only, where launches cost most: the flag sets compile anew and the stage gets
+  # what time is left.
+  FLAG_ARGS="--config configs/baseline.py --batches 64 --iters 20 --repeats 3"
+  # Programmatic dependent launch (Hopper: a kernel starts while the one before it drains; off
+  # by default in XLA when last looked): the H200 trace at batch 64 has 565 kernels an
+  # iteration, 342 under 5 us, 0.9 us apart. Then the edge layers' matmuls, Triton GEMM
+  # fusions by XLA's choice (`cspgan compile`), with cuBLAS instead. (2026-11-27, H200: CUDA
+  # graphs off changed nothing measurable and autotuning off did not finish in 75 s; neither is
+  # run again.)
+  FLAG_SETS=("--xla_gpu_enable_pdl=true" "--xla_gpu_enable_triton_gemm=false")
   # One pytest a file, each under its own limit: on 2026-11-27 one limit for all three ended
   # pytest before its summary, and the failure it had seen was lost.
   TESTS=(tests/test_losses.py tests/test_models.py tests/test_train_parity.py)
