@@ -490,7 +490,7 @@ def _save(mngr, p_state, config, output) -> None:
   here and only the file writes are in the background.
   """
   if jax.process_count() > 1:
-    checkpoint.save_async(mngr, unreplicate(p_state), config)
+    checkpoint.save_async(mngr, unreplicate(p_state.without_compute_params()), config)
     return
   snapshot = _device_snapshot(first_local_copy(p_state.without_compute_params()))
   output.submit(lambda: checkpoint.save_async(mngr, jax.tree_util.tree_map(np.asarray, snapshot),
