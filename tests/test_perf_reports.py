@@ -309,6 +309,10 @@ def test_trace_report_reads_gpu_stream_lines_and_skips_derived_ones(tmp_path):
                                      "elementwise/reduction": 20.0}
   assert dict(report.grouped(1)) == {"D main_2": 40.0, "-": 25.0, "G main_0/right_1": 20.0}
   assert report.busy_us == 2 * 85.0 and report.span_us == 195.0
+  # idle between kernels: 45-50 and 80-85 in each iteration, 95-100 between them
+  assert report.gaps == [5.0] * 5
+  assert ("idle between kernels: 0.013 ms/iteration in 2 gaps under 50 us (median 5.0 us); "
+          "kernels under 5 us: 0/iteration, 0.000 ms/iteration") in report.markdown()
   assert trace_report.main([str(tmp_path)]) == 0
 
 
@@ -333,7 +337,9 @@ def test_trace_report_names_the_kernels_that_leave_the_chip_idle():
   assert report.blocks == {"cudnn-conv.1": 264, "input_add_reduce_fusion": 4,
                            "loop_add_fusion": 2}
   assert report.few_blocks() == [("input_add_reduce_fusion", 60.0)]
+  assert report.gaps == [8.0, 17.0, 8.0]  # 42-50, 83-100 (between iterations), 142-150
   text = report.markdown()
+  assert "(median 8.0 us); kernels under 5 us: 2/iteration, 0.005 ms/iteration" in text
   assert "| input_add_reduce_fusion | unmatched HLO op | - | 0.030 | 1 | 4 |" in text
   assert "fewer than 33 thread blocks" in text and ": 0.030 ms/iteration" in text
 
