@@ -4,10 +4,10 @@ In bf16 mixed precision every convolution reads its kernel and bias rounded to b
 the step starts, that is a kernel per parameter on a GPU, reading float32 and writing bf16: in
 the H200 run's program (batch 64, bf16) 47 such casts; the 23 its trace names took 0.15 ms of
 the 4.83 ms of kernels an iteration, most of them launch-bound (a 1,024-value bias cast took
-3-4 us). Kept in the
-state beside the float32 parameters and rounded by the step that updated them, the casts join
-the optimizer's update (XLA fuses them into Adam's kernels) and the next step reads bf16
-directly; the D copies come free, since the G step already casts D's updated parameters.
+3-4 us). Kept in the state beside the float32 parameters and rounded by the step that updated
+them, the casts join the optimizer's update (XLA fuses them into Adam's kernels) and the next
+step reads bf16 directly; the D copies come free, since the G step already casts D's updated
+parameters.
 
 The arithmetic does not change: a copy holds exactly `master.astype(dtype)`, the value the
 modules' own casts would have made, and `from_copy`'s gradient goes to the float32 master as
@@ -24,10 +24,6 @@ import jax.numpy as jnp
 from flax import traverse_util
 
 
-def _copied(path) -> bool:
-  return path[-1] in ("kernel", "bias")
-
-
 def make(params, dtype) -> Optional[dict]:
   """Copies of `params`' convolution kernels and biases in `dtype` (a nested dict holding only
   those leaves), or None for float32, where the modules cast nothing.
@@ -39,7 +35,7 @@ def make(params, dtype) -> Optional[dict]:
   has_kernel = {path[:-1] for path in flat if path[-1] == "kernel"}
   return traverse_util.unflatten_dict({
       path: leaf.astype(dtype) for path, leaf in flat.items()
-      if _copied(path) and path[:-1] in has_kernel})
+      if path[-1] in ("kernel", "bias") and path[:-1] in has_kernel})
 
 
 @jax.custom_vjp

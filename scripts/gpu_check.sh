@@ -46,8 +46,8 @@ else
   # Batch 64 only, where launches cost most: the flag sets compile anew and the stage gets
   # what time is left.
   FLAG_ARGS="--config configs/baseline.py --batches 64 --iters 20 --repeats 3"
-  # Programmatic dependent launch (Hopper: a kernel starts while the one before it drains; off
-  # by default in XLA when last looked): the H200 trace at batch 64 has 565 kernels an
+  # Programmatic dependent launch (Hopper: a kernel starts while the one before it drains;
+  # XLA's own tests turn it on explicitly, so likely off by default): the H200 trace at batch 64 has 565 kernels an
   # iteration, 342 under 5 us, 0.9 us apart. Then the edge layers' matmuls, Triton GEMM
   # fusions by XLA's choice (`cspgan compile`), with cuBLAS instead. (2026-11-27, H200: CUDA
   # graphs off changed nothing measurable and autotuning off did not finish in 75 s; neither is
