@@ -106,7 +106,7 @@ _CONV_DIMS = ("NHWC", "HWIO", "NHWC")
 XLA_ONE_KERNEL_ROWS = 4096
 
 
-def channel_sum(v):
+def channel_sum(v, keep: int = 1):
   """Sum of an NHWC array over all axes but the channels; up to `XLA_ONE_KERNEL_ROWS` rows,
   each sample first, then the batch.
 
@@ -117,11 +117,12 @@ def channel_sum(v):
   with more of its producers (compile-only for an H200, baseline, batch 64: 4.4% less traffic
   in bf16, 2.9% in float32, for 6-7 more kernels). Longer sums are left to XLA's own split, as
   the same form there moved more bytes. The float32 result differs from one sum only in the
-  order of additions."""
-  rows = math.prod(v.shape[:-1])
-  if v.ndim < 3 or rows > XLA_ONE_KERNEL_ROWS:
-    return v.sum(tuple(range(v.ndim - 1)))
-  per_sample = v.reshape(v.shape[0], -1, v.shape[-1]).sum(1)
+  order of additions. `keep` > 1: sums over all but the last `keep` axes (several per-channel
+  sums stacked before the channels)."""
+  rows = math.prod(v.shape[:-keep])
+  if v.ndim < 2 + keep or rows > XLA_ONE_KERNEL_ROWS:
+    return v.sum(tuple(range(v.ndim - keep)))
+  per_sample = v.reshape((v.shape[0], -1) + v.shape[-keep:]).sum(1)
   # Without the barrier XLA folds the two sums back into one.
   return lax.optimization_barrier(per_sample).sum(0)
 
@@ -308,14 +309,18 @@ def batch_norm_train(x, scale, bias, epsilon: float, axis_name: Optional[str]):
   return _batch_norm_fwd(x, scale, bias, epsilon, axis_name)[0]
 
 
+def _normalize(x, mean, invstd, scale, bias):
+  alpha = invstd * scale
+  return x * alpha + (bias - mean * alpha)
+
+
 def _batch_norm_fwd(x, scale, bias, epsilon, axis_name):
   total, n = _shifted_sum(x, axis_name)
   mean = total / n
   xmu = x - mean
   var = _channel_sum(jnp.square(xmu), axis_name) / n  # two-pass, as PyTorch
   invstd = 1.0 / jnp.sqrt(var + epsilon)
-  alpha = invstd * scale
-  y = x * alpha + (bias - mean * alpha)
+  y = _normalize(x, mean, invstd, scale, bias)
   return (y, mean, var, n), (xmu, invstd, scale, n)
 
 
@@ -336,6 +341,65 @@ def _batch_norm_bwd(epsilon, axis_name, residuals, cotangents):
 batch_norm_train.defvjp(_batch_norm_fwd, _batch_norm_bwd)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def batch_norm_leaky_relu_train(x, scale, bias, epsilon: float, axis_name: Optional[str]):
+  """`leaky_relu` of `batch_norm_train`'s y cast to x's dtype, and the statistics (float32).
+
+  The forward values are those of the two calls. The backward pass reads x and the cotangent
+  only: it takes the LeakyReLU's derivative from the normalisation recomputed from x (the
+  forward's expression on the same values, so the same signs) in both of BatchNorm's backward
+  kernels, the per-channel sums and the input gradient, which read x anyway. The derivative is
+  no tensor of its own: XLA:GPU wrote it out and read it back (a kernel reading the output and
+  the cotangent and writing their product, three passes over the activation), and the two
+  sums read it again. Compile-only for an H200: 3-7% less traffic an iteration in bf16
+  (docs/PERFORMANCE.md). The sums differ from `batch_norm_train`'s in their order only.
+  """
+  return _batch_norm_leaky_relu_fwd(x, scale, bias, epsilon, axis_name)[0]
+
+
+def _batch_norm_leaky_relu_fwd(x, scale, bias, epsilon, axis_name):
+  (y, mean, var, n), (_, invstd, _, _) = _batch_norm_fwd(x.astype(jnp.float32), scale, bias,
+                                                          epsilon, axis_name)
+  return (leaky_relu(y.astype(x.dtype)), mean, var, n), (x, mean, invstd, scale, bias, n)
+
+
+def _batch_norm_leaky_relu_bwd(epsilon, axis_name, residuals, cotangents):
+  del epsilon
+  x, mean, invstd, scale, bias, n = residuals
+  ct = cotangents[0]
+
+  def d_normalized(x, ct):  # leaky_relu's derivative as `_leaky_relu_bwd`, then the cast's
+    y = _normalize(x.astype(jnp.float32), mean, invstd, scale, bias).astype(x.dtype)
+    return jnp.where(y > 0, ct, _times_slope(ct)).astype(jnp.float32)
+
+  # sum(dy) shifted by its first row (as `_shifted_sum`) and sum((x - mean) dy), as one
+  # reduction of the two stacked: as two, XLA:GPU computes dy once and writes it out for both
+  first = lambda v: v.reshape(-1, v.shape[-1])[0]
+  shift = lax.stop_gradient(d_normalized(first(x), first(ct)))
+  dy = d_normalized(x, ct)
+  sums = channel_sum(jnp.stack([dy - shift, (x.astype(jnp.float32) - mean) * dy], axis=-2),
+                     keep=2)
+  local_sum_dy = shift * (x.size // x.shape[-1]) + sums[0]
+  local_dotp = sums[1]
+  sum_dy, dotp = ((local_sum_dy, local_dotp) if axis_name is None else
+                  lax.psum((local_sum_dy, local_dotp), axis_name))
+  k = dotp * invstd * invstd / n
+  # dy again, from inputs XLA cannot tell are the same (the barrier): otherwise it computes dy
+  # once and writes it out for this kernel too
+  x2, ct2 = lax.optimization_barrier((x, ct))
+  dx = (d_normalized(x2, ct2) - sum_dy / n - (x2.astype(jnp.float32) - mean) * k) * (
+      invstd * scale)
+  # Parameter gradients stay per device; the training step averages them across devices.
+  return dx.astype(x.dtype), local_dotp * invstd, local_sum_dy
+
+
+batch_norm_leaky_relu_train.defvjp(_batch_norm_leaky_relu_fwd, _batch_norm_leaky_relu_bwd)
+
+
+# the name under which BatchNorm(activation=...) sows its output before the activation
+BATCH_NORM_OUTPUT = "batch_norm_output"
+
+
 class BatchNorm(nn.Module):
   """BatchNorm2d with PyTorch's semantics, which flax's BatchNorm does not have.
 
@@ -351,6 +415,9 @@ class BatchNorm(nn.Module):
   epsilon: float = 1e-5
   axis_name: Optional[str] = None
   dtype: Any = jnp.float32
+  # "leaky_relu": LeakyReLU(0.2) applied to the output, its backward fused into BatchNorm's
+  # (`batch_norm_leaky_relu_train`); the same values as `leaky_relu(BatchNorm(...)(x))`
+  activation: Optional[str] = None
 
   @nn.compact
   def __call__(self, x, use_running_average: bool, groups: int = 1):
@@ -362,25 +429,43 @@ class BatchNorm(nn.Module):
     tracked = self.variable("batch_stats", "num_batches_tracked", jnp.zeros, (), jnp.int32)
     xf = x.astype(jnp.float32)  # statistics in float32 whatever the compute dtype
 
+    if self.activation not in (None, "leaky_relu"):
+      raise ValueError(f"unknown BatchNorm activation {self.activation!r}")
+    leaky = self.activation == "leaky_relu"
     if use_running_average:
       alpha = scale / jnp.sqrt(ra_var.value + self.epsilon)
-      y = xf * alpha + (bias - ra_mean.value * alpha)
+      y = (xf * alpha + (bias - ra_mean.value * alpha)).astype(self.dtype)
+      return leaky_relu(y) if leaky else y
+    if leaky:
+      xl = x  # in its own dtype: the backward pass keeps x, not a float32 copy
+      train_bn = lambda v: batch_norm_leaky_relu_train(v, scale, bias, self.epsilon,
+                                                       self.axis_name)
     else:
+      xl = xf
       train_bn = lambda v: batch_norm_train(v, scale, bias, self.epsilon, self.axis_name)
-      if groups == 1:
-        y, mean, var, n = train_bn(xf)
-        stats = [(mean, var, n)]
-      else:
-        y, mean, var, n = jax.vmap(train_bn)(xf.reshape((groups, -1) + xf.shape[1:]))
-        y = y.reshape(xf.shape)
-        n = jnp.broadcast_to(n, (groups,))
-        stats = [(mean[g], var[g], n[g]) for g in range(groups)]
-      if not self.is_initializing():
-        m = self.momentum
-        for mean_g, var_g, n_g in stats:
-          ra_mean.value = (1 - m) * ra_mean.value + m * mean_g
-          ra_var.value = (1 - m) * ra_var.value + m * var_g * (n_g / (n_g - 1))
-          tracked.value = tracked.value + 1
+    if groups == 1:
+      y, mean, var, n = train_bn(xl)
+      stats = [(mean, var, n)]
+    else:
+      y, mean, var, n = jax.vmap(train_bn)(xl.reshape((groups, -1) + xl.shape[1:]))
+      y = y.reshape(xl.shape)
+      n = jnp.broadcast_to(n, (groups,))
+      stats = [(mean[g], var[g], n[g]) for g in range(groups)]
+    if leaky and self.is_mutable_collection("intermediates"):
+      # BatchNorm's own output, for layer-by-layer comparisons: PyTorch's LeakyReLU is the
+      # next module, this module's output is that one's (`parity`)
+      b = (groups,) + (1,) * (xf.ndim - 1) + (c,)  # per group, broadcast over its batch
+      means, variances = (jnp.stack([st[i] for st in stats]).reshape(b) for i in (0, 1))
+      self.sow("intermediates", BATCH_NORM_OUTPUT, _normalize(
+          xf.reshape((groups, -1) + xf.shape[1:]), means,
+          1.0 / jnp.sqrt(variances + self.epsilon), scale, bias).reshape(xf.shape)
+                .astype(self.dtype))
+    if not self.is_initializing():
+      m = self.momentum
+      for mean_g, var_g, n_g in stats:
+        ra_mean.value = (1 - m) * ra_mean.value + m * mean_g
+        ra_var.value = (1 - m) * ra_var.value + m * var_g * (n_g / (n_g - 1))
+        tracked.value = tracked.value + 1
     return y.astype(self.dtype)
 
 
@@ -416,12 +501,14 @@ class CSPup(nn.Module):
       h = relu(conv1x1(in_features=c, name="right_3")(h))
       right = conv1x1(in_features=c, name="right_5")(h)
     elif self.block == "leaky_bn":
-      bn = functools.partial(BatchNorm, self.bn_momentum, self.bn_epsilon, self.axis_name, dt)
+      # each BatchNorm followed by LeakyReLU (right.2 and right.6 of PyTorch's Sequential)
+      bn = functools.partial(BatchNorm, self.bn_momentum, self.bn_epsilon, self.axis_name, dt,
+                             activation="leaky_relu")
       h = conv1x1(in_features=x2.shape[-1], name="right_0")(x2)
-      h = leaky_relu(bn(name="right_1")(h, use_running_average=not train))
+      h = bn(name="right_1")(h, use_running_average=not train)
       h = convt(name="right_3")(h)
       h = conv1x1(in_features=c, name="right_4")(h)
-      h = leaky_relu(bn(name="right_5")(h, use_running_average=not train))
+      h = bn(name="right_5")(h, use_running_average=not train)
       right = conv1x1(in_features=c, name="right_7")(h)
     else:
       raise ValueError(f"unknown block {self.block!r}; expected one of {BLOCKS}")
@@ -485,8 +572,9 @@ class Discriminator(nn.Module):
   def __call__(self, x, train: bool = True, groups: int = 1):
     """`groups` > 1: x is that many batches stacked, each with its own BatchNorm statistics."""
     n_down = check_resolution(self.resolution)  # stride-2 steps from R down to 4x4 (128 -> 5)
+    # every BatchNorm is followed by LeakyReLU(0.2), which BatchNorm applies (the next name)
     bn = functools.partial(BatchNorm, self.bn_momentum, self.bn_epsilon, self.axis_name,
-                           self.dtype)
+                           self.dtype, activation="leaky_relu")
     conv = functools.partial(Conv2d, kernel_size=4, stride=2, padding=1, use_bias=False,
                              dtype=self.dtype)
     # The first and last convolutions, either form (same parameters)
@@ -498,7 +586,7 @@ class Discriminator(nn.Module):
       c, idx, n_stages = self.ndf, 2, n_down - 1
     elif self.kind == "avgpool":
       x = edge_conv(2 * self.ndf, 4, 2, 1, dtype=self.dtype, name="main_0")(x)
-      x = leaky_relu(bn(name="main_1")(x, use_running_average=not train, groups=groups))
+      x = bn(name="main_1")(x, use_running_average=not train, groups=groups)
       # main.3. Summed in float32 and rounded once, as PyTorch does in bf16: summing in bf16
       # puts most outputs an ulp or more off (up to 1%).
       x = nn.avg_pool(x.astype(jnp.float32), (4, 4), strides=(2, 2), padding=((1, 1), (1, 1)),
@@ -509,8 +597,7 @@ class Discriminator(nn.Module):
     for _ in range(n_stages):
       c *= 2
       x = conv(c, name=f"main_{idx}")(x)
-      x = leaky_relu(bn(name=f"main_{idx + 1}")(x, use_running_average=not train,
-                                                groups=groups))
+      x = bn(name=f"main_{idx + 1}")(x, use_running_average=not train, groups=groups)
       idx += 3
     x = edge_conv(1, 4, 1, 0, dtype=self.dtype, name=f"main_{idx}")(x)  # (N, 1, 1, 1)
     return x.reshape(x.shape[0]).astype(jnp.float32)

@@ -100,9 +100,14 @@ def _flax_layer_outputs(module, variables, x):
   flat = traverse_util.flatten_dict(state["intermediates"])
   out = {}
   for path, value in flat.items():
-    modules = path[:-1]  # the last element is '__call__'
-    if modules and all(torch_port.MODULE_NAME.match(p) for p in modules):  # flax's inner Conv too
-      out[torch_port.torch_module_path(modules)] = np.asarray(value[0])
+    modules = path[:-1]  # the last element is '__call__' or a sown value's name
+    if not (modules and all(torch_port.MODULE_NAME.match(p) for p in modules)):  # flax's Conv
+      continue
+    if (*modules, models.BATCH_NORM_OUTPUT) in flat and path[-1] == "__call__":
+      # a BatchNorm with its activation: the output is the next PyTorch module's (LeakyReLU)
+      prefix, index = torch_port.MODULE_NAME.match(modules[-1]).groups()
+      modules = modules[:-1] + (f"{prefix}_{int(index) + 1}",)
+    out[torch_port.torch_module_path(modules)] = np.asarray(value[0])
   return out
 
 

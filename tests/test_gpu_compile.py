@@ -57,9 +57,12 @@ def test_the_compilers_state_layouts_remove_the_weight_transposes(compiled_for_h
     assert auto["move_kernels"] < 0.5 * default["move_kernels"], (auto, default)
     assert auto["move_bytes"] < 0.6 * default["move_bytes"], (auto, default)
     assert auto["counts"]["convolution"] == default["counts"]["convolution"]
-    # float32 keeps a few relayout copies of kernels that feed two kinds of convolution; in
+    # float32 keeps relayout copies of two kernels that feed two kinds of convolution (which
+    # two is XLA's tie-break: D main_2 and G main_2/left_0 at first, D main_2 and main_5 since
+    # BatchNorm applies D's LeakyReLU; 0.11 and 0.38 of the row-major state's bytes); in
     # bfloat16 the cast to bf16 is that relayout.
-    assert sum(auto["copied_inputs"]) < 0.25 * sum(default["copied_inputs"])
+    assert len([b for b in auto["copied_inputs"] if b > 8]) <= 2, auto["copied_inputs"]
+    assert sum(auto["copied_inputs"]) < 0.5 * sum(default["copied_inputs"])
   assert all(b <= 8 for b in r["bfloat16_auto"]["copied_inputs"])
 
 

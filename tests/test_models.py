@@ -105,6 +105,65 @@ def test_leaky_relu_is_pytorchs_exactly(dtype):
   np.testing.assert_array_equal(as_f32(dx)[:2], as_f32(jax.numpy.asarray(slope_times_dy, dtype)))
 
 
+def _layer_rows(block, kind):
+  """Rows of a layer-by-layer comparison at 32x32: every conv, BatchNorm, LeakyReLU after a
+  BatchNorm (which the BatchNorm module applies) and CSPup block. G: three CSPup blocks (their
+  layers and the block) and the last ConvT; D: its convs, BatchNorms and their LeakyReLUs."""
+  return {"relu": 3 * 6 + 1, "leaky_bn": 3 * 10 + 1}[block] + {"dcgan": 8, "avgpool": 7}[kind]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("groups", [1, 2])
+def test_batch_norm_with_leaky_relu_is_the_two_modules(dtype, groups):
+  """`BatchNorm(activation="leaky_relu")` (D's and leaky_bn's BatchNorms) against LeakyReLU
+  applied to a plain BatchNorm's output: the outputs, running statistics and gradients, bit for
+  bit. Its backward pass takes the derivative's sign from the normalisation recomputed from the
+  input, so channel 0 is constant with zero bias: its output is 0 (or the rounding of x alpha),
+  where the derivative is the slope. In float32 training steps on the CPU the two forms agree
+  bit for bit (docs/PERFORMANCE.md); here the sums' order shows."""
+  dt = getattr(jax.numpy, dtype)
+  rs = np.random.RandomState(3)
+  x = (rs.randn(8 * groups, 4, 4, 16) + 2.0 * rs.randn(16)).astype(np.float32)
+  x[..., 0] = 1.5
+  x = jax.numpy.asarray(x, dt)
+  ct = jax.numpy.asarray(rs.randn(*x.shape), dt)
+  fused, plain = models.BatchNorm(dtype=dt, activation="leaky_relu"), models.BatchNorm(dtype=dt)
+  variables = plain.init(jax.random.PRNGKey(0), x, use_running_average=True)
+  params = {"scale": variables["params"]["scale"],
+            "bias": jax.numpy.asarray(rs.randn(16) * 0.3, np.float32).at[0].set(0.0)}
+
+  def run(apply):
+    def f(x, params):
+      y, mutated = apply({"params": params, "batch_stats": variables["batch_stats"]}, x)
+      return (y.astype(np.float32) * ct.astype(np.float32)).sum(), (y, mutated["batch_stats"])
+    return jax.jit(jax.value_and_grad(f, argnums=(0, 1), has_aux=True))(x, params)
+
+  bn_kw = dict(use_running_average=False, groups=groups, mutable=["batch_stats"])
+  got = run(lambda v, x: fused.apply(v, x, **bn_kw))
+  want = run(lambda v, x: (lambda y, m: (models.leaky_relu(y), m))(*plain.apply(v, x, **bn_kw)))
+  (_, (y, _)), _ = want
+  assert 0 < float((np.asarray(y.astype(np.float32)) <= 0).mean()) < 1
+  as_f32 = lambda a: np.asarray(a.astype(np.float32))
+  # The forward pass is the same arithmetic: outputs and running statistics bit for bit.
+  for a, b in zip(jax.tree_util.tree_leaves(got[0]), jax.tree_util.tree_leaves(want[0])):
+    assert a.dtype == b.dtype
+    np.testing.assert_array_equal(as_f32(a), as_f32(b))
+  # The backward pass sums its two per-channel sums as one reduction: float32 sums in another
+  # order, so gradients within float32's rounding (bf16's x gradient: an ulp apart at most).
+  for a, b in zip(jax.tree_util.tree_leaves(got[1]), jax.tree_util.tree_leaves(want[1])):
+    assert a.dtype == b.dtype
+    if a.dtype == np.float32:
+      assert _rel(as_f32(a), as_f32(b)) < 1e-6
+    else:
+      np.testing.assert_allclose(as_f32(a), as_f32(b), rtol=2 ** -7, atol=0)
+      assert float((as_f32(a) != as_f32(b)).mean()) < 0.05
+  # evaluation mode too
+  np.testing.assert_array_equal(
+      np.asarray(fused.apply(variables, x, use_running_average=True).astype(np.float32)),
+      np.asarray(models.leaky_relu(plain.apply(variables, x, use_running_average=True))
+                 .astype(np.float32)))
+
+
 @pytest.mark.parametrize("block", ["relu", "leaky_bn"])
 @pytest.mark.parametrize("kind", ["dcgan", "avgpool"])
 def test_networks_match_reference_layer_by_layer(tiny_config, block, kind):
@@ -120,9 +179,7 @@ def test_networks_match_reference_layer_by_layer(tiny_config, block, kind):
   rows = parity.forward_rows("G", gen, g_vars, net_g, latents[0],
                              torch.from_numpy(latents[0])[:, :, None, None])
   rows += parity.forward_rows("D", disc, d_vars, net_d, images[0], _nchw(images[0]))
-  # G: three CSPup blocks (their layers + the block) + final ConvT; D: convs and BatchNorms.
-  n_layers = {"relu": 3 * 6 + 1, "leaky_bn": 3 * 8 + 1}[block] + {"dcgan": 6, "avgpool": 5}[kind]
-  assert len(rows) == n_layers  # every conv, BatchNorm and CSPup block has a row
+  assert len(rows) == _layer_rows(block, kind)
   for r in rows:
     # Single modules meet 1e-6 (tests above); along a deep BatchNorm stack float32's own error
     # (PyTorch fp32 vs fp64, the floor) grows past it, and two implementations differ by ~2x it.
@@ -186,6 +243,11 @@ def test_channel_sum_is_the_sum_per_sample_first_up_to_xlas_own_split(shape, two
   grad = jax.jit(lambda b, ct: jax.vjp(lambda b: models.add_bias(jax.numpy.zeros(shape), b),
                                        b)[1](ct)[0])(bias, x)
   np.testing.assert_array_equal(grad, got)
+  # several sums stacked before the channels (BatchNorm's backward): each the same sum, in
+  # another order
+  stacked = jax.jit(lambda v: models.channel_sum(jax.numpy.stack([v, 2 * v], -2), keep=2))(x)
+  assert stacked.shape == (2, shape[-1])
+  assert _rel(stacked, np.stack([exact, 2 * exact])) < 1e-6
 
 
 @pytest.mark.parametrize("block,kind", [("relu", "dcgan"), ("leaky_bn", "avgpool")])
@@ -208,8 +270,7 @@ def test_bfloat16_networks_match_pytorch_autocast_layer_by_layer(tiny_config, bl
                              torch.from_numpy(latents[0])[:, :, None, None], bfloat16=True)
   rows += parity.forward_rows("D", disc, d_vars, net_d, images[0], _nchw(images[0]),
                               bfloat16=True)
-  assert len(rows) == {"relu": 3 * 6 + 1, "leaky_bn": 3 * 8 + 1}[block] + \
-      {"dcgan": 6, "avgpool": 5}[kind]
+  assert len(rows) == _layer_rows(block, kind)
   for r in rows:
     assert 1e-3 < r.floor < 3e-2, r  # bf16's own error, as measured
     assert r.rel < 0.6 * r.floor, r
