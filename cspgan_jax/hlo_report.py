@@ -221,17 +221,45 @@ class HloReport:
                   key=lambda k: -k.inst.out_bytes)
 
   def traffic(self) -> Dict[str, int]:
-    """Bytes a step moves, by kernel kind: each kernel's distinct operands read once in full and
-    its result written once (a scan body's kernels once: one step). An upper bound for kernels
-    that read part of an operand (slices) or update one in place; the figure the
-    bandwidth-bound kernels' time follows."""
+    """Bytes a step moves, by kernel kind: each kernel's distinct operands read once (in full,
+    or the slices of one it only slices) and its result written once (a scan body's kernels
+    once: one step). An upper bound for kernels that read part of an operand otherwise or
+    update one in place; the figure the bandwidth-bound kernels' time follows. (Before
+    2026-11-27's BatchNorm change sliced operands counted in full, as in docs/PERFORMANCE.md's
+    earlier tables.)"""
     types = {(i.computation, i.name): i for comp in self.computations.values() for i in comp}
     moved: Dict[str, int] = collections.Counter()
     for k in self.kernels:
-      reads = sum(types[(k.inst.computation, name)].out_bytes for name in _operands(k.inst)
-                  if (k.inst.computation, name) in types)
-      moved[k.category] += reads + k.inst.out_bytes
+      sliced = self._sliced_operands(k.inst)
+      reads: Dict[str, int] = {}
+      for position, name in enumerate(_operand_list(k.inst)):
+        if (k.inst.computation, name) in types:
+          whole = types[(k.inst.computation, name)].out_bytes
+          reads[name] = max(reads.get(name, 0), sliced.get(position, whole))
+      moved[k.category] += sum(reads.values()) + k.inst.out_bytes
     return dict(moved)
+
+  def _sliced_operands(self, inst: Instruction) -> Dict[int, int]:
+    """{operand position: bytes of its slices} for the operands the kernel only slices (a
+    slice kernel's, or a fusion parameter whose every use slices it)."""
+    if inst.op in ("slice", "dynamic-slice"):
+      return {0: inst.out_bytes}
+    if inst.op != "fusion":
+      return {}
+    sliced = {}
+    for comp in _called(inst):
+      body = self.computations.get(comp, [])
+      users = collections.defaultdict(list)
+      for sub in body:
+        for name in _operand_list(sub):
+          users[name].append(sub)
+      for sub in body:
+        position = re.match(r"(\d+)\)", sub.rest) if sub.op == "parameter" else None
+        uses = users.get(sub.name, [])
+        if position and uses and all(u.op in ("slice", "dynamic-slice")
+                                     and _operand_list(u)[0] == sub.name for u in uses):
+          sliced[int(position.group(1))] = sum(u.out_bytes for u in uses)
+    return sliced
 
   def data_dependent_loops(self) -> List[Instruction]:
     """While loops without a known trip count. On a GPU each trip copies the loop's predicate to
@@ -333,7 +361,8 @@ class HloReport:
     traffic = self.traffic()
     by_kind = ", ".join(f"{c} {b / 2**20:,.0f}"
                         for c, b in sorted(traffic.items(), key=lambda x: -x[1]))
-    lines += ["", "traffic (each kernel's operands read and its result written once), MiB per "
+    lines += ["", "traffic (each kernel's operands read, only the slices of those it slices, "
+              "and its result written once), MiB per "
               f"step: {by_kind}; total {sum(traffic.values()) / 2**20:,.0f}"]
     copied = self.copied_inputs()
     lines += ["", f"of which copies of the step's inputs: {len(copied)}, "
@@ -363,14 +392,19 @@ class HloReport:
     return "\n".join(lines)
 
 
-def _operands(inst: Instruction) -> set:
-  """Names of the operands (the instructions before the closing parenthesis of the call)."""
+def _operand_list(inst: Instruction) -> List[str]:
+  """Names of the operands in order (the instructions before the call's closing parenthesis)."""
   depth, end = 1, 0
   for end, ch in enumerate(inst.rest):
     depth += {"(": 1, ")": -1}.get(ch, 0)
     if depth == 0:
       break
-  return set(re.findall(r"%([\w.\-]+)", inst.rest[:end]))
+  return re.findall(r"%([\w.\-]+)", inst.rest[:end])
+
+
+def _operands(inst: Instruction) -> set:
+  """Names of the operands."""
+  return set(_operand_list(inst))
 
 
 def _conv_kind(inst: Optional[Instruction]) -> str:

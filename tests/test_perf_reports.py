@@ -84,9 +84,9 @@ def test_hlo_report_classifies_gpu_shaped_hlo():
   assert [k.name for k in report.copied_inputs()] == ["copy.1"]
   # Each kernel's distinct operands read once and its result written once (a scan body's once):
   # the convolutions 8 MiB in + 4 MiB out, 1 KiB in + 8 MiB out; the moves 1+1 KiB, 8+8 MiB,
-  # 2+1 MiB; the add 1+1 KiB.
+  # 1+1 MiB (the slice reads half its 2 MiB operand); the add 1+1 KiB.
   assert report.traffic() == {"convolution": 12582912 + 8389632,
-                              "data movement": 2048 + 16777216 + 3145728,
+                              "data movement": 2048 + 16777216 + 2097152,
                               "elementwise/reduction": 2048}
   assert report.channel_split_slices() == {"G main_1": "own kernel"}
   assert hlo_report.Instruction("t", "tuple", "(f32[2]{0}, bf16[3,4]{1,0}, u8[0]{0})", "",
@@ -94,7 +94,40 @@ def test_hlo_report_classifies_gpu_shaped_hlo():
   text = report.markdown()
   assert "1 conv forward" in text and "1 conv backward-input" in text
   assert "data-movement kernels: 3, writing 9.0 MiB" in text
-  assert "MiB per step: convolution 20, data movement 19, elementwise/reduction 0; total 39" in text
+  assert "MiB per step: convolution 20, data movement 18, elementwise/reduction 0; total 38" in text
+
+
+SLICED_HLO = """HloModule jit_step, is_scheduled=true
+
+%fused_shift (p0: f32[64,8,8,256], p1: f32[64,8,8,256]) -> f32[256] {
+  %p0 = f32[64,8,8,256]{3,2,1,0} parameter(0)
+  %p1 = f32[64,8,8,256]{3,2,1,0} parameter(1)
+  %row0 = f32[1,1,1,256]{3,2,1,0} slice(%p0), slice={[0:1], [0:1], [0:1], [0:256]}
+  %row1 = f32[1,1,1,256]{3,2,1,0} slice(%p1), slice={[0:1], [0:1], [0:1], [0:256]}
+  %sum = f32[1,1,1,256]{3,2,1,0} add(%row0, %row1)
+  %whole = f32[64,8,8,256]{3,2,1,0} negate(%p1)
+  ROOT %b = f32[256]{0} bitcast(%sum)
+}
+
+ENTRY %main (x: f32[64,8,8,256], y: f32[64,8,8,256], i: s32[]) -> f32[256] {
+  %x = f32[64,8,8,256]{3,2,1,0} parameter(0)
+  %y = f32[64,8,8,256]{3,2,1,0} parameter(1)
+  %i = s32[] parameter(2)
+  %ds = f32[1,8,8,256]{3,2,1,0} dynamic-slice(%x, %i, %i, %i, %i), dynamic_slice_sizes={1,8,8,256}
+  ROOT %loop_slice_fusion = f32[256]{0} fusion(%x, %y), kind=kLoop, calls=%fused_shift
+}
+"""
+
+
+def test_traffic_counts_an_operand_a_kernel_only_slices_at_the_slices_size():
+  """BatchNorm's shifted sums read one row of an activation: a kernel reading x's first row
+  moves 1 KiB of x's 4 MiB, but all of y, which it also reads whole."""
+  report = hlo_report.HloReport(SLICED_HLO)
+  assert sorted(k.name for k in report.kernels) == ["ds", "loop_slice_fusion"]
+  # the fusion: x's row 1 KiB + y whole 4 MiB + 1 KiB out; the dynamic slice: 64 KiB of x and
+  # its 4-byte index in, 64 KiB out
+  assert report.traffic() == {"elementwise/reduction": 1024 + 4194304 + 1024,
+                              "data movement": 65536 + 4 + 65536}
 
 
 SUMS_HLO = """HloModule jit_step, is_scheduled=true
