@@ -106,7 +106,7 @@ _CONV_DIMS = ("NHWC", "HWIO", "NHWC")
 XLA_ONE_KERNEL_ROWS = 4096
 
 
-def channel_sum(v, keep: int = 1):
+def channel_sum(v):
   """Sum of an NHWC array over all axes but the channels; up to `XLA_ONE_KERNEL_ROWS` rows,
   each sample first, then the batch.
 
@@ -117,12 +117,11 @@ def channel_sum(v, keep: int = 1):
   with more of its producers (compile-only for an H200, baseline, batch 64: 4.4% less traffic
   in bf16, 2.9% in float32, for 6-7 more kernels). Longer sums are left to XLA's own split, as
   the same form there moved more bytes. The float32 result differs from one sum only in the
-  order of additions. `keep` > 1: sums over all but the last `keep` axes (several per-channel
-  sums stacked before the channels)."""
-  rows = math.prod(v.shape[:-keep])
-  if v.ndim < 2 + keep or rows > XLA_ONE_KERNEL_ROWS:
-    return v.sum(tuple(range(v.ndim - keep)))
-  per_sample = v.reshape((v.shape[0], -1) + v.shape[-keep:]).sum(1)
+  order of additions."""
+  rows = math.prod(v.shape[:-1])
+  if v.ndim < 3 or rows > XLA_ONE_KERNEL_ROWS:
+    return v.sum(tuple(range(v.ndim - 1)))
+  per_sample = v.reshape(v.shape[0], -1, v.shape[-1]).sum(1)
   # Without the barrier XLA folds the two sums back into one.
   return lax.optimization_barrier(per_sample).sum(0)
 
@@ -366,21 +365,25 @@ def _batch_norm_leaky_relu_fwd(x, scale, bias, epsilon, axis_name):
 def _batch_norm_leaky_relu_bwd(epsilon, axis_name, residuals, cotangents):
   del epsilon
   x, mean, invstd, scale, bias, n = residuals
-  ct = cotangents[0]
+  # Behind a barrier the cotangent is the bf16 tensor it is: where its producer rounded a
+  # float32 value (D's average pooling), XLA otherwise reads that float32 value instead, which
+  # it then writes out as well (four bytes an element more, written and read)
+  x, ct = lax.optimization_barrier((x, cotangents[0]))
 
   def d_normalized(x, ct):  # leaky_relu's derivative as `_leaky_relu_bwd`, then the cast's
     y = _normalize(x.astype(jnp.float32), mean, invstd, scale, bias).astype(x.dtype)
     return jnp.where(y > 0, ct, _times_slope(ct)).astype(jnp.float32)
 
   # sum(dy) shifted by its first row (as `_shifted_sum`) and sum((x - mean) dy), as one
-  # reduction of the two stacked: as two, XLA:GPU computes dy once and writes it out for both
+  # reduction of the two side by side: as two, XLA:GPU computes dy once and writes it out for
+  # both
   first = lambda v: v.reshape(-1, v.shape[-1])[0]
   shift = lax.stop_gradient(d_normalized(first(x), first(ct)))
   dy = d_normalized(x, ct)
-  sums = channel_sum(jnp.stack([dy - shift, (x.astype(jnp.float32) - mean) * dy], axis=-2),
-                     keep=2)
-  local_sum_dy = shift * (x.size // x.shape[-1]) + sums[0]
-  local_dotp = sums[1]
+  c = x.shape[-1]
+  sums = channel_sum(jnp.concatenate([dy - shift, (x.astype(jnp.float32) - mean) * dy], -1))
+  local_sum_dy = shift * (x.size // c) + sums[:c]
+  local_dotp = sums[c:]
   sum_dy, dotp = ((local_sum_dy, local_dotp) if axis_name is None else
                   lax.psum((local_sum_dy, local_dotp), axis_name))
   k = dotp * invstd * invstd / n

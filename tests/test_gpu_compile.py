@@ -58,12 +58,14 @@ def test_the_compilers_state_layouts_remove_the_weight_transposes(compiled_for_h
     assert auto["move_bytes"] < 0.6 * default["move_bytes"], (auto, default)
     assert auto["counts"]["convolution"] == default["counts"]["convolution"]
     # float32 keeps relayout copies of two kernels that feed two kinds of convolution (which
-    # two is XLA's tie-break: D main_2 and G main_2/left_0 at first, D main_2 and main_5 since
-    # BatchNorm applies D's LeakyReLU; 0.11 and 0.38 of the row-major state's bytes); in
-    # bfloat16 the cast to bf16 is that relayout.
-    assert len([b for b in auto["copied_inputs"] if b > 8]) <= 2, auto["copied_inputs"]
+    # two is XLA's tie-break, moved by unrelated changes: D main_2 and G main_2/left_0, for a
+    # while D main_2 and main_5, 0.11 and 0.38 of the row-major state's bytes); in bfloat16
+    # the cast to bf16 is that relayout.
+    assert len([b for b in auto["copied_inputs"] if b >= 1024]) <= 2, auto["copied_inputs"]
     assert sum(auto["copied_inputs"]) < 0.5 * sum(default["copied_inputs"])
-  assert all(b <= 8 for b in r["bfloat16_auto"]["copied_inputs"])
+  # bf16: no kernel copied; the step counter is, and in this tiny program two of D's BatchNorm
+  # vectors too (16 values; the baseline's program copies none of those)
+  assert all(b <= 64 for b in r["bfloat16_auto"]["copied_inputs"])
 
 
 def test_transposed_convolutions_get_cudnn_gradients_without_flipped_copies(compiled_for_h100):
