@@ -152,8 +152,8 @@ def test_batch_norm_with_leaky_relu_is_the_two_modules(dtype, groups):
   # order, so gradients within float32's rounding (bf16's x gradient: an ulp apart at most).
   for a, b in zip(jax.tree_util.tree_leaves(got[1]), jax.tree_util.tree_leaves(want[1])):
     assert a.dtype == b.dtype
-    if a.dtype == np.float32:
-      assert _rel(as_f32(a), as_f32(b)) < 1e-6
+    if a.dtype == np.float32:  # 2e-7 on the CPU; a wrong derivative would be O(1)
+      assert _rel(as_f32(a), as_f32(b)) < 1e-5
     else:
       np.testing.assert_allclose(as_f32(a), as_f32(b), rtol=2 ** -7, atol=0)
       assert float((as_f32(a) != as_f32(b)).mean()) < 0.05
