@@ -78,7 +78,7 @@ def conv2d(x, kernel, stride: int, pad: int):
 
 
 def conv_transpose(x, kernel, stride: int, pad: int):
-  """`models.conv_transpose`: PyTorch's `conv_transpose2d` for NHWC x and a (k, k, out, in)
+  """`ops.conv_transpose`: PyTorch's `conv_transpose2d` for NHWC x and a (k, k, out, in)
   kernel: out[n, s*i - p + kh, s*j - p + kw, o] += x[n, i, j, c] * kernel[kh, kw, o, c]."""
   k, _, features, c = kernel.shape
   n, h, w, _ = x.shape

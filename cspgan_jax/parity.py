@@ -21,7 +21,7 @@ import jax
 import numpy as np
 from flax import traverse_util
 
-from cspgan_jax import models, torch_port, train
+from cspgan_jax import layers, models, torch_port, train
 
 
 # Two float32 implementations each carry about the floor's error, independently; beyond a few
@@ -103,7 +103,7 @@ def _flax_layer_outputs(module, variables, x):
     modules = path[:-1]  # the last element is '__call__' or a sown value's name
     if not (modules and all(torch_port.MODULE_NAME.match(p) for p in modules)):  # flax's Conv
       continue
-    if (*modules, models.BATCH_NORM_OUTPUT) in flat and path[-1] == "__call__":
+    if (*modules, layers.BATCH_NORM_OUTPUT) in flat and path[-1] == "__call__":
       # a BatchNorm with its activation: the output is the next PyTorch module's (LeakyReLU)
       prefix, index = torch_port.MODULE_NAME.match(modules[-1]).groups()
       modules = modules[:-1] + (f"{prefix}_{int(index) + 1}",)

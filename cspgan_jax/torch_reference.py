@@ -12,7 +12,8 @@ import copy
 import torch
 from torch import nn
 
-from cspgan_jax.models import LEAKY_SLOPE, check_resolution
+from cspgan_jax.models import check_resolution
+from cspgan_jax.ops import LEAKY_SLOPE
 
 
 class CSPup(nn.Module):

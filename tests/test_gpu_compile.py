@@ -69,7 +69,7 @@ def test_the_compilers_state_layouts_remove_the_weight_transposes(compiled_for_h
 
 
 def test_transposed_convolutions_get_cudnn_gradients_without_flipped_copies(compiled_for_h100):
-  """`models.conv_transpose`'s custom VJP takes the kernel gradient as the strided convolution's
+  """`ops.conv_transpose`'s custom VJP takes the kernel gradient as the strided convolution's
   backward-filter. Plain autodiff gave XLA a convolution with batch and features swapped, which
   it bracketed with reversed, channels-first copies of the activations."""
   for variant in ("float32_auto", "bfloat16_auto"):
@@ -127,7 +127,7 @@ def test_edge_layers_as_matmul_leave_cudnn_for_matmuls(compiled_for_h100):
 
 
 def test_every_biased_convolution_is_cudnns_convolution_with_bias(compiled_for_h100):
-  """`models.Conv2d` leaves the bf16 bias add as written off the CPU because XLA:GPU fuses it
+  """`layers.Conv2d` leaves the bf16 bias add as written off the CPU because XLA:GPU fuses it
   into cuDNN's convolution-with-bias, which adds it before its one rounding (PyTorch's CPU
   arithmetic; the CPU gets float32 sums instead): G's biased 1x1 convolutions, all of them,
   and no other layer (tiny.py: three CSPup blocks)."""
@@ -140,14 +140,14 @@ def test_every_biased_convolution_is_cudnns_convolution_with_bias(compiled_for_h
 
 def test_no_sum_accumulates_in_bf16(compiled_for_h100):
   """In bf16 every reduction the GPU runs accumulates in float32: the bias gradients
-  (`models.add_bias`), BatchNorm's statistics, the losses. The program the H200 ran on
+  (`ops.add_bias`), BatchNorm's statistics, the losses. The program the H200 ran on
   2026-11-27 summed G's 15 bias gradients in bf16 (23 reductions), 9% off at batch 64."""
   for variant in ("bfloat16_auto", "bfloat16_scan", "bfloat16_edgemm"):
     assert compiled_for_h100[variant]["bf16_reduces"] == 0, variant
 
 
 def test_every_relu_is_in_its_cudnn_convolution(compiled_for_h100):
-  """`models.relu` (its backward reads the output, behind an optimization barrier): XLA:GPU
+  """`ops.relu` (its backward reads the output, behind an optimization barrier): XLA:GPU
   folds each of G's ReLUs into the 1x1 convolution before it, cuDNN's convolution with bias and
   ReLU (tiny.py: three CSPup blocks, two ReLUs each). With jax.nn.relu the convolution had a
   second reader and each ReLU ran as a kernel of its own."""
@@ -166,7 +166,7 @@ def test_bf16_steps_start_from_the_states_bf16_copies(compiled_for_h100):
 
 
 def test_per_channel_sums_run_per_sample_first(compiled_for_h100):
-  """`models.channel_sum`: no kernel sums more than a batch's rows into per-channel values
+  """`ops.channel_sum`: no kernel sums more than a batch's rows into per-channel values
   (tiny.py: batch 8; bias gradients and BatchNorm statistics over up to 8 x 16 x 16 rows).
   Summed in one go, XLA:GPU runs such a sum on a block per 64-128 channels: G main_1/right_5's
   bias gradient took 61 us on 4 blocks in the H200 run."""

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from cspgan_jax import conv_matmul, models, parity, torch_port, torch_reference, train
+from cspgan_jax import conv_matmul, layers, models, ops, parity, torch_port, torch_reference, train
 
 FORWARD_TOL = 1e-6
 
@@ -53,7 +53,7 @@ def test_batch_norm_forward_backward_and_running_stats():
   rs = np.random.RandomState(1)
   x = (rs.randn(16, 6, 6, 8) * 0.5 + 3.0 * rs.randn(8)).astype(np.float32)  # |mean| >> std
   dy = rs.randn(*x.shape).astype(np.float32)
-  bn = models.BatchNorm()
+  bn = layers.BatchNorm()
   variables = bn.init(jax.random.PRNGKey(0), x, use_running_average=True)
   tb = torch.nn.BatchNorm2d(8)
   tb.weight.data = torch.from_numpy(np.array(variables["params"]["scale"]))
@@ -92,16 +92,16 @@ def test_leaky_relu_is_pytorchs_exactly(dtype):
   x = np.concatenate([special, rs.randn(1000).astype(np.float32)])
   dy = rs.randn(x.size).astype(np.float32)
   xj, dyj = jax.numpy.asarray(x, dtype), jax.numpy.asarray(dy, dtype)
-  y, vjp = jax.vjp(models.leaky_relu, xj)
+  y, vjp = jax.vjp(ops.leaky_relu, xj)
   (dx,) = vjp(dyj)
   tdtype = getattr(torch, dtype)
   xt = torch.from_numpy(x).to(tdtype).requires_grad_(True)
-  yt = torch.nn.functional.leaky_relu(xt, models.LEAKY_SLOPE)
+  yt = torch.nn.functional.leaky_relu(xt, ops.LEAKY_SLOPE)
   yt.backward(torch.from_numpy(dy).to(tdtype))
   as_f32 = lambda a: np.asarray(jax.numpy.asarray(a, jax.numpy.float32))
   np.testing.assert_array_equal(as_f32(y), yt.detach().float().numpy())
   np.testing.assert_array_equal(as_f32(dx), xt.grad.float().numpy())
-  slope_times_dy = (dy[:2] * np.float32(models.LEAKY_SLOPE)).astype(np.float32)
+  slope_times_dy = (dy[:2] * np.float32(ops.LEAKY_SLOPE)).astype(np.float32)
   np.testing.assert_array_equal(as_f32(dx)[:2], as_f32(jax.numpy.asarray(slope_times_dy, dtype)))
 
 
@@ -127,7 +127,7 @@ def test_batch_norm_with_leaky_relu_is_the_two_modules(dtype, groups):
   x[..., 0] = 1.5
   x = jax.numpy.asarray(x, dt)
   ct = jax.numpy.asarray(rs.randn(*x.shape), dt)
-  fused, plain = models.BatchNorm(dtype=dt, activation="leaky_relu"), models.BatchNorm(dtype=dt)
+  fused, plain = layers.BatchNorm(dtype=dt, activation="leaky_relu"), layers.BatchNorm(dtype=dt)
   variables = plain.init(jax.random.PRNGKey(0), x, use_running_average=True)
   params = {"scale": variables["params"]["scale"],
             "bias": jax.numpy.asarray(rs.randn(16) * 0.3, np.float32).at[0].set(0.0)}
@@ -140,7 +140,7 @@ def test_batch_norm_with_leaky_relu_is_the_two_modules(dtype, groups):
 
   bn_kw = dict(use_running_average=False, groups=groups, mutable=["batch_stats"])
   got = run(lambda v, x: fused.apply(v, x, **bn_kw))
-  want = run(lambda v, x: (lambda y, m: (models.leaky_relu(y), m))(*plain.apply(v, x, **bn_kw)))
+  want = run(lambda v, x: (lambda y, m: (ops.leaky_relu(y), m))(*plain.apply(v, x, **bn_kw)))
   (_, (y, _)), _ = want
   assert 0 < float((np.asarray(y.astype(np.float32)) <= 0).mean()) < 1
   as_f32 = lambda a: np.asarray(a.astype(np.float32))
@@ -160,7 +160,7 @@ def test_batch_norm_with_leaky_relu_is_the_two_modules(dtype, groups):
   # evaluation mode too
   np.testing.assert_array_equal(
       np.asarray(fused.apply(variables, x, use_running_average=True).astype(np.float32)),
-      np.asarray(models.leaky_relu(plain.apply(variables, x, use_running_average=True))
+      np.asarray(ops.leaky_relu(plain.apply(variables, x, use_running_average=True))
                  .astype(np.float32)))
 
 
@@ -192,7 +192,7 @@ def test_bfloat16_conv_bias_gradient_is_summed_in_float32():
   rs = np.random.RandomState(0)
   x = rs.randn(64, 8, 8, 32).astype(np.float32)
   dy = jax.numpy.asarray(rs.randn(64, 8, 8, 512) * 0.01 + 0.003, jax.numpy.bfloat16)
-  conv = models.Conv2d(512, 1, in_features=32, dtype=jax.numpy.bfloat16)
+  conv = layers.Conv2d(512, 1, in_features=32, dtype=jax.numpy.bfloat16)
   params = conv.init(jax.random.PRNGKey(0), x)["params"]
   grad = jax.vjp(lambda p: conv.apply({"params": p}, x), params)[1](dy)[0]["bias"]
   dy32 = np.asarray(dy.astype(jax.numpy.float32))
@@ -207,11 +207,11 @@ def test_bfloat16_conv_bias_gradient_is_summed_in_float32():
 
 @pytest.mark.parametrize("dtype", [np.float32, jax.numpy.bfloat16])
 def test_relu_is_pytorchs_with_the_backward_reading_its_output(dtype):
-  """`models.relu`: the values and gradients of PyTorch's ReLU (0 at 0) and jax.nn.relu's, its
+  """`ops.relu`: the values and gradients of PyTorch's ReLU (0 at 0) and jax.nn.relu's, its
   backward pass a function of the output alone (what lets XLA:GPU fold it into cuDNN)."""
   x = jax.numpy.asarray(np.array([[-2.0, -0.0, 0.0, 1e-30, 3.0, -1e-30]]), dtype)
   dy = jax.numpy.asarray(np.array([[1.0, 2.0, 3.0, 4.0, 5.0, 6.0]]), dtype)
-  y, vjp = jax.vjp(models.relu, x)
+  y, vjp = jax.vjp(ops.relu, x)
   y_ref, vjp_ref = jax.vjp(jax.nn.relu, x)
   np.testing.assert_array_equal(np.asarray(y, np.float32), np.asarray(y_ref, np.float32))
   np.testing.assert_array_equal(np.asarray(vjp(dy)[0], np.float32),
@@ -219,7 +219,7 @@ def test_relu_is_pytorchs_with_the_backward_reading_its_output(dtype):
   t = torch.tensor(np.asarray(x, np.float32), requires_grad=True)
   torch.relu(t).backward(torch.tensor(np.asarray(dy, np.float32)))
   np.testing.assert_array_equal(np.asarray(vjp(dy)[0], np.float32), t.grad.numpy())
-  jaxpr = str(jax.make_jaxpr(lambda x, dy: jax.vjp(models.relu, x)[1](dy))(x, dy))
+  jaxpr = str(jax.make_jaxpr(lambda x, dy: jax.vjp(ops.relu, x)[1](dy))(x, dy))
   assert jaxpr.count("optimization_barrier") == 1  # the residual is the barrier's output
 
 
@@ -230,17 +230,17 @@ def test_channel_sum_is_the_sum_per_sample_first_up_to_xlas_own_split(shape, two
   first, in a program XLA cannot fold back into one sum; the result is the float32 sum in
   another order. Longer ones are one sum, which XLA:GPU splits itself."""
   x = np.random.RandomState(0).randn(*shape).astype(np.float32) + 0.5
-  got = jax.jit(models.channel_sum)(x)
+  got = jax.jit(ops.channel_sum)(x)
   exact = x.astype(np.float64).reshape(-1, shape[-1]).sum(0)
   assert got.shape == (shape[-1],) and _rel(got, exact) < 1e-6
-  lowered = jax.jit(models.channel_sum).lower(x)
+  lowered = jax.jit(ops.channel_sum).lower(x)
   assert lowered.as_text().count("stablehlo.optimization_barrier") == int(two_stages)
   if jax.default_backend() == "cpu":  # (XLA:GPU splits the longer one-stage sum itself)
     hlo = lowered.compile().as_text()
     assert hlo.count(" reduce(") == (2 if two_stages else 1), hlo
   # the bias gradient is the same sum
   bias = np.zeros(shape[-1], np.float32)
-  grad = jax.jit(lambda b, ct: jax.vjp(lambda b: models.add_bias(jax.numpy.zeros(shape), b),
+  grad = jax.jit(lambda b, ct: jax.vjp(lambda b: ops.add_bias(jax.numpy.zeros(shape), b),
                                        b)[1](ct)[0])(bias, x)
   np.testing.assert_array_equal(grad, got)
 
@@ -323,10 +323,10 @@ def test_conv_transpose_matches_pytorch_and_flax(in_ch, out_ch, stride, pad, hw)
   import flax.linen as nn
   rng = np.random.default_rng(0)
   x = rng.standard_normal((2, hw, hw, in_ch)).astype(np.float32)
-  ours = models.conv_transpose2d(out_ch, 4, stride, pad)
+  ours = layers.conv_transpose2d(out_ch, 4, stride, pad)
   theirs = nn.ConvTranspose(out_ch, (4, 4), strides=(stride, stride),
                             padding=[(3 - pad, 3 - pad)] * 2, use_bias=False,
-                            transpose_kernel=True, kernel_init=models.conv_kernel_init)
+                            transpose_kernel=True, kernel_init=layers.conv_kernel_init)
   variables = ours.init(jax.random.PRNGKey(3), x)
   np.testing.assert_array_equal(variables["params"]["kernel"],
                                 theirs.init(jax.random.PRNGKey(3), x)["params"]["kernel"])
@@ -366,13 +366,13 @@ def test_matmul_forms_match_pytorch_and_the_convolutions(transposed, in_ch, out_
   rng = np.random.default_rng(1)
   x = rng.standard_normal((2, hw, hw, in_ch)).astype(np.float32)
   if transposed:
-    ours = models.conv_transpose2d(out_ch, 4, stride, pad, as_matmul=True)
-    conv_form = models.conv_transpose2d(out_ch, 4, stride, pad)
+    ours = layers.conv_transpose2d(out_ch, 4, stride, pad, as_matmul=True)
+    conv_form = layers.conv_transpose2d(out_ch, 4, stride, pad)
     net = torch.nn.ConvTranspose2d(in_ch, out_ch, 4, stride, pad, bias=False)
     to_torch = (3, 2, 0, 1)  # (k, k, out, in) -> (in, out, k, k)
   else:
-    ours = models.Conv2dAsMatmul(out_ch, 4, stride, pad)
-    conv_form = models.Conv2d(out_ch, 4, stride, pad, use_bias=False)
+    ours = layers.Conv2dAsMatmul(out_ch, 4, stride, pad)
+    conv_form = layers.Conv2d(out_ch, 4, stride, pad, use_bias=False)
     net = torch.nn.Conv2d(in_ch, out_ch, 4, stride, pad, bias=False)
     to_torch = (3, 2, 0, 1)  # HWIO -> OIHW
   variables = ours.init(jax.random.PRNGKey(3), x)
@@ -408,8 +408,8 @@ def test_transposed_matmul_form_rounds_once_in_bfloat16():
   rs = np.random.RandomState(0)
   x = jnp.asarray(rs.randn(8, 32, 32, 64), jnp.bfloat16)
   kernel = jnp.asarray(rs.randn(4, 4, 3, 64) * 0.02, jnp.bfloat16)
-  exact = models.conv_transpose(x.astype(jnp.float32), kernel.astype(jnp.float32), 2, 1)
-  conv = np.asarray(models.conv_transpose(x, kernel, 2, 1), np.float32)
+  exact = ops.conv_transpose(x.astype(jnp.float32), kernel.astype(jnp.float32), 2, 1)
+  conv = np.asarray(ops.conv_transpose(x, kernel, 2, 1), np.float32)
   mm = np.asarray(conv_matmul.conv_transpose(x, kernel, 2, 1), np.float32)
   assert np.mean(conv == mm) > 0.999
   assert _rel(mm, exact) < 1.02 * _rel(conv, exact)

@@ -13,7 +13,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SCRIPT = r"""
 import jax, numpy as np
-from cspgan_jax import models
+from cspgan_jax import ops
 assert jax.local_device_count() == 4, jax.devices()
 rs = np.random.RandomState(0)
 x = (rs.randn(16, 4, 4, 8) + 3 * rs.randn(8)).astype(np.float32)  # |mean| >> std per channel
@@ -24,9 +24,9 @@ bias = (0.1 * rs.randn(8)).astype(np.float32)
 def run(x, dy, scale, bias, axis, leaky):
   def loss(x, scale, bias):
     if leaky:  # BatchNorm then LeakyReLU, D's layers (the derivative recomputed from x)
-      y, mean, var, n = models.batch_norm_leaky_relu_train(x, scale, bias, 1e-5, axis)
+      y, mean, var, n = ops.batch_norm_leaky_relu_train(x, scale, bias, 1e-5, axis)
     else:
-      y, mean, var, n = models.batch_norm_train(x, scale, bias, 1e-5, axis)
+      y, mean, var, n = ops.batch_norm_train(x, scale, bias, 1e-5, axis)
     return (y * dy).sum(), (y, mean, var, n)
   (_, aux), grads = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(x, scale, bias)
   return aux, grads
@@ -52,7 +52,7 @@ for leaky in (False, True):
   assert all(v <= 1e-5 for v in checks.values()), checks
   if leaky:  # the whole batch's gradients are the composition's, summed in another order
     _, (dx0, dscale0, dbias0) = jax.value_and_grad(
-        lambda x, s, b: (models.leaky_relu(models.batch_norm_train(x, s, b, 1e-5, None)[0]) * dy
+        lambda x, s, b: (ops.leaky_relu(ops.batch_norm_train(x, s, b, 1e-5, None)[0]) * dy
                          ).sum(), argnums=(0, 1, 2))(x, scale, bias)
     composed = {"dx": rel(dx, dx0), "dscale": rel(dscale, dscale0), "dbias": rel(dbias, dbias0)}
     print(composed)
