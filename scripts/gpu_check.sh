@@ -35,7 +35,7 @@ if [[ -n "${GPU_CHECK_DRY:-}" ]]; then  # CPU-sized stand-ins for every stage
     --profile-variants jax-fp32,jax-bf16,jax-bf16-dpair-edgemm"
   FLAG_ARGS="--config configs/tiny.py --batches 8 --iters 2 --repeats 1 --warmup 1"
   FLAG_SETS=("--xla_cpu_enable_fast_math=false")
-  TESTS=(tests/test_losses.py)
+  TESTS=("tests/test_losses.py tests/test_ops.py")
   T_BENCH=400 T_FLAGS=120 T_TESTS=(120) GPU_CHECK_SECONDS=${GPU_CHECK_SECONDS:-900}
 else
   # Every JAX variant but the scan is traced at both batches (the batch-256 traces of the first
@@ -53,9 +53,11 @@ else
   # graphs off changed nothing measurable and autotuning off did not finish in 75 s; neither is
   # run again.)
   FLAG_SETS=("--xla_gpu_enable_pdl=true" "--xla_gpu_enable_triton_gemm=false")
-  # One pytest a file, each under its own limit: on 2026-11-27 one limit for all three ended
-  # pytest before its summary, and the failure it had seen was lost.
-  TESTS=(tests/test_losses.py tests/test_models.py tests/test_train_parity.py)
+  # One pytest an entry, each under its own limit: on 2026-11-27 one limit for all three ended
+  # pytest before its summary, and the failure it had seen was lost. The module tests (one file,
+  # test_models.py, in that run) are one entry.
+  TESTS=(tests/test_losses.py "tests/test_ops.py tests/test_layers.py tests/test_models.py"
+         tests/test_train_parity.py)
   T_BENCH=390 T_FLAGS=75 T_TESTS=(30 70 70)
 fi
 start=$(date +%s)
@@ -96,8 +98,9 @@ stamp "reports done"
 #    against PyTorch's CPU autocast, whose first-block bound tells whether XLA's cuDNN
 #    convolution-with-bias rounds once, as on the CPU (two roundings land near the bf16 floor).
 for i in "${!TESTS[@]}"; do
+  # shellcheck disable=SC2086  # an entry may name several files
   JAX_DEFAULT_MATMUL_PRECISION=highest timeout "${T_TESTS[$i]}" python3 -m pytest -q -rf \
-      --tb=short -p no:cacheprovider -k "not optax_adam" "${TESTS[$i]}"
+      --tb=short -p no:cacheprovider -k "not optax_adam" ${TESTS[$i]}
   echo "pytest ${TESTS[$i]} exit $?"
 done > "$OUT/tests.txt" 2>&1
 stamp "tests done"
