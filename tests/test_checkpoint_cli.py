@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from cspgan_jax import checkpoint, cli, images, torch_reference, train
+from cspgan_jax import checkpoint, cli, images, models, torch_reference, train
 from cspgan_jax.errors import CheckpointError
 
 
@@ -17,7 +17,7 @@ def _leaves_equal(a, b):
       np.asarray(x).dtype == np.asarray(y).dtype and np.array_equal(x, y) for x, y in zip(la, lb))
 
 
-@pytest.mark.parametrize("block", ["relu", "leaky_bn"])
+@pytest.mark.parametrize("block", models.BLOCKS)
 def test_state_round_trips_through_orbax(tmp_path, tiny_config, block):
   config = tiny_config(f"model.block={block}")
   state = train.init_state(config, jax.random.PRNGKey(0))

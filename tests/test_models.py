@@ -15,7 +15,7 @@ def _flax_vars(net, module, x):
   return torch_port.torch_to_flax(torch_port.module_state_dict(net), template)
 
 
-@pytest.mark.parametrize("block", ["relu", "leaky_bn"])
+@pytest.mark.parametrize("block", models.BLOCKS)
 @pytest.mark.parametrize("in_ch,stride,pad,hw", [(100, 1, 0, 1), (64, 2, 1, 4), (33, 2, 1, 4)])
 def test_cspup_matches_reference(block, in_ch, stride, pad, hw):
   torch.manual_seed(0)
@@ -44,8 +44,8 @@ def _layer_rows(block, kind):
   return {"relu": 3 * 6 + 1, "leaky_bn": 3 * 10 + 1}[block] + {"dcgan": 8, "avgpool": 7}[kind]
 
 
-@pytest.mark.parametrize("block", ["relu", "leaky_bn"])
-@pytest.mark.parametrize("kind", ["dcgan", "avgpool"])
+@pytest.mark.parametrize("block", models.BLOCKS)
+@pytest.mark.parametrize("kind", models.DISCRIMINATORS)
 def test_networks_match_reference_layer_by_layer(tiny_config, block, kind):
   # Real channel widths at 32x32: the widths set how well conditioned BatchNorm inputs are.
   config = tiny_config(f"model.block={block}", f"model.discriminator={kind}", "model.ngf=64",

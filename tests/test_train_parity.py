@@ -18,7 +18,7 @@ the other branch there, and D's first two layers' gradients move by 1e-4 (docs/P
 
 import pytest
 
-from cspgan_jax import parity
+from cspgan_jax import models, parity
 
 REL_TOL = 1e-5
 ABS_TOL = 1e-5
@@ -34,8 +34,8 @@ def assert_within_bounds(rows):
       assert parity.within_floor_abs(r, ABS_TOL), r
 
 
-@pytest.mark.parametrize("block", ["relu", "leaky_bn"])
-@pytest.mark.parametrize("kind", ["dcgan", "avgpool"])
+@pytest.mark.parametrize("block", models.BLOCKS)
+@pytest.mark.parametrize("kind", models.DISCRIMINATORS)
 def test_five_iterations_match_pytorch(tiny_config, block, kind):
   config = tiny_config(f"model.block={block}", f"model.discriminator={kind}")
   rows = parity.run_parity(config, steps=5, seed=0, images_kind="noise")
@@ -71,7 +71,7 @@ def test_edge_layers_as_matmul_match_pytorch(tiny_config):
   assert_within_bounds(rows)
 
 
-@pytest.mark.parametrize("kind", ["dcgan", "avgpool"])
+@pytest.mark.parametrize("kind", models.DISCRIMINATORS)
 def test_faces_match_pytorch(tiny_config, kind):
   config = tiny_config(f"model.discriminator={kind}")
   rows = parity.run_parity(config, steps=5, seed=FACES_SEED, images_kind="faces")
