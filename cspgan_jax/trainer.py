@@ -276,6 +276,8 @@ def make_step(config, kind: str, batch_fn=None, steps: int = 1, mesh=None, state
 
 def prepare_workdir(workdir: str) -> None:
   """Creates the workdir and proves it writable before any work is done."""
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise CspganError(f"workdir {workdir} is a file, not a directory")
   try:
     os.makedirs(workdir, exist_ok=True)
     probe = os.path.join(workdir, f".write_test_{os.getpid()}")

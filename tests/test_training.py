@@ -221,6 +221,10 @@ def test_unwritable_workdir_and_foreign_checkpoint_are_one_line(tmp_path, capsys
   assert cli.main(["train", "--config", TINY, "--workdir", str(blocker / "run")]) == 2
   err = capsys.readouterr().err.strip().splitlines()[-1]
   assert err.startswith("cspgan: error: workdir ") and "is not writable" in err
+  assert cli.main(["train", "--config", TINY, "--workdir", str(blocker)]) == 2
+  err = capsys.readouterr().err.strip().splitlines()[-1]
+  assert err == f"cspgan: error: workdir {blocker} is a file, not a directory"
+  assert blocker.read_text() == "not a folder"
   workdir = str(tmp_path / "run")
   assert cli.main(["train", "--config", TINY, "--workdir", workdir,
                    "--config.train.num_steps=2", "--no-progress"]) == 0
