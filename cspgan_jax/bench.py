@@ -237,6 +237,11 @@ def _autocast_call(autocast, net, x):
     return net(x)
 
 
+def _say(msg: str) -> None:
+  """A progress line with the seconds a stage took (stderr, so the table stays on stdout)."""
+  print(f"bench: {msg}", file=sys.stderr, flush=True)
+
+
 # ---- profiles ----
 
 def _profile_jax(variant, iters, dest):
@@ -278,7 +283,9 @@ def _profile(variant, slug, batch, iters, directory) -> Optional[str]:
   dest = os.path.join(directory, f"b{batch}_{slug}.trace.json.gz")
   iters = -(-iters // variant["unit"]) * variant["unit"]  # whole dispatches
   try:
+    t = time.perf_counter()
     (_profile_jax if variant["framework"] == "jax" else _profile_torch)(variant, iters, dest)
+    _say(f"{slug} at batch {batch} traced in {time.perf_counter() - t:.1f} s")
     return dest
   except Exception as e:  # pylint: disable=broad-except
     if os.path.exists(dest + ".part"):
@@ -505,10 +512,14 @@ def run(args, overrides) -> dict:
   torch_to_profile = []
   e2e = []  # one entry per --e2e-dtypes value
   for index, batch in enumerate(batches):
-    variants = {}
+    variants, build_s = {}, {}
     for s in slugs:  # a variant that cannot be built is left out, not the end of a GPU's run
       try:
+        t = time.perf_counter()
         variants[s] = _build(s, args, batch, overrides)
+        # compilation and autotuning: what a GPU call's time budget is planned from
+        build_s[s] = time.perf_counter() - t
+        _say(f"{s} at batch {batch} built in {build_s[s]:.1f} s")
       except CspganError:
         raise
       except Exception as e:  # pylint: disable=broad-except
@@ -522,7 +533,7 @@ def run(args, overrides) -> dict:
     unit = max(v["unit"] for v in variants.values())
     iters = max(args.iters, unit)
     iters -= iters % unit
-    times, memory = {s: [] for s in variants}, {}
+    times, memory, warmup_s = {s: [] for s in variants}, {}, {s: 0.0 for s in variants}
     rounds = args.warmup + args.repeats
     for round_ in range(rounds):
       for s, v in variants.items():
@@ -532,6 +543,8 @@ def run(args, overrides) -> dict:
         v["run"](iters)
         if round_ >= args.warmup:
           times[s].append((time.perf_counter() - t) / iters)
+        else:  # torch.compile's compilation and cuDNN's benchmark trials happen here
+          warmup_s[s] += time.perf_counter() - t
         if round_ == rounds - 1:
           memory[s] = v["memory"]()
     batch_rows = []
@@ -539,7 +552,7 @@ def run(args, overrides) -> dict:
       sec = float(np.median(times[s]))
       row = dict(batch=batch, variant=v["name"], slug=s, images_per_s=batch / sec,
                  ms_per_iter=1e3 * sec, tflops=(flops / sec / 1e12) if flops else None,
-                 device_memory=memory[s])
+                 device_memory=memory[s], build_s=build_s[s], warmup_s=warmup_s[s])
       row["share_of_peak"] = row["tflops"] / peak if (row["tflops"] and peak) else None
       row["projected_minutes"] = projected_minutes(row["images_per_s"], batch)
       batch_rows.append(row)
@@ -584,7 +597,10 @@ def _end_to_end_runs(args, batch, rows, overrides):
     bare = next((r for r in rows if r["slug"] == E2E_BARE[dtype] and r["batch"] == batch), None)
     if bare is None:
       continue
+    t = time.perf_counter()
     run_ = end_to_end(args.config, batch, args.e2e, overrides, dtype)
+    run_["wall_s"] = time.perf_counter() - t  # compilation, the steps and the last writes
+    _say(f"end to end in {dtype} at batch {batch}: {run_['wall_s']:.1f} s")
     run_["vs_bare"] = run_["images_per_s"] / bare["images_per_s"]
     run_["projected_minutes"] = projected_minutes(run_["images_per_s"], run_["batch"])
     yield run_

@@ -107,6 +107,9 @@ def test_bench_script_measures_writes_hlo_and_traces(tmp_path):
     else:  # no device memory to read on a CPU
       assert r["device_memory"] is None
     assert abs(r["ms_per_iter"] * r["images_per_s"] / 1e3 - 8) < 1e-6 * 8
+    # the seconds its build took (a GPU call's budget is planned from them), also in the log
+    assert r["build_s"] > 0 and f"bench: {r['slug']} at batch 8 built in " in proc.stderr
+    assert r["warmup_s"] > 0  # one untimed round
     epoch = (202_599 // 8) * 8  # the last partial batch dropped
     assert set(r["projected_minutes"]) == {"10", "15", "40"}
     for epochs, minutes in r["projected_minutes"].items():
@@ -119,6 +122,7 @@ def test_bench_script_measures_writes_hlo_and_traces(tmp_path):
     # The timed second half holds a checkpoint and two grids; the first grid compiled before it.
     assert (e2e["steps"], e2e["sample_every"], e2e["checkpoint_every"]) == (8, 2, 4)
     assert abs(e2e["vs_bare"] - e2e["images_per_s"] / bare["images_per_s"]) < 1e-9
+    assert e2e["wall_s"] > 0 and f"end to end in {e2e['dtype']} at batch 8: " in proc.stderr
   table = out.read_text()
   assert "| 8 | JAX float32 |" in table
   assert "end-to-end `cspgan train`, float32" in table
@@ -132,6 +136,7 @@ def test_bench_script_measures_writes_hlo_and_traces(tmp_path):
     with gzip.open(prof / f"b8_{slug}.trace.json.gz", "rt") as f:
       events = json.load(f)["traceEvents"]
     assert isinstance(events, list) and events, slug
+    assert f"bench: {slug} at batch 8 traced in " in proc.stderr
     if slug.startswith("jax"):  # XLA's per-op events name the HLO instruction
       assert any("hlo_op" in (e.get("args") or {}) for e in events), slug
 
