@@ -120,12 +120,12 @@ def count_flops(config_path, batch, overrides) -> Optional[float]:
   compiled) for one CPU device, the same count on every machine. XLA:GPU's analysis of the
   compiled step misses every convolution it hands to cuDNN as a custom call."""
   import jax
-  from cspgan_jax import trainer
+  from cspgan_jax import parallel
   config = _jax_config(config_path, batch, "float32", 1, overrides)
   try:
-    batch_fn, mesh, state, args = trainer.abstract_training_inputs(config, jax.devices("cpu")[:1])
-    cost = trainer.make_step(config, "device", batch_fn, 1, mesh,
-                             trainer.replicated_sharding(mesh)).lower(state, *args).cost_analysis()
+    batch_fn, mesh, state, args = parallel.abstract_training_inputs(config, jax.devices("cpu")[:1])
+    cost = parallel.make_step(config, "device", batch_fn, 1, mesh,
+                             parallel.replicated_sharding(mesh)).lower(state, *args).cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     return float(cost.get("flops", 0.0)) or None
   except Exception as e:  # pylint: disable=broad-except  # the rows stand without it
@@ -136,14 +136,14 @@ def count_flops(config_path, batch, overrides) -> Optional[float]:
 
 def jax_variant(config_path, batch, dtype, scan, overrides, unroll=1, hlo_path=None):
   import jax
-  from cspgan_jax import input_pipeline, train, trainer
+  from cspgan_jax import input_pipeline, parallel, train
   config = _jax_config(config_path, batch, dtype, scan, overrides, unroll)
   data = input_pipeline.make_input(config)
   rng = jax.random.PRNGKey(1)
   # The trainer's own compiled step, the state in the layouts it chose.
-  step, state = trainer.compile_training_step(
+  step, state = parallel.compile_training_step(
       config, "device", data.batch_fn(), scan,
-      trainer.replicate(train.init_state(config, jax.random.PRNGKey(0))), data.images,
+      parallel.replicate(train.init_state(config, jax.random.PRNGKey(0))), data.images,
       data.shard_ids, rng)
   holder = {"state": state}
 
@@ -157,7 +157,7 @@ def jax_variant(config_path, batch, dtype, scan, overrides, unroll=1, hlo_path=N
       f.write(step.as_text() or "")
   # XLA's buffer assignment, not the allocator's high-water mark: that one keeps the
   # autotuner's trial workspaces (10 GiB for every variant on an H200).
-  memory = trainer.step_memory_bytes(step)
+  memory = parallel.step_memory_bytes(step)
 
   name = f"JAX {dtype}" + (f", {scan} steps/dispatch" if scan > 1 else "") + (
       f" (unroll {unroll})" if scan > 1 and unroll > 1 else "") + "".join(

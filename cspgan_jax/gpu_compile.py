@@ -5,7 +5,7 @@
 
 jax's CUDA plugin can compile for a GPU it is only told about (a "target config": the chip's
 compute capability, memory, cuDNN version), without a driver or a device. This compiles the
-trainer's own step (`trainer.make_step`, the batch gathered from device-resident data) for such a
+trainer's own step (`parallel.make_step`, the batch gathered from device-resident data) for such a
 compile-only device and prints what `hlo_report` finds in the optimized program: the kernels by
 kind, the cuDNN convolutions, every kernel that only moves data, copies of the step's inputs and
 loops of data-dependent length. It answers the layout questions of the performance work (which
@@ -120,12 +120,12 @@ def _quiet_stderr(held: list):
 
 def compile_step(config, devices, state_layout: str = "auto", steps: int = 1):
   """The trainer's step for `config`, compiled for `devices`; -> jax's Compiled."""
-  from cspgan_jax import trainer
-  batch_fn, mesh, state, args = trainer.abstract_training_inputs(config, devices)
+  from cspgan_jax import parallel
+  batch_fn, mesh, state, args = parallel.abstract_training_inputs(config, devices)
   if state_layout == "default":  # row-major, as an unannotated jit would take the state
-    return trainer.make_step(config, "device", batch_fn, steps, mesh,
-                             trainer.replicated_sharding(mesh)).lower(state, *args).compile()
-  compiled, _ = trainer.compile_training_step(config, "device", batch_fn, steps, state, *args,
+    return parallel.make_step(config, "device", batch_fn, steps, mesh,
+                             parallel.replicated_sharding(mesh)).lower(state, *args).compile()
+  compiled, _ = parallel.compile_training_step(config, "device", batch_fn, steps, state, *args,
                                               mesh=mesh)
   return compiled
 
@@ -192,10 +192,10 @@ def run(args, overrides) -> Optional[str]:
 
 def memory_line(compiled) -> str:
   """Device memory of the step as XLA's buffer assignment sizes it."""
-  from cspgan_jax import trainer
+  from cspgan_jax import parallel
   m = compiled.memory_analysis()
   mib = lambda n: f"{n / 2**20:,.0f} MiB"
-  total = trainer.step_memory_bytes(compiled)
+  total = parallel.step_memory_bytes(compiled)
   return (f"device memory (XLA's buffer assignment; cuDNN workspaces, which autotuning picks, "
           f"not included): arguments {mib(m.argument_size_in_bytes)} (of which "
           f"{mib(m.alias_size_in_bytes)} donated and reused for the results), temporaries "

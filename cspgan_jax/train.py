@@ -1,7 +1,7 @@
 """Training state and the per-device training iteration of the seed's BCE GAN game.
 
 `train_step` is a pure function of (state, real batch, rng); mapping it over devices is the
-caller's (`trainer.map_over_devices`, or `jax.pmap(..., axis_name=...)`), with pmap's semantics:
+caller's (`parallel.map_over_devices`, or `jax.pmap(..., axis_name=...)`), with pmap's semantics:
 gradients per device, averaged here. Collectives appear only behind `axis_name`.
 """
 

@@ -103,13 +103,13 @@ def bench_input(data_dir, resolution, batch, steps, synthetic_n):
 def bench_train_step(config_path, batch, steps, overrides):
   """The training step on a constant device batch vs gathering from the device-resident data."""
   import jax
-  from cspgan_jax import config_lib, input_pipeline, train, trainer
+  from cspgan_jax import config_lib, input_pipeline, parallel, train
   config = config_lib.load_config(config_path, [f"--config.train.batch_size={batch}",
                                                 "--config.data.source=synthetic", *overrides])
   r = config.model.resolution
   inp = input_pipeline.make_input(config)
   batch_fn = inp.batch_fn() if inp.kind == "device" else None
-  step_fn = functools.partial(train.train_step, config=config, axis_name="devices")
+  step_fn = functools.partial(train.train_step, config=config, axis_name=parallel.AXIS)
 
   def constant_step(state, real, rng):
     return step_fn(state, real, jax.random.fold_in(rng, state.step))
@@ -123,18 +123,18 @@ def bench_train_step(config_path, batch, steps, overrides):
   real = input_pipeline.put_sharded(
       [np.zeros((batch // n_dev, r, r, 3), np.float32)] * n_dev)
   init = train.init_state(config, jax.random.PRNGKey(0))
-  # Mapped and compiled as the trainer does its step (trainer.make_step): the state replicated
+  # Mapped and compiled as the trainer does its step (parallel.make_step): the state replicated
   # in the compiler's layouts, the data per device.
-  const, const_state = trainer.compile_step(
-      lambda fmt: trainer.map_over_devices(constant_step, (True, False), state_format=fmt),
-      trainer.replicate(init), real, rng)
+  const, const_state = parallel.compile_step(
+      lambda fmt: parallel.map_over_devices(constant_step, (True, False), state_format=fmt),
+      parallel.replicate(init), real, rng)
   runs = {"constant batch": lambda s: const(s, real, rng)}
   states = {"constant batch": const_state}
   if batch_fn is not None:
-    dev, dev_state = trainer.compile_step(
-        lambda fmt: trainer.map_over_devices(device_data_step, (True, True, False),
+    dev, dev_state = parallel.compile_step(
+        lambda fmt: parallel.map_over_devices(device_data_step, (True, True, False),
                                              state_format=fmt),
-        trainer.replicate(init), inp.images, inp.shard_ids, rng)
+        parallel.replicate(init), inp.images, inp.shard_ids, rng)
     runs["device-resident data"] = lambda s: dev(s, inp.images, inp.shard_ids, rng)
     states["device-resident data"] = dev_state
   # Alternate the two in rounds so that drift of the machine (clocks, other load) hits both.

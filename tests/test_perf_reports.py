@@ -13,7 +13,7 @@ import jax
 import numpy as np
 import pytest
 
-from cspgan_jax import config_lib, hlo_report, input_pipeline, train, trace_report, trainer
+from cspgan_jax import config_lib, hlo_report, input_pipeline, parallel, train, trace_report
 
 TINY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
                     "tiny.py")
@@ -232,9 +232,9 @@ def _tiny_step():
   config = config_lib.load_config(TINY, ["--config.data.pipeline=device"])
   data = input_pipeline.make_input(config)
   args = (data.images, data.shard_ids, jax.random.PRNGKey(1))
-  step, state = trainer.compile_step(
-      lambda fmt: trainer.make_step(config, "device", data.batch_fn(), state_format=fmt),
-      trainer.replicate(train.init_state(config, jax.random.PRNGKey(0))), *args)
+  step, state = parallel.compile_step(
+      lambda fmt: parallel.make_step(config, "device", data.batch_fn(), state_format=fmt),
+      parallel.replicate(train.init_state(config, jax.random.PRNGKey(0))), *args)
   return config, step, state, args
 
 

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cspgan_jax import cli, config_lib, train, trainer
+from cspgan_jax import cli, config_lib, parallel, train, trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(REPO, "configs", "tiny.py")
@@ -187,8 +187,8 @@ def test_the_step_computes_the_same_with_the_state_in_gpu_layouts():
   data = input_pipeline.make_input(config)
   args = (data.images, data.shard_ids, jax.random.PRNGKey(1))
   state0 = train.init_state(config, jax.random.PRNGKey(0))
-  make = lambda fmt: trainer.make_step(config, "device", data.batch_fn(), state_format=fmt)
-  rep = trainer.replicated_sharding()
+  make = lambda fmt: parallel.make_step(config, "device", data.batch_fn(), state_format=fmt)
+  rep = parallel.replicated_sharding()
   gpu_like = jax.tree_util.tree_map(
       lambda x: Format(Layout((3, 0, 1, 2) if np.ndim(x) == 4 else tuple(range(np.ndim(x)))),
                        rep), state0)
@@ -196,10 +196,10 @@ def test_the_step_computes_the_same_with_the_state_in_gpu_layouts():
   runs = {}
   for name in ("row-major", "gpu-like"):
     if name == "row-major":
-      step, state = trainer.compile_step(make, trainer.replicate(state0), *args)
+      step, state = parallel.compile_step(make, parallel.replicate(state0), *args)
     else:
       step = make(gpu_like).lower(shapes, *args).compile()
-      state = trainer.place_for(trainer.replicate(state0), gpu_like)
+      state = parallel.place_for(parallel.replicate(state0), gpu_like)
       kernel = state.g.params["main_1"]["left_0"]["kernel"]
       assert kernel.format.layout.major_to_minor == (3, 0, 1, 2)
     for _ in range(3):
@@ -207,10 +207,10 @@ def test_the_step_computes_the_same_with_the_state_in_gpu_layouts():
     if name == "gpu-like":  # the donated state comes back in the same layouts
       kernel = state.g.params["main_1"]["left_0"]["kernel"]
       assert kernel.format.layout.major_to_minor == (3, 0, 1, 2)
-    g = trainer.first_local_copy(state.g)
+    g = parallel.first_local_copy(state.g)
     sample = train.generate(config, g.params, g.batch_stats,
                             train.sample_latents(jax.random.PRNGKey(5), 4, config.model.nz))
-    runs[name] = (trainer.unreplicate(state), trainer.unreplicate(metrics), np.asarray(sample))
+    runs[name] = (parallel.unreplicate(state), parallel.unreplicate(metrics), np.asarray(sample))
   (s_a, m_a, x_a), (s_b, m_b, x_b) = runs["row-major"], runs["gpu-like"]
   for a, b in zip(jax.tree_util.tree_leaves((s_a, m_a, x_a)),
                   jax.tree_util.tree_leaves((s_b, m_b, x_b))):
@@ -242,9 +242,9 @@ def test_flop_count_is_xlas_count_of_the_compiled_step():
   from cspgan_jax import bench
   counted = bench.count_flops(TINY, 8, [])
   config = bench._jax_config(TINY, 8, "float32", 1, [])  # pylint: disable=protected-access
-  batch_fn, mesh, state, args = trainer.abstract_training_inputs(config, jax.devices()[:1])
-  compiled = trainer.make_step(config, "device", batch_fn, 1, mesh,
-                               trainer.replicated_sharding(mesh)).lower(state, *args).compile()
+  batch_fn, mesh, state, args = parallel.abstract_training_inputs(config, jax.devices()[:1])
+  compiled = parallel.make_step(config, "device", batch_fn, 1, mesh,
+                               parallel.replicated_sharding(mesh)).lower(state, *args).compile()
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   # Convolutions are most of it: G and D forward, and their two backward passes.

@@ -13,7 +13,8 @@ import jax
 import numpy as np
 import torch
 
-from cspgan_jax import config_lib, input_pipeline, parity, torch_port, torch_reference, train, trainer
+from cspgan_jax import (config_lib, input_pipeline, parallel, parity, torch_port, torch_reference,
+                        train)
 
 assert jax.local_device_count() == 4
 N = 4
@@ -44,19 +45,19 @@ def replicas_identical(tree):
 def mapped_step(config):
   """`train_step_with_noise` mapped over the 4 devices as the trainer maps its step (the state
   replicated in the compiler's layouts, images and noise split); -> (new state, metrics)."""
-  step = functools.partial(train.train_step_with_noise, config=config, axis_name=trainer.AXIS)
+  step = functools.partial(train.train_step_with_noise, config=config, axis_name=parallel.AXIS)
 
   def run(state, images, latents):
-    compiled, placed = trainer.compile_step(
-        lambda fmt: trainer.map_over_devices(step, (True, True), state_format=fmt),
-        trainer.replicate(state), images, latents)
+    compiled, placed = parallel.compile_step(
+        lambda fmt: parallel.map_over_devices(step, (True, True), state_format=fmt),
+        parallel.replicate(state), images, latents)
     return compiled(placed, images, latents)
 
   return run
 
 
 def first(tree):
-  return trainer.unreplicate(tree)
+  return parallel.unreplicate(tree)
 
 
 def start(config, seed=0):
@@ -123,9 +124,9 @@ rng = jax.random.PRNGKey(7)
 data = np.random.default_rng(0).integers(0, 256, (N, 4, 32, 32, 3), dtype=np.uint8)
 shard_ids = input_pipeline.put_sharded(list(np.arange(N, dtype=np.int32)))
 state5 = state.replace(step=state.step + 5)
-step_fn, placed = trainer.compile_step(
-    lambda fmt: trainer.make_step(config, "streaming", state_format=fmt),
-    trainer.replicate(state5), input_pipeline.put_sharded(list(data)), shard_ids, rng)
+step_fn, placed = parallel.compile_step(
+    lambda fmt: parallel.make_step(config, "streaming", state_format=fmt),
+    parallel.replicate(state5), input_pipeline.put_sharded(list(data)), shard_ids, rng)
 got, _ = step_fn(placed, input_pipeline.put_sharded(list(data)), shard_ids, rng)
 z = np.stack([np.asarray(train.sample_latents(
     jax.random.fold_in(jax.random.fold_in(rng, 5), d), 4, config.model.nz)) for d in range(N)])
