@@ -192,6 +192,8 @@ def batch_norm_train(x, scale, bias, epsilon: float, axis_name: Optional[str]):
 
 
 def normalize(x, mean, invstd, scale, bias):
+  """BatchNorm's output as PyTorch's CPU kernel computes it: x * alpha + (bias - mean * alpha),
+  alpha = invstd * scale."""
   alpha = invstd * scale
   return x * alpha + (bias - mean * alpha)
 
