@@ -124,8 +124,9 @@ def count_flops(config_path, batch, overrides) -> Optional[float]:
   config = _jax_config(config_path, batch, "float32", 1, overrides)
   try:
     batch_fn, mesh, state, args = parallel.abstract_training_inputs(config, jax.devices("cpu")[:1])
-    cost = parallel.make_step(config, "device", batch_fn, 1, mesh,
-                             parallel.replicated_sharding(mesh)).lower(state, *args).cost_analysis()
+    step = parallel.make_step(config, "device", batch_fn, 1, mesh,
+                              parallel.replicated_sharding(mesh))
+    cost = step.lower(state, *args).cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     return float(cost.get("flops", 0.0)) or None
   except Exception as e:  # pylint: disable=broad-except  # the rows stand without it

@@ -166,7 +166,7 @@ class BatchNorm(nn.Module):
     if leaky:
       xl = x  # in its own dtype: the backward pass keeps x, not a float32 copy
       train_bn = lambda v: ops.batch_norm_leaky_relu_train(v, scale, bias, self.epsilon,
-                                                       self.axis_name)
+                                                           self.axis_name)
     else:
       xl = xf
       train_bn = lambda v: ops.batch_norm_train(v, scale, bias, self.epsilon, self.axis_name)

@@ -105,8 +105,8 @@ class Generator(nn.Module):
       stride, pad = (1, 0) if i == 0 else (2, 1)
       x = block(c, 4, stride, pad, transposed_as_matmul=self.edge_as_matmul and i == 0,
                 name=f"main_{i}")(x, train)  # (N, 4 * 2**i, 4 * 2**i, c)
-    x = layers.conv_transpose2d(self.nc, 4, 2, 1, dtype=self.dtype, as_matmul=self.edge_as_matmul,
-                         name=f"main_{n_blocks}")(x)
+    x = layers.conv_transpose2d(self.nc, 4, 2, 1, dtype=self.dtype,
+                                as_matmul=self.edge_as_matmul, name=f"main_{n_blocks}")(x)
     return jnp.tanh(x.astype(jnp.float32))
 
 

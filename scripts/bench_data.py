@@ -133,7 +133,7 @@ def bench_train_step(config_path, batch, steps, overrides):
   if batch_fn is not None:
     dev, dev_state = parallel.compile_step(
         lambda fmt: parallel.map_over_devices(device_data_step, (True, True, False),
-                                             state_format=fmt),
+                                              state_format=fmt),
         parallel.replicate(init), inp.images, inp.shard_ids, rng)
     runs["device-resident data"] = lambda s: dev(s, inp.images, inp.shard_ids, rng)
     states["device-resident data"] = dev_state

@@ -244,7 +244,7 @@ def test_flop_count_is_xlas_count_of_the_compiled_step():
   config = bench._jax_config(TINY, 8, "float32", 1, [])  # pylint: disable=protected-access
   batch_fn, mesh, state, args = parallel.abstract_training_inputs(config, jax.devices()[:1])
   compiled = parallel.make_step(config, "device", batch_fn, 1, mesh,
-                               parallel.replicated_sharding(mesh)).lower(state, *args).compile()
+                                parallel.replicated_sharding(mesh)).lower(state, *args).compile()
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   # Convolutions are most of it: G and D forward, and their two backward passes.
