@@ -299,12 +299,15 @@ def _profile(variant, slug, batch, iters, directory) -> Optional[str]:
 
 # ---- the real loop ----
 
-# --e2e-dtypes value -> the bare variant it is compared with
-E2E_BARE = {"float32": "jax-fp32", "bfloat16": "jax-bf16"}
+# The variants `--e2e` can run as `cspgan train`: one step a dispatch (the scan's cadences would
+# have to be multiples of its steps), each compared with its own bare row.
+E2E_VARIANTS = ("jax-fp32", "jax-bf16", "jax-bf16-dpair", "jax-bf16-edgemm",
+                "jax-bf16-dpair-edgemm")
 
 
-def end_to_end(config_path, batch, steps, overrides, dtype="float32"):
-  """`cspgan train` on synthetic device-resident data; images/s over the second half.
+def end_to_end(config_path, batch, steps, overrides, variant="jax-fp32"):
+  """`cspgan train` with `variant`'s dtype and options on synthetic device-resident data;
+  images/s over the second half.
 
   The second half holds a checkpoint (at its start) and two sample grids (at 1/2 and 3/4 of the
   run), a log at each end: at 1,000 steps a denser cadence than the seed's (a grid every 500
@@ -318,7 +321,8 @@ def end_to_end(config_path, batch, steps, overrides, dtype="float32"):
       f"--config.train.batch_size={batch}", f"--config.train.num_steps={2 * half}",
       f"--config.train.log_every={half}", f"--config.train.sample_every={sample_every}",
       f"--config.train.checkpoint_every={half}", "--config.data.source=synthetic",
-      f"--config.train.dtype={dtype}",
+      f"--config.train.dtype={VARIANTS[variant][1]}",
+      *(f"--config.{key}=True" for key in variant_options(variant)),
       # the bare iteration's data, so that the step is the very program timed there (and a
       # persistent compilation cache serves it)
       f"--config.data.num_examples={max(4 * batch, 512)}", "--config.data.pipeline=device",
@@ -327,8 +331,10 @@ def end_to_end(config_path, batch, steps, overrides, dtype="float32"):
     trainer.train_and_evaluate(config, workdir, progress=False)
     with open(os.path.join(workdir, trainer.METRICS_FILE)) as f:
       last = json.loads(f.read().splitlines()[-1])
-  return dict(dtype=dtype, batch=batch, steps=2 * half, sample_every=sample_every,
-              checkpoint_every=half, data="synthetic", images_per_s=last["images_per_sec"])
+  return dict(variant=variant, dtype=config.train.dtype, batch=batch, steps=2 * half,
+              options=[key for key, _ in OPTIONS.values() if _option_on(config, key)],
+              sample_every=sample_every, checkpoint_every=half, data="synthetic",
+              images_per_s=last["images_per_sec"])
 
 
 # ---- arguments ----
@@ -355,10 +361,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="also run `cspgan train` for this many steps (>= 4) at the first "
                            "batch size and compare its images/s over the second half (a "
                            "checkpoint and two sample grids in it) with the bare iteration of "
-                           "the same dtype")
-  parser.add_argument("--e2e-dtypes", default="float32",
-                      help="comma list of train.dtype for --e2e: float32 (needs jax-fp32), "
-                           "bfloat16 (needs jax-bf16); default float32")
+                           "the same variant")
+  parser.add_argument("--e2e-variants", default="jax-fp32",
+                      help="comma list of the variants --e2e runs, each with its dtype and "
+                           f"options and also in --variants: {', '.join(E2E_VARIANTS)} "
+                           "(default jax-fp32)")
   parser.add_argument("--hlo", default=None, metavar="DIR",
                       help="write the optimized HLO of each timed JAX step to "
                            "DIR/b{batch}_{variant}.hlo.txt")
@@ -405,15 +412,6 @@ def _make_dir(path: str, option: str) -> None:
     raise CspganError(f"{option} {path}: cannot create the folder: {e.strerror or e}") from e
 
 
-def _parse_e2e_dtypes(text: str) -> List[str]:
-  dtypes = [d.strip() for d in text.split(",") if d.strip()]
-  unknown = [d for d in dtypes if d not in E2E_BARE]
-  if not dtypes or unknown:
-    raise CspganError(f"--e2e-dtypes: {unknown[0] if unknown else text!r} is not one of "
-                      f"{', '.join(E2E_BARE)}")
-  return dtypes
-
-
 def _validate(args):
   """The arguments' own checks, before jax is even imported: (batches, variants)."""
   variants = _parse_variants(args.variants)
@@ -432,12 +430,12 @@ def _validate(args):
   if 0 < args.e2e < 4:
     raise CspganError(f"--e2e needs >= 4 steps (a sampler warm-up before the timed half), "
                       f"got {args.e2e}")
-  e2e_dtypes = _parse_e2e_dtypes(args.e2e_dtypes)
+  e2e_variants = _parse_variants(args.e2e_variants, "--e2e-variants", E2E_VARIANTS)
   if args.e2e > 0:
-    for dtype in e2e_dtypes:
-      if E2E_BARE[dtype] not in variants:
-        raise CspganError(f"--e2e in {dtype} compares with the bare {E2E_BARE[dtype]} "
-                          f"iteration: add {E2E_BARE[dtype]} to --variants")
+    missing = [v for v in e2e_variants if v not in variants]
+    if missing:
+      raise CspganError(f"--e2e of {missing[0]} compares with its bare iteration: add "
+                        f"{missing[0]} to --variants")
   if args.out:
     if os.path.splitext(args.out)[1].lower() == ".json":
       raise CspganError(f"--out {args.out}: the markdown table goes there and the JSON beside "
@@ -511,7 +509,7 @@ def run(args, overrides) -> dict:
   # PyTorch's profiler keeps CUPTI once it has used it, and a JAX trace taken after one then
   # holds no GPU events: every JAX trace first, PyTorch's after the last batch.
   torch_to_profile = []
-  e2e = []  # one entry per --e2e-dtypes value
+  e2e = []  # one entry per --e2e-variants value
   for index, batch in enumerate(batches):
     variants, build_s = {}, {}
     for s in slugs:  # a variant that cannot be built is left out, not the end of a GPU's run
@@ -592,16 +590,18 @@ def run(args, overrides) -> dict:
 
 
 def _end_to_end_runs(args, batch, rows, overrides):
-  """`cspgan train` at `batch` for each --e2e-dtypes value, each read against the bare row of
-  its dtype (skipped where that variant failed to build: its warning is printed already)."""
-  for dtype in (_parse_e2e_dtypes(args.e2e_dtypes) if args.e2e else []):
-    bare = next((r for r in rows if r["slug"] == E2E_BARE[dtype] and r["batch"] == batch), None)
+  """`cspgan train` at `batch` for each --e2e-variants value, each read against its bare row
+  (skipped where that variant failed to build: its warning is printed already)."""
+  for slug in (_parse_variants(args.e2e_variants, "--e2e-variants", E2E_VARIANTS)
+               if args.e2e else []):
+    bare = next((r for r in rows if r["slug"] == slug and r["batch"] == batch), None)
     if bare is None:
       continue
     t = time.perf_counter()
-    run_ = end_to_end(args.config, batch, args.e2e, overrides, dtype)
+    run_ = end_to_end(args.config, batch, args.e2e, overrides, slug)
     run_["wall_s"] = time.perf_counter() - t  # compilation, the steps and the last writes
-    _say(f"end to end in {dtype} at batch {batch}: {run_['wall_s']:.1f} s")
+    _say(f"end to end, {bare['variant']}, at batch {batch}: {run_['wall_s']:.1f} s")
+    run_["name"] = bare["variant"]
     run_["vs_bare"] = run_["images_per_s"] / bare["images_per_s"]
     run_["projected_minutes"] = projected_minutes(run_["images_per_s"], run_["batch"])
     yield run_
@@ -631,12 +631,12 @@ def format_table(report: dict) -> str:
                  f"{fmt(mem, '.3g')} | {'n/a' if ratio is None else f'{ratio:.2f}x'} | "
                  f"{_projection(r['projected_minutes'])} |")
   for e2e in report.get("end_to_end") or []:
-    lines += ["", f"end-to-end `cspgan train`, {e2e['dtype']} (batch {e2e['batch']}, steps "
+    lines += ["", f"end-to-end `cspgan train`, {e2e['name']} (batch {e2e['batch']}, steps "
               f"{e2e['steps']}, "
               f"{e2e['data']} data; logs every {e2e['steps'] // 2}, sample grids every "
               f"{e2e['sample_every']}, checkpoints every {e2e['checkpoint_every']}): "
               f"{e2e['images_per_s']:,.0f} images/s over the second half = "
-              f"{100 * e2e['vs_bare']:.1f}% of the bare JAX {e2e['dtype']} iteration; "
+              f"{100 * e2e['vs_bare']:.1f}% of the bare iteration of the same variant; "
               f"{epochs} epochs of CelebA: {_projection(e2e['projected_minutes'])} min"]
   lines.append("")
   lines.append(f"peak used for the share: {fmt(report.get('peak_tflops'), '.0f')} TFLOP/s (bf16 "

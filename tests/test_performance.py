@@ -81,7 +81,7 @@ def test_bench_script_measures_writes_hlo_and_traces(tmp_path):
       [sys.executable, os.path.join(REPO, "scripts", "bench.py"), "--config", TINY,
        "--batches", "8", "--iters", "2", "--repeats", "1", "--warmup", "1",
        "--variants", ",".join(slugs), "--scan", "2", "--e2e", "8",
-       "--e2e-dtypes", "float32,bfloat16", "--hlo", str(hlo),
+       "--e2e-variants", "jax-fp32,jax-bf16-dpair-edgemm", "--hlo", str(hlo),
        "--profile", str(prof), "--profile-iters", "2", "--out", str(out)],
       env=dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu"), capture_output=True, text=True,
       timeout=600, cwd=REPO)
@@ -116,17 +116,24 @@ def test_bench_script_measures_writes_hlo_and_traces(tmp_path):
       expected = int(epochs) * epoch / r["images_per_s"] / 60
       assert abs(minutes - expected) <= 1e-9 * expected, (r["slug"], epochs)
   assert rows[4]["vs_torch_fp32"] == 1.0
-  assert [e["dtype"] for e in report["end_to_end"]] == ["float32", "bfloat16"]
-  for e2e, bare in zip(report["end_to_end"], rows[:2]):  # against jax-fp32, jax-bf16
+  # each end-to-end run trains with its variant's dtype and options, read against its bare row
+  assert [(e["variant"], e["dtype"], e["options"]) for e in report["end_to_end"]] == [
+      ("jax-fp32", "float32", []),
+      ("jax-bf16-dpair-edgemm", "bfloat16",
+       ["train.d_real_fake_together", "model.edge_layers_as_matmul"])]
+  for e2e, bare in zip(report["end_to_end"], (rows[0], rows[3])):
     assert e2e["images_per_s"] > 0 and e2e["batch"] == 8
     # The timed second half holds a checkpoint and two grids; the first grid compiled before it.
     assert (e2e["steps"], e2e["sample_every"], e2e["checkpoint_every"]) == (8, 2, 4)
     assert abs(e2e["vs_bare"] - e2e["images_per_s"] / bare["images_per_s"]) < 1e-9
-    assert e2e["wall_s"] > 0 and f"end to end in {e2e['dtype']} at batch 8: " in proc.stderr
+    assert e2e["name"] == bare["variant"]
+    assert e2e["wall_s"] > 0 and f"end to end, {e2e['name']}, at batch 8: " in proc.stderr
   table = out.read_text()
   assert "| 8 | JAX float32 |" in table
-  assert "end-to-end `cspgan train`, float32" in table
-  assert "end-to-end `cspgan train`, bfloat16" in table and "bare JAX bfloat16 iteration" in table
+  assert "end-to-end `cspgan train`, JAX float32 (batch 8" in table
+  assert ("end-to-end `cspgan train`, JAX bfloat16, D on real + fake in one pass, edge layers as "
+          "matmuls (batch 8") in table
+  assert table.count("of the bare iteration of the same variant") == 2
   assert "10 / 15 / 40 epochs of CelebA (min)" in table
   for slug in slugs[:4]:
     text = (hlo / f"b8_{slug}.hlo.txt").read_text()
@@ -154,7 +161,7 @@ def test_bench_keeps_an_earlier_runs_files(tmp_path, capsys):
 @pytest.mark.parametrize("flag,value,needle", [
     ("--variants", "jax-fp32,jax-fp64", "'jax-fp64'"),
     ("--batches", "8,0", "--batches"),
-    ("--e2e-dtypes", "float32,float16", "'float16'"),
+    ("--e2e-variants", "jax-fp32,jax-bf16-scan", "--e2e-variants: 'jax-bf16-scan' is not"),
     ("--profile-variants", "jax-fp64", "--profile-variants: 'jax-fp64' is not one of"),
 ])
 def test_bench_rejects_bad_arguments_in_one_line(capsys, flag, value, needle):
@@ -262,10 +269,10 @@ def test_bench_takes_every_jax_trace_before_pytorchs(tmp_path, monkeypatch, caps
   order = []
   monkeypatch.setattr(bench, "_profile", lambda v, s, b, i, d: order.append((s, b)) or "x")
 
-  def end_to_end(config, batch, steps, overrides, dtype):
+  def end_to_end(config, batch, steps, overrides, variant):
     order.append(("end to end", batch))
-    return dict(dtype=dtype, batch=batch, steps=steps, sample_every=2, checkpoint_every=4,
-                data="synthetic", images_per_s=1.0)
+    return dict(variant=variant, dtype="float32", batch=batch, steps=steps, sample_every=2,
+                checkpoint_every=4, data="synthetic", images_per_s=1.0)
   monkeypatch.setattr(bench, "end_to_end", end_to_end)
   out = tmp_path / "bench.md"
   assert cli.main(["bench", "--config", TINY, "--batches", "8,16", "--iters", "1", "--repeats",
@@ -273,7 +280,7 @@ def test_bench_takes_every_jax_trace_before_pytorchs(tmp_path, monkeypatch, caps
                    str(tmp_path / "prof"), "--e2e", "8", "--out", str(out)]) == 0
   assert order == [("jax-fp32", 8), ("end to end", 8), ("jax-fp32", 16), ("torch-fp32", 8),
                    ("torch-fp32", 16)]
-  assert "end-to-end `cspgan train`, float32 (batch 8" in out.read_text()
+  assert "end-to-end `cspgan train`, JAX float32 (batch 8" in out.read_text()
   args = lambda profile_variants: argparse.Namespace(profile_variants=profile_variants)
   measured = ["jax-fp32", "jax-bf16", "torch-fp32"]
   assert bench.profiled_variants(args(None), measured) == measured
@@ -287,8 +294,8 @@ def test_bench_takes_every_jax_trace_before_pytorchs(tmp_path, monkeypatch, caps
   assert err.count("\n") == 1 and "--profile-variants: 'torch-fp32' is not one of jax-fp32" in err
 
 
-def test_bench_end_to_end_needs_the_bare_variant_of_its_dtype(capsys):
+def test_bench_end_to_end_needs_its_bare_variant(capsys):
   assert cli.main(["bench", "--config", TINY, "--variants", "jax-fp32", "--e2e", "8",
-                   "--e2e-dtypes", "bfloat16"]) == 2
+                   "--e2e-variants", "jax-fp32,jax-bf16"]) == 2
   err = capsys.readouterr().err
   assert err.count("\n") == 1 and "add jax-bf16 to --variants" in err, err
