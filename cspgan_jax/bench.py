@@ -609,6 +609,50 @@ def _end_to_end_runs(args, batch, rows, overrides):
 
 # ---- the table ----
 
+# The performance issue's targets (one H100; docs/PERFORMANCE.md), each read off the best row
+# (or end-to-end run) that it applies to: (what, batch, JAX dtype, the row's field, bound).
+TARGETS = (
+    ("batch 64, JAX float32, vs PyTorch eager fp32", 64, "float32", "vs_torch_fp32", 1.5),
+    ("batch 64, JAX bf16, vs PyTorch eager fp32", 64, "bfloat16", "vs_torch_fp32", 4.0),
+    ("batch 256, JAX bf16, share of the bf16 peak", 256, "bfloat16", "share_of_peak", 0.35),
+)
+E2E_TARGET_MINUTES = 3.0  # 10 epochs of CelebA, end to end
+E2E_TARGET_SHARE = 0.9  # of the bare iteration
+
+
+def target_lines(report: dict) -> List[str]:
+  """Each of the issue's targets against the best row of this run it applies to."""
+  def show(field, value):
+    # two decimals: a figure just short of its bound must not print as the bound
+    return f"{100 * value:.2f}%" if field == "share_of_peak" else f"{value:.2f}x"
+
+  lines = ["", "Against the performance issue's targets (set for one H100):"]
+  for what, batch, dtype, field, bound in TARGETS:
+    rows = [r for r in report["rows"] if r["batch"] == batch and r.get(field) is not None
+            and VARIANTS[r["slug"]] == ("jax", dtype)]
+    if not rows:
+      lines.append(f"- {what} >= {show(field, bound)}: no such row in this run")
+      continue
+    best = max(rows, key=lambda r: r[field])
+    verdict = "met" if best[field] >= bound else "not met"
+    lines.append(f"- {what} >= {show(field, bound)}: {verdict}, {show(field, best[field])} "
+                 f"({best['variant']})")
+  runs = report.get("end_to_end") or []
+  if not runs:
+    lines.append("- end to end: no `--e2e` run in this run")
+    return lines
+  fastest = min(runs, key=lambda e: e["projected_minutes"]["10"])
+  minutes = fastest["projected_minutes"]["10"]
+  lines.append(f"- 10 epochs of CelebA end to end under {E2E_TARGET_MINUTES:.0f} min: "
+               f"{'met' if minutes < E2E_TARGET_MINUTES else 'not met'}, {minutes:.2f} min "
+               f"({fastest['name']}, batch {fastest['batch']})")
+  for e in runs:
+    lines.append(f"- the real loop within {100 * (1 - E2E_TARGET_SHARE):.0f}% of the bare "
+                 f"iteration: {'met' if e['vs_bare'] >= E2E_TARGET_SHARE else 'not met'}, "
+                 f"{100 * e['vs_bare']:.1f}% ({e['name']})")
+  return lines
+
+
 def _projection(minutes: dict) -> str:
   return " / ".join(f"{minutes[str(e)]:,.1f}" for e in PROJECTION_EPOCHS)
 
@@ -638,6 +682,7 @@ def format_table(report: dict) -> str:
               f"{e2e['images_per_s']:,.0f} images/s over the second half = "
               f"{100 * e2e['vs_bare']:.1f}% of the bare iteration of the same variant; "
               f"{epochs} epochs of CelebA: {_projection(e2e['projected_minutes'])} min"]
+  lines += target_lines(report)
   lines.append("")
   lines.append(f"peak used for the share: {fmt(report.get('peak_tflops'), '.0f')} TFLOP/s (bf16 "
                "dense) and FLOPs counted by XLA (CPU) for the JAX iteration; device memory: JAX, "

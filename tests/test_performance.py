@@ -134,6 +134,7 @@ def test_bench_script_measures_writes_hlo_and_traces(tmp_path):
   assert ("end-to-end `cspgan train`, JAX bfloat16, D on real + fake in one pass, edge layers as "
           "matmuls (batch 8") in table
   assert table.count("of the bare iteration of the same variant") == 2
+  assert "\n".join(bench.target_lines(report)) in table  # the issue's targets, under the rows
   assert "10 / 15 / 40 epochs of CelebA (min)" in table
   for slug in slugs[:4]:
     text = (hlo / f"b8_{slug}.hlo.txt").read_text()
@@ -299,3 +300,39 @@ def test_bench_end_to_end_needs_its_bare_variant(capsys):
                    "--e2e-variants", "jax-fp32,jax-bf16"]) == 2
   err = capsys.readouterr().err
   assert err.count("\n") == 1 and "add jax-bf16 to --variants" in err, err
+
+
+def test_bench_reads_the_issues_targets_off_the_best_row_of_each():
+  from cspgan_jax import bench
+
+  def row(batch, slug, ratio, share):
+    return dict(batch=batch, slug=slug, variant=f"{slug} name", vs_torch_fp32=ratio,
+                share_of_peak=share)
+
+  def e2e(slug, minutes, vs_bare):
+    return dict(name=f"{slug} name", batch=64, vs_bare=vs_bare,
+                projected_minutes={"10": minutes, "15": 1.5 * minutes, "40": 4 * minutes})
+
+  rows = [row(64, "jax-fp32", 2.12, 0.118), row(64, "jax-bf16", 3.25, 0.18),
+          row(64, "jax-bf16-dpair-edgemm", 4.02, 0.22), row(64, "torch-fp32", 1.0, 0.05),
+          row(64, "torch-bf16", 4.5, 0.3),  # a PyTorch row never counts for JAX's targets
+          row(256, "jax-bf16", 2.9, 0.289), row(256, "jax-bf16-scan", 2.9, 0.3499)]
+  report = dict(rows=rows, end_to_end=[e2e("jax-fp32", 4.6, 0.93),
+                                       e2e("jax-bf16-dpair-edgemm", 2.95, 0.88)])
+  assert bench.target_lines(report)[1:] == [
+      "Against the performance issue's targets (set for one H100):",
+      "- batch 64, JAX float32, vs PyTorch eager fp32 >= 1.50x: met, 2.12x (jax-fp32 name)",
+      "- batch 64, JAX bf16, vs PyTorch eager fp32 >= 4.00x: met, 4.02x "
+      "(jax-bf16-dpair-edgemm name)",
+      "- batch 256, JAX bf16, share of the bf16 peak >= 35.00%: not met, 34.99% "
+      "(jax-bf16-scan name)",
+      "- 10 epochs of CelebA end to end under 3 min: met, 2.95 min (jax-bf16-dpair-edgemm name, "
+      "batch 64)",
+      "- the real loop within 10% of the bare iteration: met, 93.0% (jax-fp32 name)",
+      "- the real loop within 10% of the bare iteration: not met, 88.0% "
+      "(jax-bf16-dpair-edgemm name)"]
+  # a run without batch 256, without JAX float32 and without --e2e says so, line by line
+  lines = bench.target_lines(dict(rows=rows[1:3], end_to_end=None))
+  assert lines[2].endswith(">= 1.50x: no such row in this run")
+  assert lines[4].endswith(">= 35.00%: no such row in this run")
+  assert lines[5] == "- end to end: no `--e2e` run in this run"
