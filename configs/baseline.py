@@ -64,6 +64,10 @@ def get_config():
   config.train.checkpoint_every = 5000   # also at the end and on SIGTERM / SIGINT
   config.train.keep_checkpoints = 3
   config.train.stop_check_every = 100    # multi-host: steps between SIGTERM checks (a collective)
+  # > 0: a device trace of that many steps from step `profile_start` (past compilation and
+  # warm-up) into tensorboard/plugins/profile, with the step's HLO beside it (process 0)
+  config.train.profile_steps = 0
+  config.train.profile_start = 20
 
   # Multi-host: empty = one process, or JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES /
   # JAX_PROCESS_ID from the environment.

@@ -116,6 +116,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
          f"train.log_every, sample_every and checkpoint_every must be multiples of "
          f"train.steps_per_dispatch ({t.steps_per_dispatch})"),
         (t.keep_checkpoints >= 1, f"train.keep_checkpoints must be >= 1, got {t.keep_checkpoints}"),
+        # .get: a checkpoint's stored config from before these fields still reads
+        (min(t.get("profile_steps", 0), t.get("profile_start", 0)) >= 0,
+         f"train.profile_steps and profile_start must be >= 0, got "
+         f"{t.get('profile_steps', 0)} and {t.get('profile_start', 0)}"),
     ]
   except AttributeError as e:
     raise ConfigError(f"config lacks a required field: {e}") from e

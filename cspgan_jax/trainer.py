@@ -23,7 +23,8 @@ from typing import Optional
 import jax
 import numpy as np
 
-from cspgan_jax import background, checkpoint, images, input_pipeline, parallel, train
+from cspgan_jax import (background, checkpoint, images, input_pipeline, parallel, profiling,
+                        train)
 from cspgan_jax.errors import CspganError
 
 TENSORBOARD_DIR = "tensorboard"
@@ -178,6 +179,8 @@ def train_and_evaluate(config, workdir: str, progress: bool = True) -> train.GAN
   streamed = None if data.kind == "device" else data.batches(start, max(total - start, 0))
 
   log = RunLog(workdir, main_process)
+  trace = profiling.StepTrace(os.path.join(workdir, TENSORBOARD_DIR), t.get("profile_start", 0),
+                              t.get("profile_steps", 0), main_process, say)
   mngr = checkpoint.manager(workdir, keep=t.keep_checkpoints)
   # Grids and (one process) checkpoint writes leave the loop: it goes on dispatching steps.
   output = background.BackgroundWriter()
@@ -193,8 +196,10 @@ def train_and_evaluate(config, workdir: str, progress: bool = True) -> train.GAN
       while step < total:
         batch = data.images if data.kind == "device" else next(streamed)
         n = k if total - step >= k else 1  # the cadences are multiples of k (validated)
+        trace.before(step, p_state)
         p_state, metrics = step_fns[n](p_state, batch, shard_ids, noise_rng)
         step += n
+        trace.after(step, (p_state, metrics), step_fns[n], last=step >= total)
         if bar is not None:
           bar.update(n)
         if step % t.log_every == 0 or step == total:
@@ -233,6 +238,7 @@ def train_and_evaluate(config, workdir: str, progress: bool = True) -> train.GAN
       streamed.close()  # stops the prefetching thread
     if bar is not None:
       bar.close()
+    trace.stop()
     output.close()
     mngr.wait_until_finished()  # asynchronous saves complete before the program ends
     mngr.close()

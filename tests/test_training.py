@@ -206,6 +206,7 @@ def test_train_command_leaves_samples_events_checkpoints_and_info(tmp_path, caps
     (["--config.train.nonsense=1"], "unknown config field 'train.nonsense'"),
     (["--config.model.block=cspx"], "model.block must be one of"),
     (["--config.data.source=imagenet"], "data.source must be one of"),
+    (["--config.train.profile_steps=-1"], "train.profile_steps and profile_start must be >= 0"),
     (["--config.train.batch_size=6", "--config.data.num_examples=4"], "fewer than one batch"),
 ])
 def test_train_config_errors_are_one_line(tmp_path, capsys, args, message):

@@ -1,0 +1,74 @@
+"""A device trace of a window of training steps (`train.profile_steps`), for TensorBoard's Profile
+tab and `python -m cspgan_jax.trace_report`, with the compiled step's HLO beside it so that the
+report can name each kernel's layer.
+
+The window is steps `profile_start` to `profile_start + profile_steps` (past compilation and
+warm-up): the trace starts before the first dispatch inside it and stops after the dispatch that
+reaches its end (or the run's last), each end waiting for the device, so the trace holds exactly
+those iterations' work. A run resumed inside the window traces the rest of it. Only process 0
+traces.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from typing import Callable, Optional
+
+import jax
+
+STEP_HLO_FILE = "train_step.hlo.txt"
+
+
+class StepTrace:
+  """`before(step, state)` ahead of each dispatch, `after(step, outputs, compiled)` after it."""
+
+  def __init__(self, log_dir: str, start: int, steps: int, enabled: bool,
+               say: Callable[[str], None]):
+    self.log_dir, self.start, self.steps = log_dir, start, steps
+    self.enabled = enabled and steps > 0
+    self.say = say
+    self.first: Optional[int] = None  # the step the open trace started at
+
+  def before(self, step: int, state) -> None:
+    if not self.enabled or self.first is not None:
+      return
+    if not self.start <= step < self.start + self.steps:
+      return
+    jax.block_until_ready(state)  # earlier steps' work stays out of the window
+    options = jax.profiler.ProfileOptions()
+    options.python_tracer_level = 0  # Python frames would swamp the trace
+    try:
+      jax.profiler.start_trace(self.log_dir, create_perfetto_trace=True,
+                               profiler_options=options)
+    except Exception as e:  # pylint: disable=broad-except  # e.g. another trace running
+      self.enabled = False
+      self.say(f"note: no trace of steps {step}+ ({type(e).__name__}: "
+               f"{' '.join(str(e).split())[:200]}); training goes on")
+      return
+    self.first = step
+
+  def after(self, step: int, outputs, compiled, last: bool = False) -> None:
+    """Closes the trace after the dispatch that reaches the window's end, or the run's last."""
+    if self.first is None or (step < self.start + self.steps and not last):
+      return
+    first, self.first, self.enabled = self.first, None, False  # one window a run
+    jax.block_until_ready(outputs)
+    jax.profiler.stop_trace()
+    folders = sorted(glob.glob(os.path.join(self.log_dir, "plugins", "profile", "*")),
+                     key=os.path.getmtime)
+    if not folders:
+      self.say(f"note: the profiler wrote nothing under {self.log_dir}")
+      return
+    hlo = os.path.join(folders[-1], STEP_HLO_FILE)
+    with open(hlo, "w") as f:
+      f.write(compiled.as_text() or "")
+    trace = os.path.join(folders[-1], "perfetto_trace.json.gz")
+    self.say(f"traced steps {first}-{step} into {folders[-1]} (TensorBoard's Profile tab); "
+             f"python -m cspgan_jax.trace_report {trace} --hlo {hlo} --iters {step - first}")
+
+  def stop(self) -> None:
+    """Ends a trace left open by an error."""
+    if self.first is not None:
+      self.first = None
+      jax.profiler.stop_trace()

@@ -1,0 +1,52 @@
+"""`train.profile_steps`: a device trace of a window of the real loop, read by trace_report."""
+
+import os
+import re
+
+from cspgan_jax import cli, trace_report, trainer
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(REPO, "configs", "tiny.py")
+
+
+def test_train_traces_exactly_the_asked_steps_with_the_steps_hlo(tmp_path, capsys):
+  workdir = tmp_path / "run"
+  # No grid or checkpoint inside the window: its kernels would be other programs'.
+  assert cli.main(["train", "--config", TINY, "--workdir", str(workdir), "--no-progress",
+                   "--config.train.num_steps=8", "--config.train.sample_every=8",
+                   "--config.train.checkpoint_every=8", "--config.train.profile_start=2",
+                   "--config.train.profile_steps=3"]) == 0
+  err = capsys.readouterr().err
+  found = re.search(r"traced steps 2-5 into (\S+) \(TensorBoard's Profile tab\); python -m "
+                    r"cspgan_jax.trace_report (\S+) --hlo (\S+) --iters 3\n", err)
+  assert found, err
+  folder, trace, hlo = found.groups()
+  assert folder.startswith(str(workdir / trainer.TENSORBOARD_DIR / "plugins" / "profile"))
+  assert os.path.dirname(trace) == os.path.dirname(hlo) == folder
+  report = trace_report.report_file(trace, hlo)
+  # Every kernel of the window is one of the step's, and each ran three times: the window holds
+  # those three iterations and nothing of the steps around them.
+  assert report.iterations == 3
+  kinds = dict(report.grouped(0))
+  assert kinds.get("unmatched HLO op", 0.0) < 0.05 * sum(kinds.values()), kinds
+  assert "convolution" in kinds
+  assert trace_report.main([trace, "--hlo", hlo, "--iters", "3"]) == 0
+  assert "3 iteration(s)" in capsys.readouterr().out
+
+
+def test_a_run_ending_inside_the_window_closes_its_trace(tmp_path, capsys):
+  workdir = tmp_path / "run"
+  assert cli.main(["train", "--config", TINY, "--workdir", str(workdir), "--no-progress",
+                   "--config.train.num_steps=4", "--config.train.profile_start=2",
+                   "--config.train.profile_steps=10"]) == 0
+  err = capsys.readouterr().err
+  assert re.search(r"traced steps 2-4 into .* --iters 2\n", err), err
+  # Resumed inside a window, a run traces the rest of it; past the window, nothing.
+  assert cli.main(["train", "--config", TINY, "--workdir", str(workdir), "--no-progress",
+                   "--config.train.num_steps=6", "--config.train.profile_start=2",
+                   "--config.train.profile_steps=3"]) == 0
+  assert re.search(r"traced steps 4-5 into .* --iters 1\n", capsys.readouterr().err)
+  assert cli.main(["train", "--config", TINY, "--workdir", str(workdir), "--no-progress",
+                   "--config.train.num_steps=8", "--config.train.profile_start=2",
+                   "--config.train.profile_steps=3"]) == 0
+  assert "traced steps" not in capsys.readouterr().err
