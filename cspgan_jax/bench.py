@@ -305,24 +305,34 @@ E2E_VARIANTS = ("jax-fp32", "jax-bf16", "jax-bf16-dpair", "jax-bf16-edgemm",
                 "jax-bf16-dpair-edgemm")
 
 
-def end_to_end(config_path, batch, steps, overrides, variant="jax-fp32"):
+# Steps traced after the timed half (with --profile): the loop just after a checkpoint and a
+# grid were handed to the output thread, which is where a loop that waits on them would show it.
+E2E_TRACE_STEPS = 20
+
+
+def end_to_end(config_path, batch, steps, overrides, variant="jax-fp32", trace_to=None):
   """`cspgan train` with `variant`'s dtype and options on synthetic device-resident data;
   images/s over the second half.
 
   The second half holds a checkpoint (at its start) and two sample grids (at 1/2 and 3/4 of the
   run), a log at each end: at 1,000 steps a denser cadence than the seed's (a grid every 500
   steps, a checkpoint every 5,000), so the loss it shows is an upper bound. The first grid, at
-  1/4, compiles the sampler outside the window, as it happens once in a real run.
+  1/4, compiles the sampler outside the window, as it happens once in a real run. With
+  `trace_to`, a few more steps run after the timed half under the profiler
+  (`train.profile_steps`), and their trace and the step's HLO are kept as
+  `{trace_to}.trace.json.gz` and `{trace_to}.hlo.txt`.
   """
-  from cspgan_jax import config_lib, trainer
+  from cspgan_jax import config_lib, profiling, trainer
   half = max(steps // 2, 2)
   sample_every = half // 2
+  tail = min(E2E_TRACE_STEPS, half) if trace_to else 0
   config = config_lib.load_config(config_path, [
-      f"--config.train.batch_size={batch}", f"--config.train.num_steps={2 * half}",
+      f"--config.train.batch_size={batch}", f"--config.train.num_steps={2 * half + tail}",
       f"--config.train.log_every={half}", f"--config.train.sample_every={sample_every}",
       f"--config.train.checkpoint_every={half}", "--config.data.source=synthetic",
       f"--config.train.dtype={VARIANTS[variant][1]}",
       *(f"--config.{key}=True" for key in variant_options(variant)),
+      f"--config.train.profile_start={2 * half}", f"--config.train.profile_steps={tail}",
       # the bare iteration's data, so that the step is the very program timed there (and a
       # persistent compilation cache serves it)
       f"--config.data.num_examples={max(4 * batch, 512)}", "--config.data.pipeline=device",
@@ -330,11 +340,22 @@ def end_to_end(config_path, batch, steps, overrides, variant="jax-fp32"):
   with tempfile.TemporaryDirectory() as workdir:
     trainer.train_and_evaluate(config, workdir, progress=False)
     with open(os.path.join(workdir, trainer.METRICS_FILE)) as f:
-      last = json.loads(f.read().splitlines()[-1])
+      # the log that closes the timed half (a traced tail logs once more after it)
+      timed = next(r for r in map(json.loads, f) if r["step"] == 2 * half)
+    folders = sorted(glob.glob(os.path.join(workdir, trainer.TENSORBOARD_DIR, "plugins",
+                                            "profile", "*")))
+    if trace_to and folders:
+      shutil.copyfile(os.path.join(folders[-1], profiling.STEP_HLO_FILE), trace_to + ".hlo.txt")
+      shutil.copyfile(os.path.join(folders[-1], "perfetto_trace.json.gz"),
+                      trace_to + ".trace.json.gz")
+    elif trace_to:  # the trainer said why; the figure stands without its trace
+      print(f"bench: warning: no trace of the end-to-end run's tail ({variant})",
+            file=sys.stderr, flush=True)
+      tail = 0
   return dict(variant=variant, dtype=config.train.dtype, batch=batch, steps=2 * half,
               options=[key for key, _ in OPTIONS.values() if _option_on(config, key)],
               sample_every=sample_every, checkpoint_every=half, data="synthetic",
-              images_per_s=last["images_per_sec"])
+              images_per_s=timed["images_per_sec"], traced_steps=tail)
 
 
 # ---- arguments ----
@@ -450,6 +471,9 @@ def _validate(args):
           targets.append(os.path.join(args.hlo, f"b{b}_{v}.hlo.txt"))
         if args.profile and v in profiled:
           targets.append(os.path.join(args.profile, f"b{b}_{v}.trace.json.gz"))
+    if args.profile and args.e2e:  # the end-to-end runs' traced tails, at the first batch
+      targets += [os.path.join(args.profile, f"b{batches[0]}_e2e-{v}.trace.json.gz")
+                  for v in e2e_variants]
     existing = next((t for t in targets if os.path.exists(t)), None)
     if existing:
       raise CspganError(f"{existing} exists; not overwriting it (pass --overwrite to replace it)")
@@ -598,9 +622,11 @@ def _end_to_end_runs(args, batch, rows, overrides):
     if bare is None:
       continue
     t = time.perf_counter()
-    run_ = end_to_end(args.config, batch, args.e2e, overrides, slug)
+    trace_to = os.path.join(args.profile, f"b{batch}_e2e-{slug}") if args.profile else None
+    run_ = end_to_end(args.config, batch, args.e2e, overrides, slug, trace_to)
     run_["wall_s"] = time.perf_counter() - t  # compilation, the steps and the last writes
-    _say(f"end to end, {bare['variant']}, at batch {batch}: {run_['wall_s']:.1f} s")
+    traced = f"; its tail traced into {trace_to}.trace.json.gz" if run_.get("traced_steps") else ""
+    _say(f"end to end, {bare['variant']}, at batch {batch}: {run_['wall_s']:.1f} s{traced}")
     run_["name"] = bare["variant"]
     run_["vs_bare"] = run_["images_per_s"] / bare["images_per_s"]
     run_["projected_minutes"] = projected_minutes(run_["images_per_s"], run_["batch"])

@@ -17,7 +17,7 @@
 #   machine.txt, bench.md, bench.json, bench.log, report.md, profiles.tgz, tests.txt, flags.md
 # Planned: bench <= 420 s (283 s on an H200, 2026-11-27, with six variants, torch.compile one
 # of them, and one end-to-end run; eight variants, three end-to-end runs and eight traces now:
-# about 340 s expected, not measured; bench.log and bench.json now give each build's, trace's
+# about 350 s expected, not measured; bench.log and bench.json now give each build's, trace's
 # and end-to-end run's seconds, to plan the next call from), reports <= 60 s, tests <= 170 s,
 # flag sets in what is left of 570 s; with the machine's start-up (about 30 s that day) that
 # fits the 15 minutes of device time a session has, once. Run it with the device call's
@@ -84,8 +84,9 @@ torch.__version__, 'cudnn', torch.backends.cudnn.version()); print(jax.devices()
 # 1. The table (JAX fp32 / bf16 / bf16 with 8 steps a dispatch / bf16 with each candidate
 #    option and both; PyTorch eager fp32 / bf16+channels_last; batch 64 and 256), the
 #    end-to-end loop at batch 64 in fp32, bf16 and bf16 with both options (1000 steps, timed
-#    over the second half: a checkpoint and two sample grids in it), each JAX variant's
-#    optimized HLO and a profile of the variants --profile-variants names.
+#    over the second half: a checkpoint and two sample grids in it; then 20 steps traced, the
+#    loop right after a checkpoint and a grid), each JAX variant's optimized HLO and a profile
+#    of the variants --profile-variants names.
 stamp "bench"
 rm -rf /tmp/profiles && mkdir -p /tmp/profiles  # this call's files only
 # shellcheck disable=SC2086
@@ -97,6 +98,8 @@ stamp "bench done"
 # 2. Where the time goes: kernels of each compiled step and of each profile (also readable here
 #    from profiles.tgz, which may exceed the 16 MiB a returned file may have).
 { for f in /tmp/profiles/*.hlo.txt; do
+    # an end-to-end run's HLO is its bare variant's program, reported already
+    [[ $(basename "$f") == *_e2e-* ]] && continue
     echo "## $(basename "$f")"; timeout 20 python3 -m cspgan_jax.hlo_report "$f"; echo; done
   timeout 40 python3 -m cspgan_jax.trace_report /tmp/profiles
 } > "$OUT/report.md" 2>&1

@@ -147,6 +147,13 @@ def test_bench_script_measures_writes_hlo_and_traces(tmp_path):
     assert f"bench: {slug} at batch 8 traced in " in proc.stderr
     if slug.startswith("jax"):  # XLA's per-op events name the HLO instruction
       assert any("hlo_op" in (e.get("args") or {}) for e in events), slug
+  # With --profile each end-to-end run also traces 4 steps after its timed half (the tail's
+  # log is not the figure's), kept beside the others with the step's HLO for trace_report.
+  from cspgan_jax import trace_report
+  for e2e in report["end_to_end"]:
+    assert e2e["traced_steps"] == 4
+    traced = trace_report.report_file(str(prof / f"b8_e2e-{e2e['variant']}.trace.json.gz"))
+    assert traced.iterations == 4 and traced.hlo is not None
 
 
 def test_bench_keeps_an_earlier_runs_files(tmp_path, capsys):
@@ -270,8 +277,9 @@ def test_bench_takes_every_jax_trace_before_pytorchs(tmp_path, monkeypatch, caps
   order = []
   monkeypatch.setattr(bench, "_profile", lambda v, s, b, i, d: order.append((s, b)) or "x")
 
-  def end_to_end(config, batch, steps, overrides, variant):
+  def end_to_end(config, batch, steps, overrides, variant, trace_to=None):
     order.append(("end to end", batch))
+    assert trace_to == str(tmp_path / "prof" / f"b{batch}_e2e-{variant}")
     return dict(variant=variant, dtype="float32", batch=batch, steps=steps, sample_every=2,
                 checkpoint_every=4, data="synthetic", images_per_s=1.0)
   monkeypatch.setattr(bench, "end_to_end", end_to_end)
