@@ -12,7 +12,8 @@ from device-resident data inside the step), float32 (jax-fp32), bfloat16 (jax-bf
 with `--scan K` steps per dispatch (jax-bf16-scan), and bfloat16 with the options that are
 candidates for the default: D's real and fake passes as one batch (jax-bf16-dpair,
 `train.d_real_fake_together`), the networks' first and last layers as matmuls (jax-bf16-edgemm,
-`model.edge_layers_as_matmul`), and both (jax-bf16-dpair-edgemm). PyTorch: eager float32
+`model.edge_layers_as_matmul`), both (jax-bf16-dpair-edgemm), and both with `--scan K` steps
+per dispatch (jax-bf16-dpair-edgemm-scan). PyTorch: eager float32
 (torch-fp32; TF32 convolutions, PyTorch's default), bf16 autocast with channels_last
 (torch-bf16), and `torch.compile` float32 (torch-compile), each with `cudnn.benchmark` on and no
 `.item()` per step, as a user tuning for speed would run them. `--variants` picks among them.
@@ -64,6 +65,7 @@ VARIANTS = {
     "jax-bf16-dpair": ("jax", "bfloat16"),
     "jax-bf16-edgemm": ("jax", "bfloat16"),
     "jax-bf16-dpair-edgemm": ("jax", "bfloat16"),
+    "jax-bf16-dpair-edgemm-scan": ("jax", "bfloat16"),
     "torch-fp32": ("torch", "fp32"),
     "torch-bf16": ("torch", "bf16"),
     "torch-compile": ("torch", "compile"),
@@ -371,7 +373,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--repeats", type=int, default=5, help="timed rounds (median reported)")
   parser.add_argument("--warmup", type=int, default=2, help="untimed rounds")
   parser.add_argument("--scan", type=int, default=8,
-                      help="steps per dispatch of jax-bf16-scan (default 8)")
+                      help="steps per dispatch of the *-scan variants (default 8)")
   parser.add_argument("--unroll", type=int, default=1,
                       help="lax.scan unroll for --scan (XLA:CPU runs a rolled scan 15x slower)")
   parser.add_argument("--peak-tflops", type=float, default=0.0, help="override the chip's peak")
@@ -444,8 +446,9 @@ def _validate(args):
                              ("--profile-iters", args.profile_iters, 1)):
     if value < low:
       raise CspganError(f"{option} must be >= {low}, got {value}")
-  if "jax-bf16-scan" in variants and args.scan < 2:
-    raise CspganError(f"--scan must be >= 2 for jax-bf16-scan, got {args.scan}")
+  scanned = [v for v in variants if v.endswith("-scan")]
+  if scanned and args.scan < 2:
+    raise CspganError(f"--scan must be >= 2 for {scanned[0]}, got {args.scan}")
   if args.peak_tflops < 0:
     raise CspganError(f"--peak-tflops must be >= 0, got {args.peak_tflops}")
   if 0 < args.e2e < 4:
@@ -486,7 +489,7 @@ def _build(slug, args, batch, overrides):
   framework, what = VARIANTS[slug]
   if framework == "torch":
     return torch_variant(args.config, batch, what, overrides)
-  scan = args.scan if slug == "jax-bf16-scan" else 1
+  scan = args.scan if slug.endswith("-scan") else 1
   hlo_path = os.path.join(args.hlo, f"b{batch}_{slug}.hlo.txt") if args.hlo else None
   overrides = [*overrides, *(f"--config.{key}=True" for key in variant_options(slug))]
   return jax_variant(args.config, batch, what, scan, overrides,
@@ -530,9 +533,10 @@ def run(args, overrides) -> dict:
             f"{time.strftime('%Y-%m-%d %H:%M')}")
   print(header, flush=True)
   rows, written_hlo, written_traces = [], 0, 0
-  # PyTorch's profiler keeps CUPTI once it has used it, and a JAX trace taken after one then
-  # holds no GPU events: every JAX trace first, PyTorch's after the last batch.
-  torch_to_profile = []
+  # Traces come after every figure (the rows of each batch, the end-to-end runs), so that a run
+  # cut short loses traces before figures. PyTorch's profiler keeps CUPTI once it has used it,
+  # and a JAX trace taken after one then holds no GPU events: every JAX trace first.
+  to_profile = []  # (variant, slug, batch), the variants kept alive until then
   e2e = []  # one entry per --e2e-variants value
   for index, batch in enumerate(batches):
     variants, build_s = {}, {}
@@ -589,23 +593,17 @@ def run(args, overrides) -> dict:
     if args.out:  # each batch's rows are kept at once: a run stopped later loses only the rest
       write_files(dict(header=header, rows=rows, end_to_end=e2e or None, peak_tflops=peak),
                   args.out)
-    if args.profile:  # after this batch's figures are taken, so tracing cannot change them
-      for s, v in variants.items():
-        if s not in profiled:
-          continue
-        if v["framework"] == "torch":
-          torch_to_profile.append((v, s, batch))
-        else:
-          written_traces += _profile(v, s, batch, args.profile_iters, args.profile) is not None
-    del variants  # free this batch's JAX programs and data before the next one
+    if args.profile:
+      to_profile += [(v, s, batch) for s, v in variants.items() if s in profiled]
+    del variants  # the rest of this batch's programs and data are freed before the next one
     if index == 0:  # right after the rows it is read against: a run cut short later keeps it
       for run_ in _end_to_end_runs(args, batch, rows, overrides):
         e2e.append(run_)
         if args.out:
           write_files(dict(header=header, rows=rows, end_to_end=e2e, peak_tflops=peak), args.out)
-  for v, s, batch in torch_to_profile:
+  for v, s, batch in sorted(to_profile, key=lambda x: x[0]["framework"] == "torch"):  # stable
     written_traces += _profile(v, s, batch, args.profile_iters, args.profile) is not None
-  del torch_to_profile
+  del to_profile
   if args.hlo:
     print(f"optimized HLO: {written_hlo} files in {args.hlo}", flush=True)
   if args.profile:

@@ -74,9 +74,10 @@ def test_cadences_must_be_multiples_of_steps_per_dispatch():
 
 def test_bench_script_measures_writes_hlo_and_traces(tmp_path):
   out, hlo, prof = tmp_path / "bench.md", tmp_path / "hlo", tmp_path / "prof"
-  # jax-bf16-dpair-edgemm: both candidate options (each alone is the same code path)
-  slugs = ["jax-fp32", "jax-bf16", "jax-bf16-scan", "jax-bf16-dpair-edgemm", "torch-fp32",
-           "torch-bf16"]
+  # jax-bf16-dpair-edgemm: both candidate options (each alone is the same code path); -scan:
+  # the same with several steps a dispatch (as jax-bf16-scan, which differs only in its options)
+  slugs = ["jax-fp32", "jax-bf16", "jax-bf16-dpair-edgemm", "jax-bf16-dpair-edgemm-scan",
+           "torch-fp32", "torch-bf16"]
   proc = subprocess.run(
       [sys.executable, os.path.join(REPO, "scripts", "bench.py"), "--config", TINY,
        "--batches", "8", "--iters", "2", "--repeats", "1", "--warmup", "1",
@@ -90,8 +91,9 @@ def test_bench_script_measures_writes_hlo_and_traces(tmp_path):
   report = json.loads((tmp_path / "bench.json").read_text())
   rows = report["rows"]
   assert [r["variant"] for r in rows] == [
-      "JAX float32", "JAX bfloat16", "JAX bfloat16, 2 steps/dispatch",
+      "JAX float32", "JAX bfloat16",
       "JAX bfloat16, D on real + fake in one pass, edge layers as matmuls",
+      "JAX bfloat16, 2 steps/dispatch, D on real + fake in one pass, edge layers as matmuls",
       "PyTorch eager float32",
       "PyTorch eager bf16 autocast, channels_last"]
   assert [r["slug"] for r in rows] == slugs
@@ -121,7 +123,7 @@ def test_bench_script_measures_writes_hlo_and_traces(tmp_path):
       ("jax-fp32", "float32", []),
       ("jax-bf16-dpair-edgemm", "bfloat16",
        ["train.d_real_fake_together", "model.edge_layers_as_matmul"])]
-  for e2e, bare in zip(report["end_to_end"], (rows[0], rows[3])):
+  for e2e, bare in zip(report["end_to_end"], (rows[0], rows[2])):
     assert e2e["images_per_s"] > 0 and e2e["batch"] == 8
     # The timed second half holds a checkpoint and two grids; the first grid compiled before it.
     assert (e2e["steps"], e2e["sample_every"], e2e["checkpoint_every"]) == (8, 2, 4)
@@ -267,7 +269,7 @@ def test_flop_count_is_xlas_count_of_the_compiled_step():
   assert counted > 8 * 1e6
 
 
-def test_bench_takes_every_jax_trace_before_pytorchs(tmp_path, monkeypatch, capsys):
+def test_bench_traces_after_every_figure_and_jax_before_pytorch(tmp_path, monkeypatch, capsys):
   """PyTorch's profiler keeps CUPTI on a GPU (a JAX trace after it came back without GPU events
   on the H200): the bench traces every JAX variant, all batches, before any PyTorch one; and
   only the variants `--profile-variants` names (the GPU call leaves PyTorch's out). The
@@ -287,7 +289,9 @@ def test_bench_takes_every_jax_trace_before_pytorchs(tmp_path, monkeypatch, caps
   assert cli.main(["bench", "--config", TINY, "--batches", "8,16", "--iters", "1", "--repeats",
                    "1", "--warmup", "0", "--variants", "jax-fp32,torch-fp32", "--profile",
                    str(tmp_path / "prof"), "--e2e", "8", "--out", str(out)]) == 0
-  assert order == [("jax-fp32", 8), ("end to end", 8), ("jax-fp32", 16), ("torch-fp32", 8),
+  # every figure first (the end-to-end run right after the rows of its batch), then every JAX
+  # trace, then PyTorch's
+  assert order == [("end to end", 8), ("jax-fp32", 8), ("jax-fp32", 16), ("torch-fp32", 8),
                    ("torch-fp32", 16)]
   assert "end-to-end `cspgan train`, JAX float32 (batch 8" in out.read_text()
   args = lambda profile_variants: argparse.Namespace(profile_variants=profile_variants)
