@@ -11,7 +11,10 @@ instruction (`hlo_op`), so with the step's optimized HLO (`bench --hlo`, same fi
 `.hlo.txt`) each one gets a kind and a layer from `hlo_report`.
 
 Besides the sums it gives the device's busy share of the traced span: time between kernels is
-launch and host overhead, which several steps per dispatch and command buffers remove.
+launch and host overhead, which several steps per dispatch and command buffers remove. Copies
+between host and device (a checkpoint or a sample grid fetched in a trace of the real loop) run
+on the copy engines beside the kernels: they are a kind of their own, "host transfer", and left
+out of the busy share and the gaps.
 """
 
 from __future__ import annotations
@@ -32,7 +35,10 @@ from cspgan_jax import hlo_report
 DERIVED_LINES = {"XLA Modules", "XLA Ops", "XLA TraceMe", "Steps", "Framework Name Scope",
                  "Framework Ops", "Source code", "Launch Stats", "TensorFlow Name Scope",
                  "TensorFlow Ops"}
+# JAX's `MemcpyD2H` / `MemcpyH2D`, PyTorch's `Memcpy DtoH (Device -> Pageable)`
+HOST_TRANSFER = re.compile(r"memcpy ?(d2h|h2d|dtoh|htod)", re.I)
 _KINDS_BY_NAME = (  # kernel or op names -> kind (PyTorch's, and library kernels XLA launches)
+    ("host transfer", HOST_TRANSFER),
     ("convolution", re.compile(r"conv|cudnn|xmma|implicit_gemm|dgrad|wgrad|fprop|winograd", re.I)),
     ("matmul", re.compile(r"gemm|matmul|aten::mm|aten::addmm|aten::bmm", re.I)),
     ("optimizer", re.compile(r"adam|foreach|multi_tensor", re.I)),
@@ -167,8 +173,9 @@ class TraceReport:
       if blocks is not None:
         self.blocks[op] = blocks
     self.iterations = iterations or self._infer_iterations(trace)
-    self.busy_us, self.span_us = busy_time(self.events)
-    self.gaps = idle_gaps(self.events, GAP_US)
+    kernels_only = [e for e in self.events if not HOST_TRANSFER.search(str(e.get("name", "")))]
+    self.busy_us, self.span_us = busy_time(kernels_only)
+    self.gaps = idle_gaps(kernels_only, GAP_US)
 
   def _infer_iterations(self, trace: dict) -> int:
     """JAX: most instructions run once per iteration, so the commonest call count. PyTorch:

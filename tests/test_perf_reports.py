@@ -349,6 +349,33 @@ def test_trace_report_reads_gpu_stream_lines_and_skips_derived_ones(tmp_path):
   assert trace_report.main([str(tmp_path)]) == 0
 
 
+def test_trace_report_keeps_host_transfers_apart_from_the_kernels():
+  """A trace of the real loop holds the checkpoint's and the grid's copies to the host, on the
+  copy engines beside the kernels: a kind of their own, outside the busy share and the gaps."""
+  meta = [{"ph": "M", "pid": 2, "name": "process_name", "args": {"name": "/device:GPU:0"}},
+          {"ph": "M", "pid": 2, "tid": 7, "name": "thread_name",
+           "args": {"name": "Stream #7(Compute)"}},
+          {"ph": "M", "pid": 2, "tid": 8, "name": "thread_name",
+           "args": {"name": "Stream #8(MemcpyD2H)"}}]
+  events = []
+  for it in range(2):
+    t0 = 100.0 * it
+    events += [_event(2, 7, "sm90_xmma_fprop", t0, 40, hlo_op="cudnn-conv.1"),
+               _event(2, 7, "loop_add_fusion", t0 + 45, 10, hlo_op="loop_add_fusion"),
+               _event(2, 8, "MemcpyD2H", t0 + 30, 60)]  # across the gap between the two
+  report = trace_report.TraceReport({"traceEvents": meta + events}, iterations=2)
+  assert dict(report.grouped(0)) == {"host transfer": 60.0, "convolution": 40.0,
+                                     "unmatched HLO op": 10.0}
+  assert report.busy_us == 2 * 50.0 and report.span_us == 155.0
+  assert report.gaps == [5.0, 45.0, 5.0]  # 40-45, 55-100 (between the iterations), 140-145
+  torch = [{"ph": "X", "cat": "gpu_memcpy", "pid": 0, "tid": 7, "ts": 0, "dur": 9,
+            "name": "Memcpy DtoH (Device -> Pageable)"},
+           {"ph": "X", "cat": "gpu_memcpy", "pid": 0, "tid": 7, "ts": 10, "dur": 3,
+            "name": "Memcpy DtoD (Device -> Device)"}]
+  assert dict(trace_report.TraceReport({"traceEvents": torch}).grouped(0)) == {
+      "host transfer": 9.0, "data movement": 3.0}
+
+
 def test_trace_report_names_the_kernels_that_leave_the_chip_idle():
   """CUPTI's grid in each kernel's details: an op's blocks are its longest kernel's (cuDNN adds
   a one-block helper beside its main kernel); ops on few blocks and long enough are listed."""
