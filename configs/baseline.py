@@ -68,6 +68,9 @@ def get_config():
   # warm-up) into tensorboard/plugins/profile, with the step's HLO beside it (process 0)
   config.train.profile_steps = 0
   config.train.profile_start = 20
+  # XLA compiler options for the training step, "name=value,..." by XLA's DebugOptions names,
+  # e.g. "xla_gpu_enable_pdl=true" (Hopper: each kernel may start while the one before drains)
+  config.train.xla_options = ""
 
   # Multi-host: empty = one process, or JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES /
   # JAX_PROCESS_ID from the environment.

@@ -66,21 +66,35 @@ VARIANTS = {
     "jax-bf16-edgemm": ("jax", "bfloat16"),
     "jax-bf16-dpair-edgemm": ("jax", "bfloat16"),
     "jax-bf16-dpair-edgemm-scan": ("jax", "bfloat16"),
+    "jax-bf16-dpair-edgemm-pdl": ("jax", "bfloat16"),
+    "jax-bf16-dpair-edgemm-cublas": ("jax", "bfloat16"),
     "torch-fp32": ("torch", "fp32"),
     "torch-bf16": ("torch", "bf16"),
     "torch-compile": ("torch", "compile"),
 }
-# The options (off by default) that a JAX variant turns on, and how its row names each: a
-# candidate for the default is timed beside what it would replace.
+# The options (off by default) that a JAX variant turns on, as (config key, value, how its row
+# names it): a candidate for the default is timed beside what it would replace. XLA's own
+# options (`train.xla_options`) are compiled in the same process, so their rows alternate with
+# the others as any variant does, where XLA_FLAGS would need a process each.
 OPTIONS = {
-    "dpair": ("train.d_real_fake_together", "D on real + fake in one pass"),
-    "edgemm": ("model.edge_layers_as_matmul", "edge layers as matmuls"),
+    "dpair": ("train.d_real_fake_together", True, "D on real + fake in one pass"),
+    "edgemm": ("model.edge_layers_as_matmul", True, "edge layers as matmuls"),
+    # Hopper's programmatic dependent launch: a kernel may start while the one before drains
+    "pdl": ("train.xla_options", "xla_gpu_enable_pdl=true", "programmatic dependent launch"),
+    # the matmuls (edge layers) by cuBLAS rather than XLA's Triton GEMM fusions
+    "cublas": ("train.xla_options", "xla_gpu_enable_triton_gemm=false", "cuBLAS matmuls"),
 }
 
 
 def variant_options(slug: str) -> List[str]:
-  """The config keys a variant turns on: `jax-bf16-dpair-edgemm` -> both options."""
-  return [OPTIONS[part][0] for part in slug.split("-")[2:] if part in OPTIONS]
+  """The config overrides a variant makes: `jax-bf16-dpair-edgemm` -> both options on (XLA
+  options of one variant joined in one `train.xla_options`)."""
+  values = {}
+  for part in slug.split("-")[2:]:
+    if part in OPTIONS:
+      key, value, _ = OPTIONS[part]
+      values[key] = value if value is True else ",".join(filter(None, (values.get(key), value)))
+  return [f"--config.{key}={value}" for key, value in values.items()]
 
 
 def peak_tflops(device_kind: str, override: float):
@@ -112,9 +126,17 @@ def _jax_config(config_path, batch, dtype, scan, overrides, unroll=1):
       *overrides])
 
 
-def _option_on(config, key: str) -> bool:
+def _option_on(config, key: str, value) -> bool:
+  """Whether `config` has the option on (a flag set, or XLA's option among its options)."""
   section, name = key.split(".")
-  return bool(config[section].get(name, False))
+  held = config[section].get(name, False)
+  return bool(held) if value is True else value in str(held).replace(" ", "")
+
+
+def options_on(config) -> List[str]:
+  """The options of OPTIONS that `config` has on, as `key=value`."""
+  return [f"{key}={value}" for key, value, _ in OPTIONS.values()
+          if _option_on(config, key, value)]
 
 
 def count_flops(config_path, batch, overrides) -> Optional[float]:
@@ -164,7 +186,8 @@ def jax_variant(config_path, batch, dtype, scan, overrides, unroll=1, hlo_path=N
 
   name = f"JAX {dtype}" + (f", {scan} steps/dispatch" if scan > 1 else "") + (
       f" (unroll {unroll})" if scan > 1 and unroll > 1 else "") + "".join(
-          f", {label}" for key, label in OPTIONS.values() if _option_on(config, key))
+          f", {label}" for key, value, label in OPTIONS.values()
+          if _option_on(config, key, value))
   return dict(name=name, run=run, memory=lambda: memory, unit=scan, framework="jax")
 
 
@@ -333,7 +356,7 @@ def end_to_end(config_path, batch, steps, overrides, variant="jax-fp32", trace_t
       f"--config.train.log_every={half}", f"--config.train.sample_every={sample_every}",
       f"--config.train.checkpoint_every={half}", "--config.data.source=synthetic",
       f"--config.train.dtype={VARIANTS[variant][1]}",
-      *(f"--config.{key}=True" for key in variant_options(variant)),
+      *variant_options(variant),
       f"--config.train.profile_start={2 * half}", f"--config.train.profile_steps={tail}",
       # the bare iteration's data, so that the step is the very program timed there (and a
       # persistent compilation cache serves it)
@@ -355,7 +378,7 @@ def end_to_end(config_path, batch, steps, overrides, variant="jax-fp32", trace_t
             file=sys.stderr, flush=True)
       tail = 0
   return dict(variant=variant, dtype=config.train.dtype, batch=batch, steps=2 * half,
-              options=[key for key, _ in OPTIONS.values() if _option_on(config, key)],
+              options=options_on(config),
               sample_every=sample_every, checkpoint_every=half, data="synthetic",
               images_per_s=timed["images_per_sec"], traced_steps=tail)
 
@@ -491,7 +514,7 @@ def _build(slug, args, batch, overrides):
     return torch_variant(args.config, batch, what, overrides)
   scan = args.scan if slug.endswith("-scan") else 1
   hlo_path = os.path.join(args.hlo, f"b{batch}_{slug}.hlo.txt") if args.hlo else None
-  overrides = [*overrides, *(f"--config.{key}=True" for key in variant_options(slug))]
+  overrides = [*overrides, *variant_options(slug)]
   return jax_variant(args.config, batch, what, scan, overrides,
                      unroll=args.unroll if scan > 1 else 1, hlo_path=hlo_path)
 

@@ -10,7 +10,7 @@ from typing import Iterable
 
 import ml_collections
 
-from cspgan_jax import datasets, input_pipeline, losses, models, train
+from cspgan_jax import datasets, input_pipeline, losses, models, parallel, train
 from cspgan_jax.errors import ConfigError
 
 OPTIMIZERS = ("torch_adam", "adam")
@@ -126,3 +126,4 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   for ok, message in checks:
     if not ok:
       raise ConfigError(message)
+  parallel.xla_options(t)  # its form; XLA itself names an option it does not know

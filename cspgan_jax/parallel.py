@@ -125,21 +125,55 @@ def _auto_format(sharding):
   return Format(Layout.AUTO, sharding)
 
 
-def compile_step(make, state, *args):
+def xla_options(train_config) -> dict:
+  """`train.xla_options` ("name=value,..."; e.g. "xla_gpu_enable_pdl=true") as the compiler
+  options of the training step: true/false, numbers and words, by XLA's DebugOptions names."""
+  options = {}
+  for item in filter(None, (p.strip() for p in train_config.get("xla_options", "").split(","))):
+    name, sep, value = (x.strip() for x in item.partition("="))
+    if not sep or not name.startswith("xla_") or not value:
+      raise ConfigError(f"train.xla_options: {item!r} is not of the form xla_name=value")
+    lowered = value.lower()
+    if lowered in ("true", "false"):
+      options[name] = lowered == "true"
+      continue
+    for kind in (int, float):
+      try:
+        options[name] = kind(value)
+        break
+      except ValueError:
+        pass
+    else:
+      options[name] = value
+  return options
+
+
+def _compile(lowered, options):
+  """`lowered.compile` with XLA's options; an option XLA does not know is one config error."""
+  try:
+    return lowered.compile(compiler_options=options or None)
+  except Exception as e:  # pylint: disable=broad-except  # jax's runtime error type moves
+    if "No such compile option" not in str(e):
+      raise
+    raise ConfigError(f"train.xla_options: {' '.join(str(e).split())}") from e
+
+
+def compile_step(make, state, *args, options=None):
   """(compiled step, state placed as it expects): the state's layouts are the compiler's choice.
 
   `make(state_format)` builds the step (`make_step(..., state_format=...)`); it is compiled with
-  the layouts left to XLA. `state` may be abstract (`jax.ShapeDtypeStruct`s) to compile only;
-  the second result is then the state's formats. Where XLA chose other layouts for the state
-  coming out than going in (it has not, so far), the step is compiled again with the input's
-  layouts pinned on both sides, so that one iteration's result is the next one's argument.
+  the layouts left to XLA, and XLA's `options` (`xla_options`). `state` may be abstract
+  (`jax.ShapeDtypeStruct`s) to compile only; the second result is then the state's formats.
+  Where XLA chose other layouts for the state coming out than going in (it has not, so far),
+  the step is compiled again with the input's layouts pinned on both sides, so that one
+  iteration's result is the next one's argument.
   """
   # Layout.AUTO compiles against shapes only: an array would bring its own layout.
   shapes = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
-  compiled = make(None).lower(shapes, *args).compile()
+  compiled = _compile(make(None).lower(shapes, *args), options)
   formats = compiled.input_formats[0][0]
   if jax.tree_util.tree_leaves(compiled.output_formats[0]) != jax.tree_util.tree_leaves(formats):
-    compiled = make(formats).lower(shapes, *args).compile()
+    compiled = _compile(make(formats).lower(shapes, *args), options)
   return compiled, place_for(state, formats)
 
 
@@ -160,7 +194,8 @@ def compile_training_step(config, kind, batch_fn, steps, state, *args, mesh=None
   single and the scanned step take the same state.
   """
   one, placed = compile_step(
-      lambda fmt: make_step(config, kind, batch_fn, 1, mesh, state_format=fmt), state, *args)
+      lambda fmt: make_step(config, kind, batch_fn, 1, mesh, state_format=fmt), state, *args,
+      options=xla_options(config.train))
   if steps == 1:
     return one, placed
   return compile_like(one, config, kind, batch_fn, steps, state, *args, mesh=mesh), placed
@@ -169,8 +204,9 @@ def compile_training_step(config, kind, batch_fn, steps, state, *args, mesh=None
 def compile_like(compiled_one, config, kind, batch_fn, steps, state, *args, mesh=None):
   """The `steps`-iteration step, compiled for the state's layouts in `compiled_one`."""
   shapes = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
-  return make_step(config, kind, batch_fn, steps, mesh,
-                   state_format=compiled_one.input_formats[0][0]).lower(shapes, *args).compile()
+  return _compile(make_step(config, kind, batch_fn, steps, mesh,
+                            state_format=compiled_one.input_formats[0][0]).lower(shapes, *args),
+                  xla_options(config.train))
 
 
 def place_for(state, formats):

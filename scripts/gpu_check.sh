@@ -17,30 +17,30 @@
 #   machine.txt, bench.md, bench.json, bench.log, report.md, profiles.tgz, tests.txt, flags.md
 # Planned: bench <= 420 s (283 s on an H200, 2026-11-27, with six variants, torch.compile one
 # of them, and one end-to-end run; eight variants, three end-to-end runs and eight traces now:
-# about 350 s expected, not measured; bench.log and bench.json now give each build's, trace's
-# and end-to-end run's seconds, to plan the next call from), reports <= 60 s, tests <= 170 s,
-# flag sets in what is left of 570 s; with the machine's start-up (about 30 s that day) that
-# fits the 15 minutes of device time a session has, once. Run it with the device call's
-# timeout_s at 600.
-# A CPU dry run (about 3 minutes):
+# 350-420 s expected (twelve JAX builds at about 25 s), not measured; bench.log and bench.json
+# give each build's, trace's and end-to-end run's seconds, to plan the next call from),
+# reports <= 60 s, XLA's options <= 120 s, the tests in what is left of 570 s; with the
+# machine's start-up (about 30 s that day) that fits the 15 minutes of device time a session
+# has, once. Run it with the device call's timeout_s at 600.
+# A CPU dry run (about 1 minute):
 #   GPU_CHECK_DRY=1 OUT=/tmp/dry bash scripts/gpu_check.sh
 set -uo pipefail
 OUT=${OUT:-/tmp/cspgan_gpu}
 mkdir -p "$OUT"
 export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$(pwd)" PYTHONUNBUFFERED=1
-# A persistent compilation cache: the end-to-end run and the default flag set run programs the
-# bench has compiled already (XLA_FLAGS are part of the cache key: other flag sets compile anew).
+# A persistent compilation cache: the end-to-end runs and the options stage's plain variant run
+# programs the bench has compiled already (XLA's options are part of the key).
 export JAX_COMPILATION_CACHE_DIR=/tmp/jax_cache JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0
 if [[ -n "${GPU_CHECK_DRY:-}" ]]; then  # CPU-sized stand-ins for every stage
+  JAX_VARIANTS=jax-fp32,jax-bf16,jax-bf16-dpair-edgemm,jax-bf16-dpair-edgemm-scan
   BENCH_ARGS="--config configs/tiny.py --batches 8 --iters 2 --repeats 1 --warmup 1 --scan 2
-    --variants jax-fp32,jax-bf16,jax-bf16-dpair-edgemm,jax-bf16-dpair-edgemm-scan,torch-fp32,torch-bf16
-    --e2e 8
+    --variants $JAX_VARIANTS,torch-fp32,torch-bf16 --e2e 8
     --e2e-variants jax-fp32,jax-bf16-dpair-edgemm --profile-iters 2
     --profile-variants jax-fp32,jax-bf16,jax-bf16-dpair-edgemm"
-  FLAG_ARGS="--config configs/tiny.py --batches 8 --iters 2 --repeats 1 --warmup 1"
-  FLAG_SETS=("--xla_cpu_enable_fast_math=false")
+  OPTION_ARGS="--config configs/tiny.py --batches 8 --iters 2 --repeats 1 --warmup 1"
+  OPTION_VARIANTS=jax-bf16-dpair-edgemm,jax-bf16-dpair-edgemm-pdl
   TESTS=("tests/test_losses.py tests/test_ops.py")
-  T_BENCH=400 T_FLAGS=120 T_TESTS=(120) GPU_CHECK_SECONDS=${GPU_CHECK_SECONDS:-900}
+  T_BENCH=400 T_OPTIONS=120 T_TESTS=(120) GPU_CHECK_SECONDS=${GPU_CHECK_SECONDS:-900}
 else
   # torch.compile is left out: the first run timed it (2,958 / 7,051 images/s at batch 64 /
   # 256, the slowest PyTorch row at both; the PyTorch reference has not changed since), and its
@@ -57,22 +57,21 @@ else
     --variants $JAX_VARIANTS,torch-fp32,torch-bf16
     --e2e-variants jax-fp32,jax-bf16,jax-bf16-dpair-edgemm --profile-iters 3
     --profile-variants jax-bf16,jax-bf16-dpair,jax-bf16-edgemm,jax-bf16-dpair-edgemm"
-  # Batch 64 only, where launches cost most: the flag sets compile anew and the stage gets
-  # what time is left.
-  FLAG_ARGS="--config configs/baseline.py --batches 64 --iters 20 --repeats 3"
-  # Programmatic dependent launch (Hopper: a kernel starts while the one before it drains;
-  # XLA's own tests turn it on explicitly, so likely off by default): the H200 trace at batch 64 has 565 kernels an
-  # iteration, 342 under 5 us, 0.9 us apart. Then the edge layers' matmuls, Triton GEMM
-  # fusions by XLA's choice (`cspgan compile`), with cuBLAS instead. (2026-11-27, H200: CUDA
-  # graphs off changed nothing measurable and autotuning off did not finish in 75 s; neither is
-  # run again.)
-  FLAG_SETS=("--xla_gpu_enable_pdl=true" "--xla_gpu_enable_triton_gemm=false")
+  # XLA's options, batch 64 only (launches cost most there), in one process so that the rows
+  # alternate (the first run's flag sets, a process each, moved 7% between processes):
+  # programmatic dependent launch (Hopper: a kernel starts while the one before drains; off by
+  # default in XLA; the H200 trace at batch 64 had 565 kernels an iteration, 342 under 5 us,
+  # 0.9 us apart), and cuBLAS for the edge layers' matmuls instead of Triton GEMM fusions.
+  # (2026-11-27, H200: CUDA graphs off changed nothing measurable and autotuning off did not
+  # finish in 75 s; neither is run again.)
+  OPTION_ARGS="--config configs/baseline.py --batches 64 --iters 20 --repeats 5 --warmup 2"
+  OPTION_VARIANTS=jax-bf16-dpair-edgemm,jax-bf16-dpair-edgemm-pdl,jax-bf16-dpair-edgemm-cublas
   # One pytest an entry, each under its own limit: on 2026-11-27 one limit for all three ended
   # pytest before its summary, and the failure it had seen was lost. The module tests (one file,
   # test_models.py, in that run) are one entry.
   TESTS=(tests/test_losses.py "tests/test_ops.py tests/test_layers.py tests/test_models.py"
          tests/test_train_parity.py)
-  T_BENCH=420 T_FLAGS=75 T_TESTS=(30 70 70)
+  T_BENCH=420 T_OPTIONS=120 T_TESTS=(30 70 70)
 fi
 start=$(date +%s)
 DEADLINE=$(( start + ${GPU_CHECK_SECONDS:-570} ))
@@ -110,33 +109,36 @@ stamp "bench done"
 tar -C /tmp/profiles -czf "$OUT/profiles.tgz" . 2>/dev/null
 stamp "reports done"
 
-# 3. Correctness on the GPU in true float32 (XLA would use TF32 for float32 convolutions):
+# 3. XLA's options for the step (`train.xla_options`, compiled in one process, alternating with
+#    the same step without them): JAX bf16 with both candidate options, then with programmatic
+#    dependent launch and with cuBLAS matmuls -> flags.md. Before the tests: it is speed the
+#    targets are about, and the first run checked the modules on a GPU already.
+left=$(( DEADLINE - $(date +%s) ))
+if (( left < 60 )); then
+  echo "XLA options: not run, ${left} s left" > "$OUT/flags.md"
+else
+  # shellcheck disable=SC2086
+  timeout "$(( left - 10 < T_OPTIONS ? left - 10 : T_OPTIONS ))" python3 scripts/bench.py \
+      $OPTION_ARGS --variants "$OPTION_VARIANTS" \
+      --out /tmp/options.md --overwrite > /tmp/options.log 2>&1
+  code=$?
+  { cat /tmp/options.md 2>/dev/null || echo "no table"; echo; echo "bench exit $code"
+    grep "bench:" /tmp/options.log | tail -20; } > "$OUT/flags.md"
+fi
+stamp "options done"
+
+# 4. Correctness on the GPU in true float32 (XLA would use TF32 for float32 convolutions):
 #    modules, losses and training steps against the PyTorch reference (on the CPU); and bf16
 #    against PyTorch's CPU autocast, whose first-block bound tells whether XLA's cuDNN
 #    convolution-with-bias rounds once, as on the CPU (two roundings land near the bf16 floor).
+#    Each entry under its own limit and the call's, in what time is left.
 for i in "${!TESTS[@]}"; do
+  left=$(( DEADLINE - $(date +%s) ))
+  if (( left < 20 )); then echo "pytest ${TESTS[$i]}: not run, ${left} s left"; continue; fi
   # shellcheck disable=SC2086  # an entry may name several files
-  JAX_DEFAULT_MATMUL_PRECISION=highest timeout "${T_TESTS[$i]}" python3 -m pytest -q -rf \
-      --tb=short -p no:cacheprovider -k "not optax_adam" ${TESTS[$i]}
+  JAX_DEFAULT_MATMUL_PRECISION=highest timeout "$(( left < T_TESTS[i] ? left : T_TESTS[i] ))" \
+      python3 -m pytest -q -rf --tb=short -p no:cacheprovider -k "not optax_adam" ${TESTS[$i]}
   echo "pytest ${TESTS[$i]} exit $?"
 done > "$OUT/tests.txt" 2>&1
 stamp "tests done"
-# 4. XLA flags, JAX bf16 with and without the edge matmuls, each in a fresh process (flags are
-#    read at start-up), as long as the call's time lasts (the device call's limit is 600 s).
-{ echo "| XLA_FLAGS | batch | variant | images/s |"; echo "|---|---|---|---|"
-  for flags in "" "${FLAG_SETS[@]}"; do
-    left=$(( DEADLINE - $(date +%s) ))
-    if (( left < 40 )); then echo "| $flags | - | not run: ${left} s left | - |"; continue; fi
-    # shellcheck disable=SC2086
-    XLA_FLAGS="$flags" timeout "$(( left < T_FLAGS ? left : T_FLAGS ))" python3 scripts/bench.py \
-        $FLAG_ARGS --variants jax-bf16,jax-bf16-edgemm --out /tmp/flags.md --overwrite \
-        > /tmp/flags.log 2>&1 \
-      && python3 -c "
-import json, sys
-for r in json.load(open('/tmp/flags.json'))['rows']:
-  print(f\"| {sys.argv[1] or '(default)'} | {r['batch']} | {r['variant']} | {r['images_per_s']:,.0f} |\")
-" "$flags" || echo "| $flags | - | failed or timed out: $(tail -c 400 /tmp/flags.log | tr '\n|' ' /') | - |"
-  done
-} > "$OUT/flags.md" 2>&1
-stamp "flags done"
 cat "$OUT/bench.md" "$OUT/flags.md"; tail -3 "$OUT/tests.txt"

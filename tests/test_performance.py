@@ -122,7 +122,7 @@ def test_bench_script_measures_writes_hlo_and_traces(tmp_path):
   assert [(e["variant"], e["dtype"], e["options"]) for e in report["end_to_end"]] == [
       ("jax-fp32", "float32", []),
       ("jax-bf16-dpair-edgemm", "bfloat16",
-       ["train.d_real_fake_together", "model.edge_layers_as_matmul"])]
+       ["train.d_real_fake_together=True", "model.edge_layers_as_matmul=True"])]
   for e2e, bare in zip(report["end_to_end"], (rows[0], rows[2])):
     assert e2e["images_per_s"] > 0 and e2e["batch"] == 8
     # The timed second half holds a checkpoint and two grids; the first grid compiled before it.
@@ -348,3 +348,21 @@ def test_bench_reads_the_issues_targets_off_the_best_row_of_each():
   assert lines[2].endswith(">= 1.50x: no such row in this run")
   assert lines[4].endswith(">= 35.00%: no such row in this run")
   assert lines[5] == "- end to end: no `--e2e` run in this run"
+
+
+def test_bench_variants_turn_on_their_options_xlas_among_them():
+  from cspgan_jax import bench
+  overrides = bench.variant_options("jax-bf16-dpair-edgemm-pdl-cublas")
+  assert overrides == ["--config.train.d_real_fake_together=True",
+                       "--config.model.edge_layers_as_matmul=True",
+                       "--config.train.xla_options=xla_gpu_enable_pdl=true,"
+                       "xla_gpu_enable_triton_gemm=false"]
+  config = config_lib.load_config(TINY, overrides)
+  assert parallel.xla_options(config.train) == {"xla_gpu_enable_pdl": True,
+                                                "xla_gpu_enable_triton_gemm": False}
+  assert bench.options_on(config) == [
+      "train.d_real_fake_together=True", "model.edge_layers_as_matmul=True",
+      "train.xla_options=xla_gpu_enable_pdl=true",
+      "train.xla_options=xla_gpu_enable_triton_gemm=false"]
+  assert bench.options_on(config_lib.load_config(TINY)) == []
+  assert bench.variant_options("jax-bf16-scan") == []

@@ -207,6 +207,10 @@ def test_train_command_leaves_samples_events_checkpoints_and_info(tmp_path, caps
     (["--config.model.block=cspx"], "model.block must be one of"),
     (["--config.data.source=imagenet"], "data.source must be one of"),
     (["--config.train.profile_steps=-1"], "train.profile_steps and profile_start must be >= 0"),
+    (["--config.train.xla_options=pdl=true"], "train.xla_options: 'pdl=true' is not of the form"),
+    # an option XLA does not know: XLA's own message, one line, before any step or checkpoint
+    (["--config.train.xla_options=xla_gpu_enable_pdll=true"],
+     "train.xla_options: INVALID_ARGUMENT: No such compile option: 'xla_gpu_enable_pdll'"),
     (["--config.train.batch_size=6", "--config.data.num_examples=4"], "fewer than one batch"),
 ])
 def test_train_config_errors_are_one_line(tmp_path, capsys, args, message):
