@@ -123,9 +123,10 @@ def compile_step(config, devices, state_layout: str = "auto", steps: int = 1):
   from cspgan_jax import parallel
   batch_fn, mesh, state, args = parallel.abstract_training_inputs(config, devices)
   if state_layout == "default":  # row-major, as an unannotated jit would take the state
-    return parallel.make_step(config, "device", batch_fn, steps, mesh,
-                              parallel.replicated_sharding(mesh)).lower(state, *args).compile(
-                                  compiler_options=parallel.xla_options(config.train) or None)
+    return parallel.compile_lowered(
+        parallel.make_step(config, "device", batch_fn, steps, mesh,
+                           parallel.replicated_sharding(mesh)).lower(state, *args),
+        parallel.xla_options(config.train))
   compiled, _ = parallel.compile_training_step(config, "device", batch_fn, steps, state, *args,
                                                mesh=mesh)
   return compiled

@@ -148,7 +148,7 @@ def xla_options(train_config) -> dict:
   return options
 
 
-def _compile(lowered, options):
+def compile_lowered(lowered, options):
   """`lowered.compile` with XLA's options; an option XLA does not know is one config error."""
   try:
     return lowered.compile(compiler_options=options or None)
@@ -170,10 +170,10 @@ def compile_step(make, state, *args, options=None):
   """
   # Layout.AUTO compiles against shapes only: an array would bring its own layout.
   shapes = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
-  compiled = _compile(make(None).lower(shapes, *args), options)
+  compiled = compile_lowered(make(None).lower(shapes, *args), options)
   formats = compiled.input_formats[0][0]
   if jax.tree_util.tree_leaves(compiled.output_formats[0]) != jax.tree_util.tree_leaves(formats):
-    compiled = _compile(make(formats).lower(shapes, *args), options)
+    compiled = compile_lowered(make(formats).lower(shapes, *args), options)
   return compiled, place_for(state, formats)
 
 
@@ -204,9 +204,9 @@ def compile_training_step(config, kind, batch_fn, steps, state, *args, mesh=None
 def compile_like(compiled_one, config, kind, batch_fn, steps, state, *args, mesh=None):
   """The `steps`-iteration step, compiled for the state's layouts in `compiled_one`."""
   shapes = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
-  return _compile(make_step(config, kind, batch_fn, steps, mesh,
-                            state_format=compiled_one.input_formats[0][0]).lower(shapes, *args),
-                  xla_options(config.train))
+  step = make_step(config, kind, batch_fn, steps, mesh,
+                   state_format=compiled_one.input_formats[0][0])
+  return compile_lowered(step.lower(shapes, *args), xla_options(config.train))
 
 
 def place_for(state, formats):
