@@ -59,9 +59,10 @@ else
     --profile-variants jax-bf16,jax-bf16-dpair,jax-bf16-edgemm,jax-bf16-dpair-edgemm"
   # XLA's options, batch 64 only (launches cost most there), in one process so that the rows
   # alternate (the first run's flag sets, a process each, moved 7% between processes):
-  # programmatic dependent launch (Hopper: a kernel starts while the one before drains; off by
-  # default in XLA; the H200 trace at batch 64 had 565 kernels an iteration, 342 under 5 us,
-  # 0.9 us apart), and cuBLAS for the edge layers' matmuls instead of Triton GEMM fusions.
+  # programmatic dependent launch (Hopper: a kernel starts while the one before drains; XLA's
+  # own tests turn it on explicitly, so likely off by default; the H200 trace at batch 64 had
+  # 565 kernels an iteration, 342 under 5 us, 0.9 us apart), and cuBLAS for the edge layers'
+  # matmuls instead of Triton GEMM fusions.
   # (2026-11-27, H200: CUDA graphs off changed nothing measurable and autotuning off did not
   # finish in 75 s; neither is run again.)
   OPTION_ARGS="--config configs/baseline.py --batches 64 --iters 20 --repeats 5 --warmup 2"
