@@ -16,7 +16,8 @@ candidates for the default: D's real and fake passes as one batch (jax-bf16-dpai
 per dispatch (jax-bf16-dpair-edgemm-scan). PyTorch: eager float32
 (torch-fp32; TF32 convolutions, PyTorch's default), bf16 autocast with channels_last
 (torch-bf16), and `torch.compile` float32 (torch-compile), each with `cudnn.benchmark` on and no
-`.item()` per step, as a user tuning for speed would run them. `--variants` picks among them.
+`.item()` per step, as a user tuning for speed would run them. `--variants` picks among them
+(`jax-bf16-edgemm@64`: at batch 64 only).
 
 FLOPs per iteration come from XLA's cost analysis of the single-step JAX iteration lowered for
 the CPU, and are used for every row (the same work): XLA:GPU's analysis of the compiled step
@@ -391,7 +392,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--batches", default="64,256",
                       help="comma list of batch sizes (default 64,256)")
   parser.add_argument("--variants", default=",".join(VARIANTS),
-                      help=f"comma list from {', '.join(VARIANTS)} (default: all)")
+                      help=f"comma list from {', '.join(VARIANTS)} (default: all); "
+                           "VARIANT@B runs it at batch size B only (repeatable)")
   parser.add_argument("--iters", type=int, default=20, help="iterations per timed round")
   parser.add_argument("--repeats", type=int, default=5, help="timed rounds (median reported)")
   parser.add_argument("--warmup", type=int, default=2, help="untimed rounds")
@@ -434,6 +436,28 @@ def _parse_variants(text: str, option: str = "--variants", accepted=tuple(VARIAN
   return [v for v in VARIANTS if v in asked]  # the table's order, each once
 
 
+def variant_batches(text: str, batches: List[int]) -> dict:
+  """--variants as {slug: the batch sizes it runs at}, in the table's order. `slug` runs at
+  every batch size, `slug@B` only at batch size B (`slug@64,slug@256` at both): a GPU call's
+  time goes to the rows its targets are read from."""
+  items = [v.strip() for v in text.split(",") if v.strip()]
+  if not items:
+    raise CspganError(f"--variants is empty (accepted: {', '.join(VARIANTS)})")
+  at = {}
+  for item in items:
+    slug, restricted, batch = item.partition("@")
+    if slug not in VARIANTS:
+      raise CspganError(f"--variants: {slug!r} is not one of {', '.join(VARIANTS)}")
+    if not restricted:
+      at[slug] = set(batches)
+      continue
+    if not batch.isdigit() or int(batch) not in batches:
+      raise CspganError(f"--variants: {item!r}: {batch!r} is not one of --batches "
+                        f"({','.join(map(str, batches))})")
+    at.setdefault(slug, set()).add(int(batch))
+  return {s: sorted(at[s]) for s in VARIANTS if s in at}
+
+
 def profiled_variants(args, variants: List[str]) -> List[str]:
   """The variants `--profile` traces: `--profile-variants` (a subset of `--variants`) or all."""
   if args.profile_variants is None:
@@ -459,9 +483,10 @@ def _make_dir(path: str, option: str) -> None:
 
 
 def _validate(args):
-  """The arguments' own checks, before jax is even imported: (batches, variants)."""
-  variants = _parse_variants(args.variants)
+  """The arguments' own checks, before jax is even imported: (batches, {variant: batches})."""
   batches = _parse_batches(args.batches)
+  at = variant_batches(args.variants, batches)
+  variants = list(at)
   profiled = profiled_variants(args, variants)
   for option, value, low in (("--iters", args.iters, 1), ("--repeats", args.repeats, 1),
                              ("--warmup", args.warmup, 0), ("--e2e", args.e2e, 0),
@@ -479,10 +504,10 @@ def _validate(args):
                       f"got {args.e2e}")
   e2e_variants = _parse_variants(args.e2e_variants, "--e2e-variants", E2E_VARIANTS)
   if args.e2e > 0:
-    missing = [v for v in e2e_variants if v not in variants]
-    if missing:
-      raise CspganError(f"--e2e of {missing[0]} compares with its bare iteration: add "
-                        f"{missing[0]} to --variants")
+    missing = [v for v in e2e_variants if batches[0] not in at.get(v, ())]
+    if missing:  # the end-to-end runs are at the first batch size
+      raise CspganError(f"--e2e of {missing[0]} compares with its bare iteration at batch "
+                        f"{batches[0]}: add {missing[0]} to --variants at that batch size")
   if args.out:
     if os.path.splitext(args.out)[1].lower() == ".json":
       raise CspganError(f"--out {args.out}: the markdown table goes there and the JSON beside "
@@ -491,8 +516,8 @@ def _validate(args):
       raise CspganError(f"--out {args.out} is a folder; give a file name (e.g. bench.md)")
   if not args.overwrite:  # an earlier run's figures are not replaced unless asked
     targets = [args.out, os.path.splitext(args.out)[0] + ".json"] if args.out else []
-    for b in batches:
-      for v in variants:
+    for v, runs_at in at.items():
+      for b in runs_at:
         if args.hlo and VARIANTS[v][0] == "jax":
           targets.append(os.path.join(args.hlo, f"b{b}_{v}.hlo.txt"))
         if args.profile and v in profiled:
@@ -503,7 +528,7 @@ def _validate(args):
     existing = next((t for t in targets if os.path.exists(t)), None)
     if existing:
       raise CspganError(f"{existing} exists; not overwriting it (pass --overwrite to replace it)")
-  return batches, variants
+  return batches, at
 
 
 # ---- measuring ----
@@ -521,7 +546,8 @@ def _build(slug, args, batch, overrides):
 
 def run(args, overrides) -> dict:
   """Measures every variant at every batch size: {header, rows, end_to_end, peak_tflops}."""
-  batches, slugs = _validate(args)
+  batches, at = _validate(args)
+  slugs = list(at)
   profiled = profiled_variants(args, slugs)
   from cspgan_jax import config_lib
   config_lib.load_config(args.config, overrides)  # a bad config or override fails before work
@@ -563,8 +589,8 @@ def run(args, overrides) -> dict:
   e2e = []  # one entry per --e2e-variants value
   for index, batch in enumerate(batches):
     variants, build_s = {}, {}
-    for s in slugs:  # a variant that cannot be built is left out, not the end of a GPU's run
-      try:
+    for s in (s for s in slugs if batch in at[s]):
+      try:  # a variant that cannot be built is left out, not the end of a GPU's run
         t = time.perf_counter()
         variants[s] = _build(s, args, batch, overrides)
         # compilation and autotuning: what a GPU call's time budget is planned from

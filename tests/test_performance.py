@@ -173,6 +173,8 @@ def test_bench_keeps_an_earlier_runs_files(tmp_path, capsys):
     ("--batches", "8,0", "--batches"),
     ("--e2e-variants", "jax-fp32,jax-bf16-scan", "--e2e-variants: 'jax-bf16-scan' is not"),
     ("--profile-variants", "jax-fp64", "--profile-variants: 'jax-fp64' is not one of"),
+    ("--variants", "jax-fp32@32", "--variants: 'jax-fp32@32': '32' is not one of --batches"),
+    ("--variants", "jax-fp32@", "--variants: 'jax-fp32@': '' is not one of --batches"),
 ])
 def test_bench_rejects_bad_arguments_in_one_line(capsys, flag, value, needle):
   from cspgan_jax import cli
@@ -286,13 +288,17 @@ def test_bench_traces_after_every_figure_and_jax_before_pytorch(tmp_path, monkey
                 checkpoint_every=4, data="synthetic", images_per_s=1.0)
   monkeypatch.setattr(bench, "end_to_end", end_to_end)
   out = tmp_path / "bench.md"
+  # jax-bf16@16: at batch 16 only, so neither its row nor its trace at batch 8
   assert cli.main(["bench", "--config", TINY, "--batches", "8,16", "--iters", "1", "--repeats",
-                   "1", "--warmup", "0", "--variants", "jax-fp32,torch-fp32", "--profile",
-                   str(tmp_path / "prof"), "--e2e", "8", "--out", str(out)]) == 0
+                   "1", "--warmup", "0", "--variants", "jax-fp32,jax-bf16@16,torch-fp32",
+                   "--profile", str(tmp_path / "prof"), "--e2e", "8", "--out", str(out)]) == 0
   # every figure first (the end-to-end run right after the rows of its batch), then every JAX
   # trace, then PyTorch's
-  assert order == [("end to end", 8), ("jax-fp32", 8), ("jax-fp32", 16), ("torch-fp32", 8),
-                   ("torch-fp32", 16)]
+  assert order == [("end to end", 8), ("jax-fp32", 8), ("jax-fp32", 16), ("jax-bf16", 16),
+                   ("torch-fp32", 8), ("torch-fp32", 16)]
+  rows = json.loads((tmp_path / "bench.json").read_text())["rows"]
+  assert [(r["batch"], r["slug"]) for r in rows] == [
+      (8, "jax-fp32"), (8, "torch-fp32"), (16, "jax-fp32"), (16, "jax-bf16"), (16, "torch-fp32")]
   assert "end-to-end `cspgan train`, JAX float32 (batch 8" in out.read_text()
   args = lambda profile_variants: argparse.Namespace(profile_variants=profile_variants)
   measured = ["jax-fp32", "jax-bf16", "torch-fp32"]
@@ -312,6 +318,11 @@ def test_bench_end_to_end_needs_its_bare_variant(capsys):
                    "--e2e-variants", "jax-fp32,jax-bf16"]) == 2
   err = capsys.readouterr().err
   assert err.count("\n") == 1 and "add jax-bf16 to --variants" in err, err
+  # the end-to-end runs are at the first batch size: their variant must run there
+  assert cli.main(["bench", "--config", TINY, "--batches", "8,16", "--variants",
+                   "jax-fp32,jax-bf16@16", "--e2e", "8", "--e2e-variants", "jax-bf16"]) == 2
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1 and "at batch 8: add jax-bf16 to --variants at that" in err, err
 
 
 def test_bench_reads_the_issues_targets_off_the_best_row_of_each():
@@ -366,3 +377,30 @@ def test_bench_variants_turn_on_their_options_xlas_among_them():
       "train.xla_options=xla_gpu_enable_triton_gemm=false"]
   assert bench.options_on(config_lib.load_config(TINY)) == []
   assert bench.variant_options("jax-bf16-scan") == []
+
+
+@pytest.mark.parametrize("dry", ["", "1"])
+def test_the_gpu_calls_arguments_are_valid(tmp_path, dry):
+  """scripts/gpu_check.sh's stages, as the GPU call (and its CPU dry run) would pass them: the
+  bench's arguments and the options stage's pass the bench's own checks, and every test file
+  named exists, so that a slip in the script is found here and not in a rare GPU call."""
+  from cspgan_jax import bench
+  env = dict(os.environ, GPU_CHECK_PRINT_ARGS="1", GPU_CHECK_DRY=dry, OUT=str(tmp_path / "out"))
+  proc = subprocess.run(["bash", os.path.join("scripts", "gpu_check.sh")], env=env, cwd=REPO,
+                        capture_output=True, text=True, timeout=60)
+  assert proc.returncode == 0, proc.stderr
+  bench_args, option_args, tests = proc.stdout.splitlines()
+  parser = argparse.ArgumentParser()
+  bench.add_arguments(parser)
+  for line, dest in ((bench_args, "bench"), (option_args, "options")):
+    args = parser.parse_args(line.split() + [
+        "--out", str(tmp_path / dest / "bench.md"), "--hlo", str(tmp_path / dest),
+        "--profile", str(tmp_path / dest)])
+    batches, at = bench._validate(args)  # raises on a bad variant, batch or e2e pairing
+    bench.profiled_variants(args, list(at))
+    assert os.path.exists(os.path.join(REPO, args.config))
+    if not dry and dest == "bench":  # the issue's targets are read at these batch sizes
+      assert batches == [64, 256] and args.e2e >= 1000
+      assert {"jax-fp32", "jax-bf16", "torch-fp32"} <= {s for s, b in at.items() if b == batches}
+  for test in tests.split():
+    assert os.path.isfile(os.path.join(REPO, test)), test
