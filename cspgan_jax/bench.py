@@ -726,6 +726,54 @@ def target_lines(report: dict) -> List[str]:
   return lines
 
 
+# What each change was expected to move, written down before a GPU timed it (docs/PERFORMANCE.md,
+# "What is in place"): (variant, compared with, batch, low, high), the gain in images/s. "Compared
+# with" is a variant of this run, or a float: the variant's ratio to PyTorch eager fp32 in the
+# first GPU run (an H200, 2026-11-27), for the changes made to the default step since.
+EXPECTED = (
+    ("jax-bf16-dpair", "jax-bf16", 64, 0.08, 0.15),
+    ("jax-bf16-edgemm", "jax-bf16", 64, 0.13, 0.15),
+    ("jax-bf16-dpair-edgemm", "jax-bf16", 64, 0.22, 0.32),  # the two above, compounded
+    ("jax-bf16-dpair", "jax-bf16", 256, 0.02, 0.05),
+    ("jax-bf16-edgemm", "jax-bf16", 256, 0.09, 0.27),
+    ("jax-bf16-dpair-edgemm", "jax-bf16", 256, 0.11, 0.33),
+    # the first run: plain bf16 +1.8% in one process, +12% between fresh ones
+    ("jax-bf16-dpair-edgemm-scan", "jax-bf16-dpair-edgemm", 64, 0.02, 0.12),
+    ("jax-bf16-dpair-edgemm-scan", "jax-bf16-dpair-edgemm", 256, -0.01, 0.01),
+    # per-channel sums per sample, ReLUs in cuDNN, bf16 parameter copies, BatchNorm-LeakyReLU
+    # backward: +2-4%, +1%, +2.5-4%, +1.5-2% at batch 64; +1%, +1.5%, +1-1.5%, +3-3.5% at 256
+    ("jax-bf16", 3.2533, 64, 0.07, 0.11),
+    ("jax-bf16", 2.8834, 256, 0.07, 0.08),
+)
+
+
+def expectation_lines(report: dict) -> List[str]:
+  """This run's rows against what each change was expected to move (EXPECTED)."""
+  rows = {(r["batch"], r["slug"]): r for r in report["rows"]}
+  lines = []
+  for slug, against, batch, low, high in EXPECTED:
+    row = rows.get((batch, slug))
+    if row is None:
+      continue
+    if isinstance(against, str):
+      base = rows.get((batch, against))
+      if base is None:
+        continue
+      gain, what = row["images_per_s"] / base["images_per_s"] - 1, against
+    elif row.get("vs_torch_fp32") is not None:
+      gain = row["vs_torch_fp32"] / against - 1
+      what = f"the first run's {against:.2f}x PyTorch eager fp32 (H200; the ratio's gain)"
+    else:
+      continue
+    verdict = "below" if gain < low else "above" if gain > high else "within"
+    lines.append(f"- {slug} against {what} at batch {batch}: {100 * gain:+.1f}% (expected "
+                 f"{100 * low:+.0f}% to {100 * high:+.0f}%: {verdict})")
+  if lines:
+    lines = ["", "Against what each change was expected to move (docs/PERFORMANCE.md, written "
+             "before timing; the gain in images/s):"] + lines
+  return lines
+
+
 def _projection(minutes: dict) -> str:
   return " / ".join(f"{minutes[str(e)]:,.1f}" for e in PROJECTION_EPOCHS)
 
@@ -756,6 +804,7 @@ def format_table(report: dict) -> str:
               f"{100 * e2e['vs_bare']:.1f}% of the bare iteration of the same variant; "
               f"{epochs} epochs of CelebA: {_projection(e2e['projected_minutes'])} min"]
   lines += target_lines(report)
+  lines += expectation_lines(report)
   lines.append("")
   lines.append(f"peak used for the share: {fmt(report.get('peak_tflops'), '.0f')} TFLOP/s (bf16 "
                "dense) and FLOPs counted by XLA (CPU) for the JAX iteration; device memory: JAX, "

@@ -361,6 +361,34 @@ def test_bench_reads_the_issues_targets_off_the_best_row_of_each():
   assert lines[5] == "- end to end: no `--e2e` run in this run"
 
 
+def test_bench_reads_each_expectation_against_its_rows():
+  """bench.md says, for each change, whether this run's gain fell within what was written down
+  before timing it; an expectation whose rows this run lacks is left out, not guessed."""
+  from cspgan_jax import bench
+
+  def row(batch, slug, images_per_s, ratio):
+    return dict(batch=batch, slug=slug, images_per_s=images_per_s, vs_torch_fp32=ratio)
+
+  rows = [row(64, "jax-bf16", 12000.0, 3.25 * 1.09), row(64, "jax-bf16-edgemm", 13440.0, None),
+          row(64, "jax-bf16-dpair", 12900.0, None), row(64, "jax-bf16-dpair-edgemm", 16200.0, None),
+          row(256, "jax-bf16", 20000.0, None)]  # no PyTorch row at 256: no ratio there
+  expected = {(slug, against, batch): (low, high)
+              for slug, against, batch, low, high in bench.EXPECTED}
+  assert expected[("jax-bf16-edgemm", "jax-bf16", 64)] == (0.13, 0.15)
+  lines = bench.expectation_lines(dict(rows=rows))
+  assert lines[:2] == ["", "Against what each change was expected to move (docs/PERFORMANCE.md, "
+                       "written before timing; the gain in images/s):"]
+  assert lines[2:] == [
+      "- jax-bf16-dpair against jax-bf16 at batch 64: +7.5% (expected +8% to +15%: below)",
+      "- jax-bf16-edgemm against jax-bf16 at batch 64: +12.0% (expected +13% to +15%: below)",
+      "- jax-bf16-dpair-edgemm against jax-bf16 at batch 64: +35.0% (expected +22% to +32%: "
+      "above)",
+      "- jax-bf16 against the first run's 3.25x PyTorch eager fp32 (H200; the ratio's gain) at "
+      "batch 64: +8.9% (expected +7% to +11%: within)"]
+  assert bench.expectation_lines(dict(rows=rows[:1])) == lines[:2] + lines[-1:]
+  assert bench.expectation_lines(dict(rows=[row(8, "jax-fp32", 1.0, 1.0)])) == []
+
+
 def test_bench_variants_turn_on_their_options_xlas_among_them():
   from cspgan_jax import bench
   overrides = bench.variant_options("jax-bf16-dpair-edgemm-pdl-cublas")
