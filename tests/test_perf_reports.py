@@ -376,6 +376,37 @@ def test_trace_report_keeps_host_transfers_apart_from_the_kernels():
       "host transfer": 9.0, "data movement": 3.0}
 
 
+def test_trace_report_keeps_other_programs_apart_from_the_step():
+  """A trace of the real loop (`cspgan train --config.train.profile_steps=N`) holds the sampler's
+  kernels beside the step's (the output thread's grids): XLA:GPU names each kernel's module, so
+  those of another program are a row and a kind of their own, outside the step's kernel count
+  and its iteration count; the device's busy time still holds them."""
+  meta = [{"ph": "M", "pid": 2, "name": "process_name", "args": {"name": "/device:GPU:0"}}]
+  events = []
+  for it in range(3):
+    t0 = 100.0 * it
+    events += [_event(2, 7, "sm90_xmma_fprop", t0, 40, hlo_op="cudnn-conv.1",
+                      hlo_module="jit_step"),
+               _event(2, 7, "loop_add_fusion", t0 + 45, 10, hlo_op="loop_add_fusion",
+                      hlo_module="jit_step")]
+  # the sampler: three kernels once in the window, one named like a fusion of the step's
+  events += [_event(2, 7, "loop_add_fusion", 60 + 5 * i, 4, hlo_op="loop_add_fusion",
+                    hlo_module="jit__lambda") for i in range(3)]
+  hlo = hlo_report.HloReport(GPU_HLO)
+  report = trace_report.TraceReport({"traceEvents": meta + events}, hlo)
+  assert report.iterations == 3 and report.step_kernels() == 6
+  assert report.rows["jit__lambda (another program)"] == [12.0, 3]
+  assert report.rows["loop_add_fusion"] == [30.0, 3]
+  assert dict(report.grouped(0)) == {"convolution": 40.0, "elementwise/reduction": 10.0,
+                                     "another program": 4.0}
+  assert report.busy_us == 3 * 50.0 + 12.0
+  text = report.markdown()
+  assert "2 kernels/iteration" in text
+  assert "| jit__lambda (another program) | another program | - | 0.004 | 1 | - |" in text
+  # without the step's HLO, nothing tells the programs apart: every kernel is the step's
+  assert trace_report.TraceReport({"traceEvents": meta + events}).step_kernels() == 9
+
+
 def test_trace_report_names_the_kernels_that_leave_the_chip_idle():
   """CUPTI's grid in each kernel's details: an op's blocks are its longest kernel's (cuDNN adds
   a one-block helper beside its main kernel); ops on few blocks and long enough are listed."""
