@@ -206,6 +206,9 @@ class TraceReport:
     """Kernels launched, those of other programs left out."""
     return sum(calls for op, (_, calls) in self.rows.items() if self.info[op][0] != OTHER_PROGRAM)
 
+  def other_programs_us(self) -> float:
+    return sum(us for op, (us, _) in self.rows.items() if self.info[op][0] == OTHER_PROGRAM)
+
   def total_us(self) -> float:
     return sum(us for us, _ in self.rows.values())
 
@@ -219,8 +222,10 @@ class TraceReport:
   def markdown(self, title: str = "", top: int = 12) -> str:
     it, total = self.iterations, self.total_us()
     busy = f"{100 * self.busy_us / self.span_us:.0f}%" if self.span_us else "n/a"
+    other = self.other_programs_us()
     lines = [f"### {title or 'trace'}",
-             f"{self.source}: {it} iteration(s); kernels {total / it / 1e3:.3f} ms/iteration; "
+             f"{self.source}: {it} iteration(s); kernels {(total - other) / it / 1e3:.3f} "
+             f"ms/iteration{f' (other programs: {other / 1e3:.3f} ms in all)' if other else ''}; "
              f"busy {self.busy_us / it / 1e3:.3f} ms of a {self.span_us / it / 1e3:.3f} ms span "
              f"per iteration ({busy}); {self.step_kernels() / it:.0f} kernels/iteration", ""]
     short = [float(e["dur"]) for e in self.events if float(e["dur"]) < SHORT_US]

@@ -401,7 +401,8 @@ def test_trace_report_keeps_other_programs_apart_from_the_step():
                                      "another program": 4.0}
   assert report.busy_us == 3 * 50.0 + 12.0
   text = report.markdown()
-  assert "2 kernels/iteration" in text
+  assert ("3 iteration(s); kernels 0.050 ms/iteration (other programs: 0.012 ms in all); "
+          in text) and "2 kernels/iteration" in text
   assert "| jit__lambda (another program) | another program | - | 0.004 | 1 | - |" in text
   # without the step's HLO, nothing tells the programs apart: every kernel is the step's
   assert trace_report.TraceReport({"traceEvents": meta + events}).step_kernels() == 9
