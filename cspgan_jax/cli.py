@@ -290,6 +290,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(f"cspgan: error: {args.command} takes no --config.* overrides (the checkpoint holds "
           "the config)", file=sys.stderr)
     return 2
+  if args.func not in (cmd_compile, cmd_info, cmd_prepare_data):  # those compile nothing to keep
+    from cspgan_jax import compilation_cache  # pylint: disable=import-outside-toplevel
+    compilation_cache.enable()
   try:
     args.func(args, overrides)
   except CspganError as e:

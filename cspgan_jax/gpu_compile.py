@@ -31,6 +31,7 @@ import sys
 import tempfile
 from typing import Optional
 
+from cspgan_jax import compilation_cache
 from cspgan_jax.errors import CspganError
 
 # pylint: disable=import-outside-toplevel  # jax must not start before the plugin is on the path
@@ -48,8 +49,7 @@ def _jaxlib_version() -> str:
 
 
 def default_plugin_dir() -> str:
-  cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-  return os.path.join(cache, "cspgan", f"jax-cuda12-{_jaxlib_version()}")
+  return os.path.join(compilation_cache.cache_root(), f"jax-cuda12-{_jaxlib_version()}")
 
 
 def install_plugin(directory: str) -> str:

@@ -1,0 +1,79 @@
+"""The command line's persistent compilation cache, and the initialiser compiled as one program."""
+
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+
+from cspgan_jax import checkpoint, compilation_cache, train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(REPO, "configs", "tiny.py")
+
+
+def test_the_cache_folder_follows_the_environment(tmp_path):
+  home = str(tmp_path / "home")
+  default = os.path.join(home, "cspgan", "jax-compilation-cache")
+  assert compilation_cache.chosen_dir({"XDG_CACHE_HOME": home}) == default
+  assert compilation_cache.chosen_dir({"XDG_CACHE_HOME": home, "CSPGAN_COMPILATION_CACHE": ""}) \
+      == default
+  assert compilation_cache.chosen_dir({"CSPGAN_COMPILATION_CACHE": str(tmp_path / "c")}) == str(
+      tmp_path / "c")
+  for off in ("off", "OFF", "0", "false", "none"):
+    assert compilation_cache.chosen_dir({"CSPGAN_COMPILATION_CACHE": off}) is None
+  # jax's own variable, where set, decides alone
+  assert compilation_cache.chosen_dir({"JAX_COMPILATION_CACHE_DIR": "/x",
+                                       "CSPGAN_COMPILATION_CACHE": str(tmp_path)}) is None
+
+
+def _cli_train(workdir, cache):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO, CSPGAN_COMPILATION_CACHE=cache)
+  env.pop("JAX_COMPILATION_CACHE_DIR", None)  # the suite's own cache (conftest) steps aside
+  env.pop("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", None)  # jax's default threshold
+  proc = subprocess.run(
+      [sys.executable, "-m", "cspgan_jax.cli", "train", "--config", TINY, "--workdir",
+       str(workdir), "--no-progress", "--config.train.num_steps=2"],
+      env=env, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  return checkpoint.restore(str(workdir))[0]
+
+
+def test_a_second_run_loads_its_programs_and_trains_the_same(tmp_path):
+  cache = str(tmp_path / "cache")
+  first = _cli_train(tmp_path / "a", cache)
+  entries = sorted(f for f in os.listdir(cache) if f.endswith("-cache"))
+  # the initialiser and the training step (jit of shard_map, named `local`) at least
+  assert any(f.startswith("jit__init_variables-") for f in entries), entries
+  assert any(f.startswith("jit_local-") for f in entries), entries
+  second = _cli_train(tmp_path / "b", cache)
+  assert sorted(f for f in os.listdir(cache) if f.endswith("-cache")) == entries  # all loaded
+  la, lb = jax.tree_util.tree_leaves(first), jax.tree_util.tree_leaves(second)
+  assert len(la) == len(lb) > 50
+  for a, b in zip(la, lb):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_the_initialiser_is_one_program_per_model_and_stays_traceable(tiny_config):
+  config = tiny_config()
+  train._variables_initializer.cache_clear()  # pylint: disable=protected-access
+  g1, d1 = train.init_variables(config, jax.random.PRNGKey(0))
+  # another run's settings, the same model: the same program, and the same values
+  g2, d2 = train.init_variables(tiny_config("--config.train.lr_g=3e-4"), jax.random.PRNGKey(0))
+  assert train._variables_initializer.cache_info().misses == 1  # pylint: disable=protected-access
+  for a, b in zip(jax.tree_util.tree_leaves((g1, d1)), jax.tree_util.tree_leaves((g2, d2))):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  # DCGAN's init: conv kernels N(0, 0.02), BatchNorm scales N(1, 0.02), BatchNorm biases 0
+  kernel = np.asarray(g1["params"]["main_1"]["right_2"]["kernel"])
+  assert abs(kernel.mean()) < 2e-3 and 0.018 < kernel.std() < 0.022
+  assert not np.array_equal(kernel, np.asarray(train.init_variables(
+      config, jax.random.PRNGKey(1))[0]["params"]["main_1"]["right_2"]["kernel"]))
+  # Inside another trace (eval_shape, jit) it is part of that program (a nested jit could
+  # not take the compiler options): same shapes and dtypes.
+  shapes = jax.eval_shape(lambda: train.init_variables(config, jax.random.PRNGKey(0)))
+  assert jax.tree_util.tree_map(lambda x: (x.shape, x.dtype), shapes) == jax.tree_util.tree_map(
+      lambda x: (x.shape, x.dtype), (g1, d1))
+  lowered = jax.jit(lambda r: train.init_variables(config, r)).lower(jax.random.PRNGKey(0))
+  assert len(jax.tree_util.tree_leaves(lowered.out_info)) == len(jax.tree_util.tree_leaves(
+      (g1, d1)))
