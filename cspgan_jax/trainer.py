@@ -140,6 +140,7 @@ def train_and_evaluate(config, workdir: str, progress: bool = True) -> train.GAN
   say = (lambda msg: print(f"[train] {msg}", file=sys.stderr, flush=True)) if main_process else (
       lambda msg: None)
 
+  started = time.perf_counter()
   start = checkpoint.latest_step(workdir)
   if start is not None:
     state, _ = checkpoint.restore(workdir, config)
@@ -173,6 +174,10 @@ def train_and_evaluate(config, workdir: str, progress: bool = True) -> train.GAN
   if k > 1:
     step_fns[k] = parallel.compile_like(step_fns[1], config, data.kind, batch_fn, k, p_state,
                                         *step_args)
+  cache = getattr(jax.config, "jax_compilation_cache_dir", None)
+  say(f"ready after {time.perf_counter() - started:.1f} s (state {'restored' if start else 'made'}"
+      f", data placed, step compiled; compiled programs "
+      + (f"kept in {cache})" if cache else "not kept across runs)"))
   fixed_noise = train.sample_latents(fixed_rng, t.num_samples, config.model.nz)
   use_ra = t.get("sample_use_running_average", False)
   sample_fn = jax.jit(lambda p, s, z: train.generate(config, p, s, z, use_ra))

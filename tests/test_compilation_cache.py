@@ -37,6 +37,7 @@ def _cli_train(workdir, cache):
        str(workdir), "--no-progress", "--config.train.num_steps=2"],
       env=env, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-2000:]
+  assert f"compiled programs kept in {cache})" in proc.stderr, proc.stderr[-2000:]
   return checkpoint.restore(str(workdir))[0]
 
 
