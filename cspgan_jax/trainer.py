@@ -174,13 +174,20 @@ def train_and_evaluate(config, workdir: str, progress: bool = True) -> train.GAN
   if k > 1:
     step_fns[k] = parallel.compile_like(step_fns[1], config, data.kind, batch_fn, k, p_state,
                                         *step_args)
-  cache = getattr(jax.config, "jax_compilation_cache_dir", None)
-  say(f"ready after {time.perf_counter() - started:.1f} s (state {'restored' if start else 'made'}"
-      f", data placed, step compiled; compiled programs "
-      + (f"kept in {cache})" if cache else "not kept across runs)"))
   fixed_noise = train.sample_latents(fixed_rng, t.num_samples, config.model.nz)
   use_ra = t.get("sample_use_running_average", False)
   sample_fn = jax.jit(lambda p, s, z: train.generate(config, p, s, z, use_ra))
+  if main_process:
+    # Compiled now (one untimed grid, not written) rather than by the first grid's call in the
+    # loop, which would wait for it. Called rather than compiled ahead of time: a jit compiles
+    # again for arguments in other layouts, where a compiled object would refuse them.
+    g = parallel.first_local_copy(p_state.g)
+    sample_fn(g.params, g.batch_stats, fixed_noise)
+    del g
+  cache = getattr(jax.config, "jax_compilation_cache_dir", None)
+  say(f"ready after {time.perf_counter() - started:.1f} s (state {'restored' if start else 'made'}"
+      f", data placed, step and sampler compiled; compiled programs "
+      + (f"kept in {cache})" if cache else "not kept across runs)"))
   streamed = None if data.kind == "device" else data.batches(start, max(total - start, 0))
 
   log = RunLog(workdir, main_process)

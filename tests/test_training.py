@@ -74,8 +74,18 @@ def test_resume_is_bit_identical(tmp_path, resumed_pipeline):
 def test_grids_and_checkpoints_are_written_beside_the_running_loop(tmp_path, monkeypatch):
   """The step-2 grid and checkpoint are held on the output thread until the loop has logged
   step 6: a loop that waited for them would never get there (each would time out). The step-2
-  checkpoint, taken from a device copy while steps 3-8 donated the state, is step 2's state."""
+  checkpoint, taken from a device copy while steps 3-8 donated the state, is step 2's state.
+  Nor does the loop wait for the compiler: the step and the sampler are compiled before it."""
   reached, logged, held = threading.Event(), [], []
+  compiled = []  # jax's compilation events, and where the loop began
+
+  class MarkedWriter(trainer.background.BackgroundWriter):
+    def __init__(self, *args, **kwargs):
+      compiled.append("the loop begins")
+      super().__init__(*args, **kwargs)
+
+  monkeypatch.setattr(trainer.background, "BackgroundWriter", MarkedWriter)
+  listener = lambda event, secs, **kw: compiled.append(event) if "compile" in event else None
   console_line = trainer.console_line
 
   def counting_console_line(*args):
@@ -97,8 +107,15 @@ def test_grids_and_checkpoints_are_written_beside_the_running_loop(tmp_path, mon
   monkeypatch.setattr(checkpoint, "save_async", held_at_step_2(
       checkpoint.save_async, lambda mngr, state, config: int(np.asarray(state.step))))
   run = tmp_path / "run"
-  final = _train(run, "--config.train.num_steps=8", "--config.train.sample_every=2",
-                 "--config.train.checkpoint_every=2", "--config.train.keep_checkpoints=10")
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    final = _train(run, "--config.train.num_steps=8", "--config.train.sample_every=2",
+                   "--config.train.checkpoint_every=2", "--config.train.keep_checkpoints=10")
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+  begins = compiled.index("the loop begins")
+  assert any("backend_compile" in e for e in compiled[:begins]), compiled[:begins]
+  assert compiled[begins + 1:] == []
   assert held == [True, True]  # the grid's job, then the checkpoint's
   assert checkpoint.all_steps(str(run)) == [2, 4, 6, 8]
   assert sorted(os.listdir(run / trainer.SAMPLES_DIR)) == [
