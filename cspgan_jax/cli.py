@@ -193,7 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
       prog="cspgan",
       description="CSPup-GAN in JAX: train, prepare data, convert, sample, parity with PyTorch, "
                   "benchmark, compile for a GPU.",
-      epilog="Config fields can be overridden with --config.group.field=value.")
+      epilog="Config fields can be overridden with --config.group.field=value. Compiled "
+             "programs are kept in ~/.cache/cspgan/jax-compilation-cache across runs "
+             "(CSPGAN_COMPILATION_CACHE=DIR moves it, =off turns it off).")
   sub = parser.add_subparsers(dest="command", required=True)
 
   trn = sub.add_parser("train", help="train (or resume) a run in WORKDIR")

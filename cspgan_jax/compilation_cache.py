@@ -15,6 +15,8 @@ jax's defaults.
 from __future__ import annotations
 
 import os
+import sys
+import tempfile
 from typing import Optional
 
 ENV = "CSPGAN_COMPILATION_CACHE"
@@ -49,6 +51,14 @@ def enable(environ=os.environ) -> Optional[str]:
   (1 s by default) are not written: they cost less to compile than to look up."""
   path = chosen_dir(environ)
   if path is None:
+    return None
+  try:  # jax would only warn, at length, on every program it could not write
+    os.makedirs(path, exist_ok=True)
+    with tempfile.TemporaryFile(dir=path):
+      pass
+  except OSError as e:
+    print(f"cspgan: note: compiled programs are not kept across runs: cannot write {path} "
+          f"({e.strerror or e}; set {ENV} to another folder, or to off)", file=sys.stderr)
     return None
   import jax  # pylint: disable=import-outside-toplevel
   jax.config.update("jax_compilation_cache_dir", path)

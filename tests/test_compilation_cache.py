@@ -28,6 +28,17 @@ def test_the_cache_folder_follows_the_environment(tmp_path):
                                        "CSPGAN_COMPILATION_CACHE": str(tmp_path)}) is None
 
 
+def test_an_unwritable_cache_folder_is_one_line_and_no_cache(tmp_path, capsys):
+  blocker = tmp_path / "a-file"
+  blocker.write_text("")
+  before = jax.config.jax_compilation_cache_dir
+  assert compilation_cache.enable({"CSPGAN_COMPILATION_CACHE": str(blocker / "cache")}) is None
+  assert jax.config.jax_compilation_cache_dir == before  # jax left as it was
+  err = capsys.readouterr().err.splitlines()
+  assert len(err) == 1 and "not kept across runs: cannot write" in err[0], err
+  assert blocker.read_text() == ""  # nothing of the user's touched
+
+
 def _cli_train(workdir, cache):
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO, CSPGAN_COMPILATION_CACHE=cache)
   env.pop("JAX_COMPILATION_CACHE_DIR", None)  # the suite's own cache (conftest) steps aside
