@@ -77,12 +77,11 @@ def cmd_prepare_data(args, overrides):
 # ---- convert ----
 
 def cmd_torch2flax(args, overrides):
-  import jax  # pylint: disable=import-outside-toplevel
   from cspgan_jax import checkpoint, torch_port, train  # pylint: disable=import-outside-toplevel
   config = _load_config(args.config, overrides)
   if checkpoint.latest_step(args.workdir) is not None:
     raise CheckpointError(f"{args.workdir} already holds a checkpoint; choose an empty workdir")
-  g_template, d_template = train.init_variables(config, jax.random.PRNGKey(0))
+  g_template, d_template = train.variable_shapes(config)
   g_vars = torch_port.torch_to_flax(torch_port.load_torch_state_dict(args.netG, "netG"),
                                     g_template, f"netG ({args.netG})")
   d_vars = torch_port.torch_to_flax(torch_port.load_torch_state_dict(args.netD, "netD"),

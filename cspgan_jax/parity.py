@@ -233,7 +233,7 @@ def _run_parity(config, net_g_path, net_d_path, steps, seed, with_floor, log, im
   bf16 = np.dtype(dtype) != np.float32
   from cspgan_jax import torch_reference  # pylint: disable=import-outside-toplevel
   net_g, net_d = torch_reference.build_reference(config.model, seed=seed)
-  g_template, d_template = train.init_variables(config, jax.random.PRNGKey(0))
+  g_template, d_template = train.variable_shapes(config)
   for path, net, role, template in ((net_g_path, net_g, "netG", g_template),
                                     (net_d_path, net_d, "netD", d_template)):
     if path:

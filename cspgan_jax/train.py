@@ -79,6 +79,12 @@ def init_variables(config, rng):
   return _variables_initializer(model_config, jax.default_backend())(rng)
 
 
+def variable_shapes(config):
+  """What `init_variables` returns, as shapes and dtypes only (nothing computed): the template
+  a conversion from PyTorch's `state_dict` fills."""
+  return jax.eval_shape(lambda: init_variables(config, jax.random.PRNGKey(0)))
+
+
 @functools.lru_cache(maxsize=None)
 def _variables_initializer(model_config, platform: str):
   # The program runs once per run, so XLA:CPU need not optimise it: at its default level LLVM
