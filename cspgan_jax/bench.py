@@ -342,8 +342,8 @@ def end_to_end(config_path, batch, steps, overrides, variant="jax-fp32", trace_t
 
   The second half holds a checkpoint (at its start) and two sample grids (at 1/2 and 3/4 of the
   run), a log at each end: at 1,000 steps a denser cadence than the seed's (a grid every 500
-  steps, a checkpoint every 5,000), so the loss it shows is an upper bound. The first grid, at
-  1/4, compiles the sampler outside the window, as it happens once in a real run. With
+  steps, a checkpoint every 5,000), so the loss it shows is an upper bound. The trainer compiles
+  the sampler before its loop; the first grid, at 1/4, is outside the window too. With
   `trace_to`, a few more steps run after the timed half under the profiler
   (`train.profile_steps`), and their trace and the step's HLO are kept as
   `{trace_to}.trace.json.gz` and `{trace_to}.hlo.txt`.
