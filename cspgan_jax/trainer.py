@@ -90,14 +90,32 @@ class StopRequest:
 class RunLog:
   """Console line, TensorBoard scalars and images, metrics.jsonl and sample PNGs (process 0)."""
 
-  def __init__(self, workdir: str, enabled: bool):
+  def __init__(self, workdir: str, enabled: bool, start_step: int = 0):
     self.enabled = enabled
     self.workdir = workdir
     self.writer = None
     if enabled:
+      # The run goes on from `start_step` (its checkpoint, or 0): whatever an interrupted run
+      # logged after that step is superseded by what this one logs again (the same numbers, as
+      # a resumed run is bit-identical), so neither metrics.jsonl nor TensorBoard (purge_step)
+      # keeps a step twice.
+      self._keep_metrics_up_to(start_step)
       from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
-      self.writer = SummaryWriter(os.path.join(workdir, TENSORBOARD_DIR))
+      self.writer = SummaryWriter(os.path.join(workdir, TENSORBOARD_DIR),
+                                  purge_step=start_step + 1)
       os.makedirs(os.path.join(workdir, SAMPLES_DIR), exist_ok=True)
+
+  def _keep_metrics_up_to(self, step: int) -> None:
+    path = os.path.join(self.workdir, METRICS_FILE)
+    if not os.path.exists(path):
+      return
+    with open(path) as f:
+      lines = f.readlines()
+    kept = [l for l in lines if _logged_step(l) is not None and _logged_step(l) <= step]
+    if len(kept) < len(lines):  # rewritten whole, then swapped in: never half a file
+      with open(path + ".tmp", "w") as f:
+        f.writelines(kept)
+      os.replace(path + ".tmp", path)
 
   def scalars(self, step: int, metrics: dict, images_per_sec: Optional[float]) -> None:
     if not self.enabled:
@@ -120,6 +138,14 @@ class RunLog:
   def close(self):
     if self.writer is not None:
       self.writer.close()
+
+
+def _logged_step(line: str) -> Optional[int]:
+  """The step of a metrics.jsonl line; None for a line a killed run left unfinished."""
+  try:
+    return int(json.loads(line)["step"])
+  except (ValueError, KeyError, TypeError):
+    return None
 
 
 def console_line(epoch, epochs, step_in_epoch, steps_per_epoch, m) -> str:
@@ -190,7 +216,7 @@ def train_and_evaluate(config, workdir: str, progress: bool = True) -> train.GAN
       + (f"kept in {cache})" if cache else "not kept across runs)"))
   streamed = None if data.kind == "device" else data.batches(start, max(total - start, 0))
 
-  log = RunLog(workdir, main_process)
+  log = RunLog(workdir, main_process, start)
   trace = profiling.StepTrace(os.path.join(workdir, TENSORBOARD_DIR), t.get("profile_start", 0),
                               t.get("profile_steps", 0), main_process, say)
   mngr = checkpoint.manager(workdir, keep=t.keep_checkpoints)

@@ -61,14 +61,46 @@ def test_resume_is_bit_identical(tmp_path, resumed_pipeline):
   half = _train(tmp_path / "half", "--config.train.num_steps=4",
                 f"--config.data.pipeline={resumed_pipeline}")
   assert int(half.step) == 4
+  # as a run killed after step 6 would have left it: a line past the checkpoint, half a line
+  with open(tmp_path / "half" / trainer.METRICS_FILE, "a") as f:
+    f.write(json.dumps({"step": 6, "Loss_D": 123.0}) + '\n{"step": 8, "Los')
   resumed = _train(tmp_path / "half", "--config.train.num_steps=8",
                    f"--config.data.pipeline={resumed_pipeline}")
   assert int(resumed.step) == 8
   assert _leaves_equal(whole, resumed)
+  # Logged once a step, as the uninterrupted run logged them; TensorBoard told to drop what
+  # the interrupted run wrote after its checkpoint (tensorboardX's purge_step).
+  strip = lambda rows: [{k: v for k, v in r.items() if k != "images_per_sec"} for r in rows]
+  logged = lambda run: [json.loads(l) for l in open(tmp_path / run / trainer.METRICS_FILE)]
+  assert [r["step"] for r in logged("half")] == [2, 4, 6, 8]
+  assert strip(logged("half")) == strip(logged("whole"))
+  assert 5 in _purge_steps(tmp_path / "half") and 1 in _purge_steps(tmp_path / "whole")
   restored, _ = checkpoint.restore(str(tmp_path / "half"))
   assert _leaves_equal(restored, resumed)
   assert checkpoint.all_steps(str(tmp_path / "half")) == [4, 8]
   assert not _leaves_equal(half.g.params, resumed.g.params)  # it did train on
+
+
+def _events(workdir):
+  """Every TensorBoard event the run's event files hold (TFRecord framing: length, crc,
+  payload, crc)."""
+  from tensorboardX.proto import event_pb2  # pylint: disable=import-outside-toplevel
+  folder = os.path.join(workdir, trainer.TENSORBOARD_DIR)
+  for name in sorted(os.listdir(folder)):
+    if not name.startswith("events.out.tfevents"):
+      continue
+    with open(os.path.join(folder, name), "rb") as f:
+      data = f.read()
+    pos = 0
+    while pos < len(data):
+      n = int.from_bytes(data[pos:pos + 8], "little")
+      yield event_pb2.Event.FromString(data[pos + 12:pos + 12 + n])
+      pos += 12 + n + 4
+
+
+def _purge_steps(workdir):
+  """The steps from which TensorBoard hides earlier runs' events (a session-start event)."""
+  return [e.step for e in _events(workdir) if e.HasField("session_log")]
 
 
 def test_grids_and_checkpoints_are_written_beside_the_running_loop(tmp_path, monkeypatch):
@@ -196,16 +228,7 @@ def test_train_command_leaves_samples_events_checkpoints_and_info(tmp_path, caps
       "fixed_noise_00000004.png", "fixed_noise_00000008.png"]
   events = os.listdir(os.path.join(workdir, "tensorboard"))
   assert len(events) == 1 and events[0].startswith("events.out.tfevents")
-  from tensorboardX.proto import event_pb2  # read the tags back
-  tags = set()
-  with open(os.path.join(workdir, "tensorboard", events[0]), "rb") as f:
-    data = f.read()
-  pos = 0
-  while pos < len(data):  # TFRecord framing: length, crc, payload, crc
-    n = int.from_bytes(data[pos:pos + 8], "little")
-    event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + n])
-    tags |= {v.tag for v in event.summary.value}
-    pos += 12 + n + 4
+  tags = {v.tag for event in _events(workdir) for v in event.summary.value}
   assert {"iter/Loss_D", "iter/Loss_G", "iter/D_x", "iter/D_G_z1", "iter/D_G_z2",
           "perf/images_per_sec", "samples/fixed_noise"} <= tags
   assert checkpoint.all_steps(workdir) == [4, 8]
