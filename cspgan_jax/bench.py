@@ -365,9 +365,8 @@ def end_to_end(config_path, batch, steps, overrides, variant="jax-fp32", trace_t
       *overrides])
   with tempfile.TemporaryDirectory() as workdir:
     trainer.train_and_evaluate(config, workdir, progress=False)
-    with open(os.path.join(workdir, trainer.METRICS_FILE)) as f:
-      # the log that closes the timed half (a traced tail logs once more after it)
-      timed = next(r for r in map(json.loads, f) if r["step"] == 2 * half)
+    # the log that closes the timed half (a traced tail logs once more after it)
+    timed = next(r for r in trainer.logged_metrics(workdir) if r["step"] == 2 * half)
     folders = sorted(glob.glob(os.path.join(workdir, trainer.TENSORBOARD_DIR, "plugins",
                                             "profile", "*")))
     if trace_to and folders:

@@ -37,18 +37,13 @@ def cmd_train(args, overrides):
 
 def cmd_info(args, overrides):
   del overrides
-  import json  # pylint: disable=import-outside-toplevel
   from cspgan_jax import checkpoint, trainer  # pylint: disable=import-outside-toplevel
   step = checkpoint._resolve_step(args.workdir, None)  # pylint: disable=protected-access
   config = checkpoint.read_config(args.workdir, step)
   print(f"workdir: {os.path.abspath(args.workdir)}")
   print(f"checkpoint step: {step} (all: {', '.join(map(str, checkpoint.all_steps(args.workdir)))})")
-  metrics_path = os.path.join(args.workdir, trainer.METRICS_FILE)
-  last = None
-  if os.path.isfile(metrics_path):
-    with open(metrics_path) as f:
-      lines = [line for line in f if line.strip()]
-    last = json.loads(lines[-1]) if lines else None
+  records = trainer.logged_metrics(args.workdir)  # a killed run's unfinished line left out
+  last = records[-1] if records else None
   if last:
     print("latest metrics (step {}): {}".format(
         last.pop("step"), ", ".join(f"{k} {v:.4g}" for k, v in last.items())))

@@ -111,7 +111,7 @@ class RunLog:
       return
     with open(path) as f:
       lines = f.readlines()
-    kept = [l for l in lines if _logged_step(l) is not None and _logged_step(l) <= step]
+    kept = [l for l in lines if (_logged_record(l) or {}).get("step", step + 1) <= step]
     if len(kept) < len(lines):  # rewritten whole, then swapped in: never half a file
       with open(path + ".tmp", "w") as f:
         f.writelines(kept)
@@ -140,12 +140,22 @@ class RunLog:
       self.writer.close()
 
 
-def _logged_step(line: str) -> Optional[int]:
-  """The step of a metrics.jsonl line; None for a line a killed run left unfinished."""
+def _logged_record(line: str) -> Optional[dict]:
+  """A metrics.jsonl line's record; None for a line a killed run left unfinished."""
   try:
-    return int(json.loads(line)["step"])
-  except (ValueError, KeyError, TypeError):
+    record = json.loads(line)
+    return record if isinstance(record, dict) and isinstance(record.get("step"), int) else None
+  except ValueError:
     return None
+
+
+def logged_metrics(workdir: str) -> list:
+  """The records of the run's metrics.jsonl, in order (none if it has none)."""
+  path = os.path.join(workdir, METRICS_FILE)
+  if not os.path.isfile(path):
+    return []
+  with open(path) as f:
+    return [r for r in map(_logged_record, f) if r is not None]
 
 
 def console_line(epoch, epochs, step_in_epoch, steps_per_epoch, m) -> str:

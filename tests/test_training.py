@@ -234,6 +234,8 @@ def test_train_command_leaves_samples_events_checkpoints_and_info(tmp_path, caps
   assert checkpoint.all_steps(workdir) == [4, 8]
   metrics = [json.loads(l) for l in open(os.path.join(workdir, trainer.METRICS_FILE))]
   assert [m["step"] for m in metrics] == [2, 4, 6, 8] and all(np.isfinite(m["Loss_D"]) for m in metrics)
+  with open(os.path.join(workdir, trainer.METRICS_FILE), "a") as f:
+    f.write('{"step": 10, "Loss_D": 0.')  # what a run killed while writing a line leaves
   assert cli.main(["info", workdir]) == 0
   out = capsys.readouterr().out
   assert "checkpoint step: 8 (all: 4, 8)" in out and "latest metrics (step 8)" in out
