@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from typing import Optional, Tuple
 
 import jax
@@ -138,6 +139,24 @@ def check_architecture(stored: ml_collections.ConfigDict, config: ml_collections
     raise CheckpointError(f"checkpoint in {where} is a different architecture: " + "; ".join(diff))
 
 
+def _drop_abandoned_reads_reports() -> None:
+  """After a failed restore, orbax has closed its event loop while tensorstore's other reads
+  are still in flight; each of them, finishing, reports `RuntimeError('Event loop is closed')`
+  through `sys.unraisablehook`, a traceback apiece (94 for the tiny model's state), after the
+  error's one line. From then on those reports, and only those, are dropped."""
+  if getattr(sys.unraisablehook, "drops_abandoned_reads", False):
+    return
+  previous = sys.unraisablehook
+
+  def hook(unraisable):
+    e = unraisable.exc_value
+    if not (isinstance(e, RuntimeError) and str(e) == "Event loop is closed"):
+      previous(unraisable)
+
+  hook.drops_abandoned_reads = True
+  sys.unraisablehook = hook
+
+
 def restore(workdir: str, config: Optional[ml_collections.ConfigDict] = None,
             step: Optional[int] = None) -> Tuple[train.GANState, ml_collections.ConfigDict]:
   """(state, config) from the latest (or given) checkpoint; `config` defaults to the stored one."""
@@ -153,6 +172,7 @@ def restore(workdir: str, config: Optional[ml_collections.ConfigDict] = None,
     restored = mngr.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(_state_dict(template))))
   except Exception as e:  # corrupt or foreign files: one line naming the checkpoint
+    _drop_abandoned_reads_reports()
     first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
     raise CheckpointError(f"cannot restore checkpoint step {step} from "
                           f"{checkpoint_dir(workdir)}: {first}") from e

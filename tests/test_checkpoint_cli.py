@@ -1,6 +1,8 @@
 """Orbax checkpoints and the `cspgan` command line (convert, sample, parity, errors)."""
 
 import os
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -9,6 +11,8 @@ import torch
 
 from cspgan_jax import checkpoint, cli, images, models, torch_reference, train
 from cspgan_jax.errors import CheckpointError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _leaves_equal(a, b):
@@ -44,6 +48,27 @@ def test_restore_refuses_other_architecture_and_empty_dirs(tmp_path, tiny_config
     checkpoint.restore(str(tmp_path / "empty"))
   with pytest.raises(CheckpointError, match="workdir not found"):
     checkpoint.restore(str(tmp_path / "missing"))
+
+
+def test_a_damaged_checkpoint_is_one_line(tmp_path, tiny_config):
+  """Truncated array files (a copy cut short): `cspgan sample` says which checkpoint, in one
+  line, exit 2, with nothing after it from the reads orbax abandoned."""
+  config = tiny_config()
+  checkpoint.save(str(tmp_path), train.init_state(config, jax.random.PRNGKey(0)), config)
+  data = [os.path.join(d, f) for d, _, files in os.walk(tmp_path / "checkpoints")
+          for f in files if os.sep + "d" + os.sep in os.path.join(d, f) + os.sep]
+  assert data
+  for path in data:
+    os.truncate(path, 10)
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+  proc = subprocess.run([sys.executable, "-m", "cspgan_jax.cli", "sample", "--workdir",
+                         str(tmp_path), "--out", str(tmp_path / "g.png")],
+                        env=env, capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 2
+  lines = proc.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("cspgan: error: cannot restore checkpoint step 0"), \
+      proc.stderr[-3000:]
+  assert not (tmp_path / "g.png").exists()
 
 
 def test_make_grid_matches_torchvision_semantics():
