@@ -276,17 +276,24 @@ class StreamingInput:
 
 # ---- choosing ----
 
-def device_budget_bytes(data_config, device=None) -> int:
-  """config.data.device_budget_gb, or 40% of the device's memory (25% of RAM on a CPU)."""
-  if data_config.device_budget_gb > 0:
-    return int(data_config.device_budget_gb * 2**30)
+def device_memory_bytes(device=None) -> Optional[int]:
+  """The memory the allocator may use on `device` (the first local one by default); None where
+  the backend does not say (a CPU)."""
   device = device or jax.local_devices()[0]
   try:
     stats = device.memory_stats() or {}
   except Exception:  # pylint: disable=broad-except  # backends without memory_stats
     stats = {}
-  if stats.get("bytes_limit"):
-    return int(0.4 * stats["bytes_limit"])
+  return int(stats["bytes_limit"]) if stats.get("bytes_limit") else None
+
+
+def device_budget_bytes(data_config, device=None) -> int:
+  """config.data.device_budget_gb, or 40% of the device's memory (25% of RAM on a CPU)."""
+  if data_config.device_budget_gb > 0:
+    return int(data_config.device_budget_gb * 2**30)
+  limit = device_memory_bytes(device)
+  if limit:
+    return int(0.4 * limit)
   try:
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
   except (ValueError, OSError, AttributeError):

@@ -281,6 +281,10 @@ def train_and_evaluate(config, workdir: str, progress: bool = True) -> train.GAN
           say(f"signal {stop.signal or '(another process)'}: saved step {step}, exiting")
           break
     output.drain()  # the last grid and checkpoint written, or their error raised here
+  except jax.errors.JaxRuntimeError as e:
+    if "RESOURCE_EXHAUSTED" not in str(e):
+      raise
+    raise CspganError(_out_of_memory(config, step_fns[1], data, e)) from e
   finally:
     if streamed is not None:
       streamed.close()  # stops the prefetching thread
@@ -294,6 +298,20 @@ def train_and_evaluate(config, workdir: str, progress: bool = True) -> train.GAN
   if main_process and last_saved is not None:
     say(f"checkpoint at step {last_saved} in {checkpoint.checkpoint_dir(workdir)}")
   return parallel.unreplicate(p_state)
+
+
+def _out_of_memory(config, compiled_step, data, error) -> str:
+  """One line for a step that ran out of device memory: what the step and the dataset take
+  there, and what to change."""
+  need = parallel.step_memory_bytes(compiled_step) / 2**30
+  held = (f" and the dataset {data.images.addressable_shards[0].data.nbytes / 2**30:.1f} GiB"
+          if data.kind == "device" else "")
+  limit = input_pipeline.device_memory_bytes()
+  of = f" of the {limit / 2**30:.1f} GiB a device has" if limit else ""
+  return (f"out of device memory ({str(error).strip().splitlines()[0][:160]}): the step takes "
+          f"{need:.1f} GiB a device at train.batch_size={config.train.batch_size}{held}{of}; "
+          "lower train.batch_size, or set train.dtype=bfloat16"
+          + (" or data.pipeline=streaming" if data.kind == "device" else ""))
 
 
 def _write_grid(log, step, samples) -> None:  # on the output thread: waits for G's samples

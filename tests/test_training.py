@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from cspgan_jax import checkpoint, cli, trainer
+from cspgan_jax import checkpoint, cli, parallel, trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = os.path.join(REPO, "tests", "scripts")
@@ -241,6 +241,46 @@ def test_train_command_leaves_samples_events_checkpoints_and_info(tmp_path, caps
   assert "checkpoint step: 8 (all: 4, 8)" in out and "latest metrics (step 8)" in out
   assert f"Loss_D {metrics[-1]['Loss_D']:.4g}" in out and "resolution: 32" in out
   assert cli.main(["sample", "--workdir", workdir, "--out", str(tmp_path / "g.png"), "--n", "4"]) == 0
+
+
+def test_out_of_device_memory_is_one_line_and_the_checkpoint_stays(tmp_path, capsys,
+                                                                  monkeypatch):
+  """A step that exhausts the device's memory (simulated: XLA's error from the third call) ends
+  the run with one line saying what the step and the dataset take, and what to change."""
+  workdir = str(tmp_path / "run")
+  assert cli.main(["train", "--config", TINY, "--workdir", workdir, "--no-progress",
+                   "--config.train.num_steps=4"]) == 0
+  compile_training_step = parallel.compile_training_step
+
+  class ExhaustedOnTheThirdCall:
+    def __init__(self, compiled):
+      self.compiled, self.calls = compiled, 0
+
+    def __call__(self, *args):
+      self.calls += 1
+      if self.calls == 3:
+        raise jax.errors.JaxRuntimeError(
+            "RESOURCE_EXHAUSTED: Out of memory while trying to allocate 8589934592 bytes.")
+      return self.compiled(*args)
+
+    def __getattr__(self, name):
+      return getattr(self.compiled, name)
+
+  monkeypatch.setattr(parallel, "compile_training_step", lambda *a, **k: (
+      lambda compiled, placed: (ExhaustedOnTheThirdCall(compiled), placed))(
+          *compile_training_step(*a, **k)))
+  capsys.readouterr()
+  assert cli.main(["train", "--config", TINY, "--workdir", workdir, "--no-progress",
+                   "--config.train.num_steps=8"]) == 2
+  err = [l for l in capsys.readouterr().err.splitlines() if l.startswith("cspgan:")]
+  assert len(err) == 1, err
+  assert err[0].startswith("cspgan: error: out of device memory (RESOURCE_EXHAUSTED: Out of "
+                           "memory while trying to allocate 8589934592 bytes.): the step takes ")
+  assert "GiB a device at train.batch_size=8 and the dataset 0.0 GiB" in err[0]
+  assert err[0].endswith("lower train.batch_size, or set train.dtype=bfloat16 or "
+                         "data.pipeline=streaming")
+  assert checkpoint.latest_step(workdir) == 4  # the run's last checkpoint, untouched
+  assert int(checkpoint.restore(workdir)[0].step) == 4
 
 
 @pytest.mark.parametrize("args, message", [
