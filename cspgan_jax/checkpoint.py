@@ -7,9 +7,10 @@ types never reach orbax's metadata; the run's config is stored beside it as JSON
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-import sys
+import re
 from typing import Optional, Tuple
 
 import jax
@@ -19,7 +20,7 @@ import orbax.checkpoint as ocp
 from flax import serialization
 
 from cspgan_jax import config_lib, train
-from cspgan_jax.errors import CheckpointError, ConfigError
+from cspgan_jax.errors import CheckpointError, ConfigError, drop_closed_event_loop_reports
 
 CHECKPOINT_DIR = "checkpoints"
 _ARCHITECTURE_FIELDS = ("block", "discriminator", "nz", "ngf", "ndf", "nc", "resolution")
@@ -54,6 +55,38 @@ def _to_saveable(state: train.GANState):
   return _state_dict(jax.device_get(state))
 
 
+@contextlib.contextmanager
+def _writes_to(mngr: ocp.CheckpointManager):
+  """orbax's failures to write (a full disk, a read-only folder: tensorstore's ValueError or an
+  OSError, raised by the save that failed or by the next call after it) as one line."""
+  try:
+    yield
+  except (OSError, ValueError) as e:
+    drop_closed_event_loop_reports()
+    raise CheckpointError(f"cannot write a checkpoint in {mngr.directory}: {_reason(e)}") from e
+
+
+def _reason(error: Exception) -> str:
+  """What the system said, where tensorstore's long message ends with it ("...: No space left
+  on device [os_error_code='28']"); otherwise the error's first line."""
+  text = str(error).strip()
+  if isinstance(error, OSError) and error.strerror:
+    return error.strerror + (f": {error.filename}" if error.filename else "")
+  found = re.search(r":\s*([^:\[]+?)\s*\[os_error_code='(\d+)'\]", text)
+  if found:
+    return f"{found.group(1)} (errno {found.group(2)})"
+  return text.splitlines()[0][:300] if text else type(error).__name__
+
+
+def finish_writes(mngr: ocp.CheckpointManager) -> None:
+  """Waits for the asynchronous saves, then closes the manager; a failed save is one line."""
+  try:
+    with _writes_to(mngr):
+      mngr.wait_until_finished()
+  finally:
+    mngr.close()
+
+
 def save(workdir: str, state: train.GANState, config: ml_collections.ConfigDict,
          mngr: Optional[ocp.CheckpointManager] = None) -> int:
   """Saves `state` at its step and waits for the write; returns the step."""
@@ -61,10 +94,11 @@ def save(workdir: str, state: train.GANState, config: ml_collections.ConfigDict,
   own = mngr is None
   mngr = mngr or manager(workdir)
   try:
-    mngr.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(_to_saveable(state)),
-        config=ocp.args.JsonSave(json.loads(config.to_json_best_effort()))), force=True)
-    mngr.wait_until_finished()
+    with _writes_to(mngr):
+      mngr.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(_to_saveable(state)),
+          config=ocp.args.JsonSave(json.loads(config.to_json_best_effort()))), force=True)
+      mngr.wait_until_finished()
   finally:
     if own:
       mngr.close()
@@ -76,9 +110,10 @@ def save_async(mngr: ocp.CheckpointManager, state: train.GANState,
   """Starts writing `state` (host arrays) at its step and returns; `mngr.wait_until_finished()`
   before exiting. Every process of a multi-host run calls it, as orbax requires."""
   step = int(np.asarray(state.step))
-  mngr.save(step, args=ocp.args.Composite(
-      state=ocp.args.StandardSave(_state_dict(state)),
-      config=ocp.args.JsonSave(json.loads(config.to_json_best_effort()))), force=True)
+  with _writes_to(mngr):  # also where an earlier asynchronous save's failure comes out
+    mngr.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(_state_dict(state)),
+        config=ocp.args.JsonSave(json.loads(config.to_json_best_effort()))), force=True)
   return step
 
 
@@ -139,24 +174,6 @@ def check_architecture(stored: ml_collections.ConfigDict, config: ml_collections
     raise CheckpointError(f"checkpoint in {where} is a different architecture: " + "; ".join(diff))
 
 
-def _drop_abandoned_reads_reports() -> None:
-  """After a failed restore, orbax has closed its event loop while tensorstore's other reads
-  are still in flight; each of them, finishing, reports `RuntimeError('Event loop is closed')`
-  through `sys.unraisablehook`, a traceback apiece (94 for the tiny model's state), after the
-  error's one line. From then on those reports, and only those, are dropped."""
-  if getattr(sys.unraisablehook, "drops_abandoned_reads", False):
-    return
-  previous = sys.unraisablehook
-
-  def hook(unraisable):
-    e = unraisable.exc_value
-    if not (isinstance(e, RuntimeError) and str(e) == "Event loop is closed"):
-      previous(unraisable)
-
-  hook.drops_abandoned_reads = True
-  sys.unraisablehook = hook
-
-
 def restore(workdir: str, config: Optional[ml_collections.ConfigDict] = None,
             step: Optional[int] = None) -> Tuple[train.GANState, ml_collections.ConfigDict]:
   """(state, config) from the latest (or given) checkpoint; `config` defaults to the stored one."""
@@ -172,7 +189,7 @@ def restore(workdir: str, config: Optional[ml_collections.ConfigDict] = None,
     restored = mngr.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(_state_dict(template))))
   except Exception as e:  # corrupt or foreign files: one line naming the checkpoint
-    _drop_abandoned_reads_reports()
+    drop_closed_event_loop_reports()
     first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
     raise CheckpointError(f"cannot restore checkpoint step {step} from "
                           f"{checkpoint_dir(workdir)}: {first}") from e

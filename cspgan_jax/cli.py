@@ -7,13 +7,16 @@ nothing existing is overwritten unless `--overwrite` says so.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
+import traceback
 from typing import List, Optional
 
 import numpy as np
 
-from cspgan_jax.errors import CheckpointError, ConfigError, CspganError
+from cspgan_jax.errors import (CheckpointError, ConfigError, CspganError,
+                               drop_closed_event_loop_reports)
 
 
 def _split_overrides(argv: List[str]):
@@ -276,6 +279,26 @@ def build_parser() -> argparse.ArgumentParser:
   return parser
 
 
+class _OrbaxFailureReports(logging.Filter):
+  """orbax logs a failed save from each of its threads, traceback and all (five reports, 450
+  lines, for a full disk), before the failure reaches the command, which says it in one line
+  (`checkpoint.finish_writes`). Those reports are dropped; the rest of orbax's log is not."""
+
+  def filter(self, record):
+    if record.levelno < logging.ERROR or not record.exc_info or record.exc_info[2] is None:
+      return True
+    # logged through absl.logging.exception, so the record's own path is absl's: the failure's
+    # traceback says whose it is
+    frames = traceback.extract_tb(record.exc_info[2])
+    return not any(f"{os.sep}orbax{os.sep}" in frame.filename for frame in frames)
+
+
+def _quiet_orbax_failure_reports() -> None:
+  absl_logger = logging.getLogger("absl")  # orbax logs through absl's logger
+  if not any(isinstance(f, _OrbaxFailureReports) for f in absl_logger.filters):
+    absl_logger.addFilter(_OrbaxFailureReports())
+
+
 def main(argv: Optional[List[str]] = None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
   rest, overrides = _split_overrides(argv)
@@ -286,6 +309,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(f"cspgan: error: {args.command} takes no --config.* overrides (the checkpoint holds "
           "the config)", file=sys.stderr)
     return 2
+  # What orbax reports of a checkpoint it could not read or write, beside the error's one line
+  drop_closed_event_loop_reports()
+  _quiet_orbax_failure_reports()
   if args.func not in (cmd_compile, cmd_info, cmd_prepare_data):  # those compile nothing to keep
     from cspgan_jax import compilation_cache  # pylint: disable=import-outside-toplevel
     compilation_cache.enable()

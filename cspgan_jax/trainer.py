@@ -292,9 +292,10 @@ def train_and_evaluate(config, workdir: str, progress: bool = True) -> train.GAN
       bar.close()
     trace.stop()
     output.close()
-    mngr.wait_until_finished()  # asynchronous saves complete before the program ends
-    mngr.close()
-    log.close()
+    try:
+      checkpoint.finish_writes(mngr)  # asynchronous saves complete before the program ends
+    finally:
+      log.close()
   if main_process and last_saved is not None:
     say(f"checkpoint at step {last_saved} in {checkpoint.checkpoint_dir(workdir)}")
   return parallel.unreplicate(p_state)

@@ -71,6 +71,63 @@ def test_a_damaged_checkpoint_is_one_line(tmp_path, tiny_config):
   assert not (tmp_path / "g.png").exists()
 
 
+TENSORSTORE_ENOSPC = (  # how tensorstore reports a full disk through orbax (seen on a tmpfs)
+    'RESOURCE_EXHAUSTED: Error writing "d.params.main_5.kernel/0.0.0.0" in OCDBT database at '
+    'local file "/run/checkpoints/8.orbax-checkpoint-tmp/state.orbax-checkpoint-tmp/ocdbt.'
+    'process_0/": Failed writing: "/run/checkpoints/8.orbax-checkpoint-tmp/d/a66f": Failed to '
+    "write 13054 bytes to file 14: No space left on device [os_error_code='28']")
+
+
+def test_a_checkpoint_the_disk_refuses_is_one_line_and_the_earlier_ones_stay(
+    tmp_path, config_path, capsys, monkeypatch):
+  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+  save = ocp.CheckpointManager.save
+
+  def full_disk_at_step_8(self, step, *args, **kwargs):
+    if step == 8:
+      raise ValueError(TENSORSTORE_ENOSPC)
+    return save(self, step, *args, **kwargs)
+
+  monkeypatch.setattr(ocp.CheckpointManager, "save", full_disk_at_step_8)
+  workdir = tmp_path / "run"
+  assert cli.main(["train", "--config", config_path("tiny"), "--workdir", str(workdir),
+                   "--no-progress"]) == 2
+  err = [l for l in capsys.readouterr().err.splitlines() if l.startswith("cspgan:")]
+  assert err == [f"cspgan: error: cannot write a checkpoint in {workdir / 'checkpoints'}: "
+                 "No space left on device (errno 28)"]
+  assert checkpoint.all_steps(str(workdir)) == [4]
+  assert int(checkpoint.restore(str(workdir))[0].step) == 4
+
+
+def test_what_a_failed_write_is_called():
+  reason = checkpoint._reason  # pylint: disable=protected-access
+  assert reason(ValueError(TENSORSTORE_ENOSPC)) == "No space left on device (errno 28)"
+  assert reason(OSError(30, "Read-only file system", "/ro/ckpt")) == (
+      "Read-only file system: /ro/ckpt")
+  assert reason(ValueError("first line\nsecond")) == "first line"
+
+
+def test_the_cli_drops_orbax_tracebacks_and_keeps_the_rest(tmp_path):
+  """orbax logs each failed save with its traceback (through absl's `exception`, so the
+  record's path is absl's); the traceback's frames say it is orbax's."""
+  import logging  # pylint: disable=import-outside-toplevel
+
+  def record_raised_in(filename):
+    code = compile("raise ValueError('RESOURCE_EXHAUSTED')", filename, "exec")
+    try:
+      exec(code)  # pylint: disable=exec-used
+    except ValueError:
+      return logging.LogRecord("absl", logging.ERROR, "/absl/logging/__init__.py", 1,
+                               "failed", None, sys.exc_info())
+    raise AssertionError("not raised")
+
+  reports = cli._OrbaxFailureReports()  # pylint: disable=protected-access
+  site = os.path.join(str(tmp_path), "site-packages")
+  assert not reports.filter(record_raised_in(os.path.join(site, "orbax", "checkpoint", "f.py")))
+  assert reports.filter(record_raised_in(os.path.join(site, "cspgan_jax", "trainer.py")))
+  assert reports.filter(logging.LogRecord("absl", logging.WARNING, "x.py", 1, "warn", None, None))
+
+
 def test_make_grid_matches_torchvision_semantics():
   x = np.random.RandomState(0).uniform(-1, 1, (10, 4, 5, 3)).astype(np.float32)
   grid = images.make_grid(x)  # 8 per row, padding 2
