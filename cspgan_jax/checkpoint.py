@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 from typing import Optional, Tuple
 
 import jax
@@ -20,7 +19,8 @@ import orbax.checkpoint as ocp
 from flax import serialization
 
 from cspgan_jax import config_lib, train
-from cspgan_jax.errors import CheckpointError, ConfigError, drop_closed_event_loop_reports
+from cspgan_jax.errors import (CheckpointError, ConfigError, drop_closed_event_loop_reports,
+                               io_reason)
 
 CHECKPOINT_DIR = "checkpoints"
 _ARCHITECTURE_FIELDS = ("block", "discriminator", "nz", "ngf", "ndf", "nc", "resolution")
@@ -67,15 +67,9 @@ def _writes_to(mngr: ocp.CheckpointManager):
 
 
 def _reason(error: Exception) -> str:
-  """What the system said, where tensorstore's long message ends with it ("...: No space left
-  on device [os_error_code='28']"); otherwise the error's first line."""
+  """What the system said (a full disk, a read-only folder), else the error's first line."""
   text = str(error).strip()
-  if isinstance(error, OSError) and error.strerror:
-    return error.strerror + (f": {error.filename}" if error.filename else "")
-  found = re.search(r":\s*([^:\[]+?)\s*\[os_error_code='(\d+)'\]", text)
-  if found:
-    return f"{found.group(1)} (errno {found.group(2)})"
-  return text.splitlines()[0][:300] if text else type(error).__name__
+  return io_reason(error) or (text.splitlines()[0][:300] if text else type(error).__name__)
 
 
 def finish_writes(mngr: ocp.CheckpointManager) -> None:

@@ -1,6 +1,10 @@
 """User-facing errors: the CLI prints each as one line and exits non-zero."""
 
+import errno
+import os
+import re
 import sys
+from typing import Optional
 
 
 class CspganError(Exception):
@@ -36,3 +40,27 @@ def drop_closed_event_loop_reports() -> None:
 
   hook.drops_closed_event_loop_reports = True
   sys.unraisablehook = hook
+
+
+# What a write can meet that the user, not the code, has to fix
+_WRITE_FAILURES = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EIO)
+
+
+def io_reason(error: BaseException) -> Optional[str]:
+  """The system's reason inside a failed write, however the library wrapped it: an OSError's
+  own, tensorstore's "...: No space left on device [os_error_code='28']", or array_record's
+  "write() failed: No space left on device; ..."; None if the error carries none."""
+  seen = set()
+  while error is not None and id(error) not in seen:  # the error and what caused it
+    seen.add(id(error))
+    if isinstance(error, OSError) and error.strerror:
+      return error.strerror + (f": {error.filename}" if error.filename else "")
+    text = str(error)
+    found = re.search(r":\s*([^:\[]+?)\s*\[os_error_code='(\d+)'\]", text)
+    if found:
+      return f"{found.group(1)} (errno {found.group(2)})"
+    for code in _WRITE_FAILURES:
+      if os.strerror(code) in text:
+        return f"{os.strerror(code)} (errno {code})"
+    error = error.__cause__ or error.__context__
+  return None

@@ -31,7 +31,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 
 from cspgan_jax import preprocess
-from cspgan_jax.errors import DataError
+from cspgan_jax.errors import DataError, io_reason
 
 DATASET_VERSION = "1.0.0"
 PARTITION_FILE = "list_eval_partition.txt"
@@ -323,6 +323,14 @@ def prepare(input_dir: str, out_dir: str, resolution: int = 128, name: str = "ce
       builder.download_and_prepare(
           download_config=tfds.download.DownloadConfig(download_mode=mode))
     except Exception as e:  # pylint: disable=broad-except
+      reason = io_reason(e)
+      if reason is not None:  # a full disk, a read-only folder: this run's partial files go
+        for partial in incomplete_paths(out_dir, name):
+          shutil.rmtree(partial, ignore_errors=True)
+        _remove_empty_tree(os.path.join(out_dir, name))  # empty folders only: nothing of theirs
+        if not had_downloads:
+          _remove_empty_tree(downloads)
+        raise DataError(f"cannot write the dataset in {out_dir}: {reason}") from e
       if "No examples were yielded" not in str(e):
         raise
       empty = [s for s, fs in splits.items() if len(fs) == sum(n in set(fs) for n, _ in skipped)]

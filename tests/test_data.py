@@ -13,7 +13,7 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from cspgan_jax import cli, datasets, input_pipeline, prepare_data, preprocess
+from cspgan_jax import cli, datasets, errors, input_pipeline, prepare_data, preprocess
 from cspgan_jax.errors import ConfigError, DataError
 
 R = 32
@@ -198,6 +198,44 @@ def test_interrupted_preparation_is_detected_and_rebuilt(tmp_path):
   summary = prepare_data.prepare(str(images), str(out), resolution=R, workers=1)
   assert summary.removed_incomplete == [summary.data_path]
   assert len(datasets.load_source(config, R)) == 5
+
+
+def test_a_full_disk_is_one_line_and_leaves_no_partial_dataset(tmp_path, capsys, monkeypatch):
+  """What array_record says when the disk fills (seen on a 200 KB tmpfs), raised by a writer
+  that got half way: one line with the system's reason, and the partial shard removed."""
+  from tensorflow_datasets.core import file_adapters  # pylint: disable=import-outside-toplevel
+
+  def half_written(cls, path, iterator):
+    del cls, iterator
+    with open(os.fspath(path), "wb") as f:
+      f.write(b"half a shard")
+    raise RuntimeError(f'Failed to finalize writing of split "train": write() failed: No space '
+                       f"left on device; writing {os.fspath(path)}; at byte 204800; Failed to "
+                       "close chunk_writer")
+
+  monkeypatch.setattr(file_adapters.ArrayRecordFileAdapter, "write_examples",
+                      classmethod(half_written))
+  images = tmp_path / "imgs"
+  make_image_folder(str(images), num_good=3, corrupt=False)
+  out = tmp_path / "out"
+  assert cli.main(["prepare-data", "--input", str(images), "--out", str(out), "--resolution",
+                   str(R), "--workers", "1"]) == 2
+  err = [l for l in capsys.readouterr().err.splitlines() if l.startswith("cspgan:")]
+  assert err == [f"cspgan: error: cannot write the dataset in {out}: No space left on device "
+                 "(errno 28)"]
+  assert not [f for _, _, files in os.walk(out) for f in files]  # no partial file left
+
+
+def test_io_reason_finds_what_the_system_said():
+  assert errors.io_reason(OSError(28, "No space left on device", "/d")) == (
+      "No space left on device: /d")
+  assert errors.io_reason(ValueError(
+      "Error writing \"x\" in OCDBT database: Failed to write 13054 bytes to file 14: No space "
+      "left on device [os_error_code='28']")) == "No space left on device (errno 28)"
+  wrapped = RuntimeError("could not save")
+  wrapped.__cause__ = RuntimeError("write() failed: Read-only file system; writing /ro/x")
+  assert errors.io_reason(wrapped) == "Read-only file system (errno 30)"
+  assert errors.io_reason(ValueError("No examples were yielded")) is None
 
 
 @pytest.mark.parametrize("args, message", [
