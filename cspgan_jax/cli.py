@@ -16,7 +16,7 @@ from typing import List, Optional
 import numpy as np
 
 from cspgan_jax.errors import (CheckpointError, ConfigError, CspganError,
-                               drop_closed_event_loop_reports)
+                               drop_closed_event_loop_reports, io_reason)
 
 
 def _split_overrides(argv: List[str]):
@@ -319,6 +319,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     args.func(args, overrides)
   except CspganError as e:
     print(f"cspgan: error: {e}", file=sys.stderr)
+    return 2
+  except OSError as e:  # the file system's refusal (a full disk, a read-only one): not a bug
+    where = getattr(args, "workdir", None) or getattr(args, "out", None)
+    print(f"cspgan: error: {io_reason(e) or e}"
+          + (f" (in {where})" if where and not e.filename else ""), file=sys.stderr)
     return 2
   return 0
 

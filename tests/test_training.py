@@ -283,6 +283,20 @@ def test_out_of_device_memory_is_one_line_and_the_checkpoint_stays(tmp_path, cap
   assert int(checkpoint.restore(workdir)[0].step) == 4
 
 
+def test_a_full_disk_under_the_logs_is_one_line(tmp_path, capsys, monkeypatch):
+  """The disk fills while the output thread writes a grid (seen on a tmpfs): one line, exit 2."""
+  from cspgan_jax import images  # pylint: disable=import-outside-toplevel
+
+  def full(grid, path):
+    raise OSError(28, "No space left on device")  # as a PNG chunk's write() raises it
+
+  monkeypatch.setattr(images, "save_png", full)
+  workdir = str(tmp_path / "run")
+  assert cli.main(["train", "--config", TINY, "--workdir", workdir, "--no-progress"]) == 2
+  err = [l for l in capsys.readouterr().err.splitlines() if l.startswith("cspgan:")]
+  assert err == [f"cspgan: error: No space left on device (in {workdir})"], err
+
+
 @pytest.mark.parametrize("args, message", [
     (["--config.train.lr_g=-1e-4"], "train.lr_g must be positive"),
     (["--config.train.nonsense=1"], "unknown config field 'train.nonsense'"),
