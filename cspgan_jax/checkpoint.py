@@ -88,10 +88,9 @@ def save(workdir: str, state: train.GANState, config: ml_collections.ConfigDict,
   own = mngr is None
   mngr = mngr or manager(workdir)
   try:
+    args = _save_args(_to_saveable(state), config)
     with _writes_to(mngr):
-      mngr.save(step, args=ocp.args.Composite(
-          state=ocp.args.StandardSave(_to_saveable(state)),
-          config=ocp.args.JsonSave(json.loads(config.to_json_best_effort()))), force=True)
+      mngr.save(step, args=args, force=True)
       mngr.wait_until_finished()
   finally:
     if own:
@@ -104,11 +103,15 @@ def save_async(mngr: ocp.CheckpointManager, state: train.GANState,
   """Starts writing `state` (host arrays) at its step and returns; `mngr.wait_until_finished()`
   before exiting. Every process of a multi-host run calls it, as orbax requires."""
   step = int(np.asarray(state.step))
+  args = _save_args(_state_dict(state), config)
   with _writes_to(mngr):  # also where an earlier asynchronous save's failure comes out
-    mngr.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(_state_dict(state)),
-        config=ocp.args.JsonSave(json.loads(config.to_json_best_effort()))), force=True)
+    mngr.save(step, args=args, force=True)
   return step
+
+
+def _save_args(state_dict: dict, config: ml_collections.ConfigDict) -> ocp.args.Composite:
+  return ocp.args.Composite(state=ocp.args.StandardSave(state_dict),
+                            config=ocp.args.JsonSave(json.loads(config.to_json_best_effort())))
 
 
 def latest_step(workdir: str) -> Optional[int]:
