@@ -19,8 +19,7 @@ import orbax.checkpoint as ocp
 from flax import serialization
 
 from cspgan_jax import config_lib, train
-from cspgan_jax.errors import (CheckpointError, ConfigError, drop_closed_event_loop_reports,
-                               io_reason)
+from cspgan_jax.errors import CheckpointError, ConfigError, io_reason
 
 CHECKPOINT_DIR = "checkpoints"
 _ARCHITECTURE_FIELDS = ("block", "discriminator", "nz", "ngf", "ndf", "nc", "resolution")
@@ -62,7 +61,6 @@ def _writes_to(mngr: ocp.CheckpointManager):
   try:
     yield
   except (OSError, ValueError) as e:
-    drop_closed_event_loop_reports()
     raise CheckpointError(f"cannot write a checkpoint in {mngr.directory}: {_reason(e)}") from e
 
 
@@ -186,7 +184,6 @@ def restore(workdir: str, config: Optional[ml_collections.ConfigDict] = None,
     restored = mngr.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(_state_dict(template))))
   except Exception as e:  # corrupt or foreign files: one line naming the checkpoint
-    drop_closed_event_loop_reports()
     first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
     raise CheckpointError(f"cannot restore checkpoint step {step} from "
                           f"{checkpoint_dir(workdir)}: {first}") from e

@@ -309,9 +309,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(f"cspgan: error: {args.command} takes no --config.* overrides (the checkpoint holds "
           "the config)", file=sys.stderr)
     return 2
-  # What orbax reports of a checkpoint it could not read or write, beside the error's one line
-  drop_closed_event_loop_reports()
-  _quiet_orbax_failure_reports()
   if args.func not in (cmd_compile, cmd_info, cmd_prepare_data):  # those compile nothing to keep
     from cspgan_jax import compilation_cache  # pylint: disable=import-outside-toplevel
     compilation_cache.enable()
@@ -328,5 +325,14 @@ def main(argv: Optional[List[str]] = None) -> int:
   return 0
 
 
-if __name__ == "__main__":
+def run() -> None:
+  """The `cspgan` command: `main` in a process of its own. What orbax reports of a checkpoint it
+  could not read or write, beside the one line `main` prints for it, is silenced for the
+  process's life (a caller of `main` keeps its process's hooks as they are)."""
+  drop_closed_event_loop_reports()
+  _quiet_orbax_failure_reports()
   sys.exit(main())
+
+
+if __name__ == "__main__":
+  run()

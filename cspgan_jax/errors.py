@@ -28,7 +28,8 @@ def drop_closed_event_loop_reports() -> None:
   it closes its event loop while tensorstore's other reads or writes are still in flight; each
   of them, finishing, reports `RuntimeError('Event loop is closed')` through
   `sys.unraisablehook`, a traceback apiece (94 for the tiny model's state) after the one line
-  that says what went wrong. Those reports, and only those, are dropped from then on."""
+  that says what went wrong. Those reports, and only those, are dropped from then on: the
+  `cspgan` command calls this for its whole process."""
   if getattr(sys.unraisablehook, "drops_closed_event_loop_reports", False):
     return
   previous = sys.unraisablehook
