@@ -32,10 +32,11 @@ def tiny_config(config_path):
 
 def pytest_sessionfinish(session, exitstatus):
   """Frees the session's compiled programs and arrays before the worker reports its end.
-  pytest collects garbage once more after that report (at unconfigure); XLA's objects freed
-  there (jax's gc callback) took long enough for pytest-xdist's controller, ending the worker's
-  process, to interrupt it, and the KeyboardInterrupt came out as an unraisable-exception
-  warning after a passing run (3 of 8 fresh-clone runs, 2026-11-28)."""
+  3 of 8 fresh-clone runs (2026-11-28) ended, all tests passed, with a KeyboardInterrupt inside
+  jax's gc callback reported as an unraisable-exception warning. The likely cause (not proven):
+  pytest collects garbage once more after the worker's report (at unconfigure), and
+  pytest-xdist's controller, ending the worker's process, interrupted that collection. Freed
+  here, there is little left for it; the runs since were clean."""
   del session, exitstatus
   import gc  # pylint: disable=import-outside-toplevel
   if "jax" in sys.modules:
