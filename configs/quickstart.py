@@ -5,8 +5,9 @@
 32x32 faces, ngf = ndf = 32, batch 64, 300 steps: 45-52 s on a 2-core CPU, compilation
 included, 40-46 s again with the compiled programs from the compilation cache (measured
 2026-11-28); a GPU is not measured yet. At the seed's learning rates the grid still
-looks like noise with faint structure after 300 steps: this run shows the pipeline, not a
-trained model (the seed never converged either). Leaves runs/quickstart/samples/*.png, TensorBoard events in
+looks like noise with faint structure after 300 steps, its 64 tiles alike: this run shows the
+pipeline, not a trained model. The PyTorch reference collapses the same way in the same 300
+steps (docs/PARITY.md, "The quickstart's 300 steps"); the seed never converged either. Leaves runs/quickstart/samples/*.png, TensorBoard events in
 runs/quickstart/tensorboard (`tensorboard --logdir runs/quickstart`) and a checkpoint
 (`cspgan sample --workdir runs/quickstart --out grid.png`, `cspgan info runs/quickstart`).
 """
