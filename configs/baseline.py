@@ -85,7 +85,10 @@ def get_config():
   config.data.source = "tfds"
   config.data.name = "celeba"
   config.data.data_dir = ""              # "" = TFDS's default, ~/tensorflow_datasets
-  config.data.split = "train"
+  # "all": every image, as the seed's ImageFolder read them (CelebA: 202,599). Where
+  # prepare-data found CelebA's list_eval_partition.txt, "train" is the official 162,770;
+  # TFDS's split syntax works ("train+validation", "train[:10%]").
+  config.data.split = "all"
   config.data.num_examples = 0           # tfds: use the first N (0 = all); synthetic: size (0 = 10,000)
   config.data.synthetic_seed = 0
   config.data.shuffle_seed = 0           # the per-epoch order is permutation(seed, epoch, shard)

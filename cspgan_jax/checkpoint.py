@@ -19,7 +19,7 @@ import orbax.checkpoint as ocp
 from flax import serialization
 
 from cspgan_jax import config_lib, train
-from cspgan_jax.errors import CheckpointError, ConfigError, io_reason
+from cspgan_jax.errors import CheckpointError, ConfigError, first_line, io_reason
 
 CHECKPOINT_DIR = "checkpoints"
 _ARCHITECTURE_FIELDS = ("block", "discriminator", "nz", "ngf", "ndf", "nc", "resolution")
@@ -66,8 +66,7 @@ def _writes_to(mngr: ocp.CheckpointManager):
 
 def _reason(error: Exception) -> str:
   """What the system said (a full disk, a read-only folder), else the error's first line."""
-  text = str(error).strip()
-  return io_reason(error) or (text.splitlines()[0][:300] if text else type(error).__name__)
+  return io_reason(error) or first_line(error)
 
 
 def finish_writes(mngr: ocp.CheckpointManager) -> None:
@@ -184,9 +183,8 @@ def restore(workdir: str, config: Optional[ml_collections.ConfigDict] = None,
     restored = mngr.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(_state_dict(template))))
   except Exception as e:  # corrupt or foreign files: one line naming the checkpoint
-    first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
     raise CheckpointError(f"cannot restore checkpoint step {step} from "
-                          f"{checkpoint_dir(workdir)}: {first}") from e
+                          f"{checkpoint_dir(workdir)}: {first_line(e)}") from e
   finally:
     mngr.close()
   state = _from_state_dict(template, restored["state"])

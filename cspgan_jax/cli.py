@@ -317,6 +317,9 @@ def main(argv: Optional[List[str]] = None) -> int:
   except CspganError as e:
     print(f"cspgan: error: {e}", file=sys.stderr)
     return 2
+  except KeyboardInterrupt:  # a second Ctrl-C in `train`, or one anywhere else
+    print(f"cspgan: {args.command} interrupted", file=sys.stderr)
+    return 130
   except OSError as e:  # the file system's refusal (a full disk, a read-only one): not a bug
     where = getattr(args, "workdir", None) or getattr(args, "out", None)
     print(f"cspgan: error: {io_reason(e) or e}"

@@ -16,12 +16,13 @@ from __future__ import annotations
 import concurrent.futures
 import importlib.util
 import os
+import re
 from typing import Optional, Sequence
 
 import numpy as np
 
 from cspgan_jax import preprocess, prepare_data
-from cspgan_jax.errors import DataError
+from cspgan_jax.errors import DataError, first_line
 
 SOURCES = ("synthetic", "tfds")
 DEFAULT_SYNTHETIC_SIZE = 10_000
@@ -58,7 +59,13 @@ class TfdsSource:
     indices = [int(i) for i in indices]
     if indices and (min(indices) < 0 or max(indices) >= self._len):
       raise IndexError(f"index out of range for {self.description} ({self._len} images)")
-    images = [e["image"] for e in self._source.__getitems__(indices)]
+    try:
+      images = [e["image"] for e in self._source.__getitems__(indices)]
+    except (RuntimeError, OSError, ValueError, KeyError) as e:
+      # array_record on a truncated or overwritten shard: "Corrupted Riegeli/records file ...".
+      raise DataError(f"cannot read {self.description}: {type(e).__name__}: {first_line(e)}; "
+                      "its files are damaged: prepare it again (`cspgan prepare-data ... "
+                      "--overwrite`)") from e
     r = self._resolution
     if all(im.shape == (r, r, 3) for im in images):
       return np.stack(images).astype(np.uint8, copy=False)
@@ -100,7 +107,9 @@ def prepared_dataset_path(data_dir: str, name: str) -> str:
   """`data_dir/name/1.0.0` after checking it is complete; one-line errors otherwise."""
   path = prepare_data.dataset_path(data_dir, name)
   if not os.path.isdir(data_dir):
-    raise DataError(f"data_dir not found: {data_dir}")
+    raise DataError(f"data_dir not found: {data_dir}; prepare CelebA into it with `cspgan "
+                    f"prepare-data --input IMAGES --out {data_dir}`, or train on synthetic faces "
+                    "(--config.data.source=synthetic)")
   if not os.path.isdir(path):
     if prepare_data.incomplete_paths(data_dir, name):
       raise DataError(f"the preparation of {name!r} in {data_dir} was interrupted; "
@@ -121,7 +130,12 @@ def tfds_source(data_config, resolution: int, split: str) -> TfdsSource:
   data_dir = data_config.data_dir or default_data_dir()
   if not _is_catalogue_name(name):
     path = prepared_dataset_path(data_dir, name)
-    builder = tfds.builder_from_directory(path)
+    try:
+      builder = tfds.builder_from_directory(path)
+    except Exception as e:  # pylint: disable=broad-except  # a damaged features.json and kin
+      raise DataError(f"{path} cannot be read as a TFDS dataset ({type(e).__name__}: "
+                      f"{first_line(e)}): prepare it again (`cspgan prepare-data ... "
+                      "--overwrite`)") from e
   else:
     # The official route (e.g. celeb_a): TFDS's builder downloads (Google Drive, often over quota)
     # and needs TensorFlow to build. Say so before a download is attempted.
@@ -137,10 +151,17 @@ def tfds_source(data_config, resolution: int, split: str) -> TfdsSource:
                       "with `cspgan prepare-data` instead") from e
     except Exception as e:  # pylint: disable=broad-except  # download quota, missing files, ...
       raise DataError(f"TFDS could not prepare {name!r}: {type(e).__name__}: "
-                      f"{str(e).splitlines()[0] if str(e) else ''}") from e
-  if split not in builder.info.splits:
-    raise DataError(f"dataset {name!r} has no split {split!r} (it has: "
-                    f"{', '.join(builder.info.splits.keys())})")
+                      f"{first_line(e)}") from e
+  try:
+    # TFDS's split syntax: a name, "all", sums ("train+validation") and slices ("train[:10%]").
+    source = builder.as_data_source(split=split)
+  except ValueError as e:
+    reason = first_line(e)
+    unknown = re.match(r"Unknown split ('[^']*')", reason)  # a name, or one part of a sum
+    if unknown:
+      reason = f"has no split {unknown.group(1)}"
+    raise DataError(f"dataset {name!r} {reason} (it has: {', '.join(builder.info.splits.keys())}; "
+                    "'all' reads every one)") from e
   if "image" not in builder.info.features:
     raise DataError(f"dataset {name!r} has no 'image' feature")
   shape = tuple(builder.info.features["image"].shape)
@@ -150,14 +171,13 @@ def tfds_source(data_config, resolution: int, split: str) -> TfdsSource:
     raise DataError(f"{name!r} in {data_dir} holds {shape[0]}x{shape[1]} images, the model needs "
                     f"{resolution}x{resolution}: prepare it with --resolution {resolution} "
                     "(under another --name) or set model.resolution")
-  source = builder.as_data_source(split=split)
   return TfdsSource(source, resolution, f"{name}/{split} from {data_dir}",
                     limit=data_config.num_examples)
 
 
 def load_source(data_config, resolution: int, split: Optional[str] = None):
   """The source named by `config.data` (split: `config.data.split` unless given)."""
-  split = split or data_config.get("split", "train")
+  split = split or data_config.get("split", "all")
   if data_config.source == "synthetic":
     return synthetic_source(data_config, resolution)
   if data_config.source == "tfds":

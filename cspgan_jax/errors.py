@@ -43,6 +43,12 @@ def drop_closed_event_loop_reports() -> None:
   sys.unraisablehook = hook
 
 
+def first_line(error: BaseException, limit: int = 300) -> str:
+  """An error's message cut to its first line (libraries append pages of context), else its type."""
+  text = str(error).strip()
+  return text.splitlines()[0][:limit] if text else type(error).__name__
+
+
 # What a write can meet that the user, not the code, has to fix
 _WRITE_FAILURES = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EIO)
 

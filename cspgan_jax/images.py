@@ -10,7 +10,7 @@ import numpy as np
 
 def make_grid(images: np.ndarray, nrow: int = 8, padding: int = 2, normalize: bool = True,
               pad_value: float = 0.0) -> np.ndarray:
-  """(N, H, W, C) -> (rows * (H + p) + p, cols * (W + p) + p, C) float32.
+  """(N, H, W, C) -> (rows * (H + p) + p, cols * (W + p) + p, C) float32; one image: (H, W, C).
 
   normalize: min-max over the whole batch to [0, 1] (torchvision: clamp, then
   (x - min) / max(max - min, 1e-5)), before padding, so the padding stays `pad_value`.
@@ -23,6 +23,8 @@ def make_grid(images: np.ndarray, nrow: int = 8, padding: int = 2, normalize: bo
   if normalize:
     lo, hi = float(x.min()), float(x.max())
     x = (np.clip(x, lo, hi) - lo) / max(hi - lo, 1e-5)
+  if len(x) == 1:  # torchvision returns a single image as it is, without the border
+    return x[0]
   n, h, w, c = x.shape
   cols = min(nrow, n)
   rows = int(math.ceil(n / cols))

@@ -82,10 +82,22 @@ class Summary:
 # ---- finding the input ----
 
 def find_images(input_dir: str) -> List[str]:
-  """Image files under `input_dir`, recursively, as sorted relative paths."""
+  """Image files under `input_dir`, recursively, as sorted relative paths.
+
+  Links to folders are followed (image folders are often linked in), each real folder once:
+  a link back to the folder or one above it would otherwise list images again and again."""
   found = []
+  root_real = os.path.realpath(input_dir)
+  seen = set()
   for root, dirs, files in os.walk(input_dir, followlinks=True):
-    dirs.sort()
+    stat = os.stat(root)
+    if (stat.st_dev, stat.st_ino) in seen:
+      dirs.clear()
+      continue
+    seen.add((stat.st_dev, stat.st_ino))
+    # A folder above the input (`up -> ..`) would bring in everything beside it.
+    dirs[:] = sorted(d for d in dirs if not (root_real + os.sep).startswith(
+        os.path.realpath(os.path.join(root, d)) + os.sep))
     for f in files:
       if preprocess.is_image_file(f):
         found.append(os.path.relpath(os.path.join(root, f), input_dir))
@@ -322,14 +334,18 @@ def prepare(input_dir: str, out_dir: str, resolution: int = 128, name: str = "ce
     try:
       builder.download_and_prepare(
           download_config=tfds.download.DownloadConfig(download_mode=mode))
-    except Exception as e:  # pylint: disable=broad-except
+    except BaseException as e:  # pylint: disable=broad-except
+      # Whatever stopped it (a full disk, no readable image, Ctrl-C): this run's partial files
+      # go, and the folders it made if they are empty; nothing else is touched.
+      for partial in incomplete_paths(out_dir, name):
+        shutil.rmtree(partial, ignore_errors=True)
+      _remove_empty_tree(os.path.join(out_dir, name))
+      if not had_downloads:
+        _remove_empty_tree(downloads)
+      if not isinstance(e, Exception):  # KeyboardInterrupt, SystemExit
+        raise
       reason = io_reason(e)
-      if reason is not None:  # a full disk, a read-only folder: this run's partial files go
-        for partial in incomplete_paths(out_dir, name):
-          shutil.rmtree(partial, ignore_errors=True)
-        _remove_empty_tree(os.path.join(out_dir, name))  # empty folders only: nothing of theirs
-        if not had_downloads:
-          _remove_empty_tree(downloads)
+      if reason is not None:
         raise DataError(f"cannot write the dataset in {out_dir}: {reason}") from e
       if "No examples were yielded" not in str(e):
         raise

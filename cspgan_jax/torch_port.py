@@ -18,7 +18,7 @@ from typing import Dict, List, Mapping, NamedTuple, Tuple
 import numpy as np
 from flax import traverse_util
 
-from cspgan_jax.errors import CheckpointError
+from cspgan_jax.errors import CheckpointError, first_line
 
 # (Flax collection, Flax leaf name) -> PyTorch parameter or buffer name.
 _LEAF_NAMES = {
@@ -158,8 +158,7 @@ def load_torch_state_dict(path: str, role: str) -> Dict[str, np.ndarray]:
   try:
     obj = torch.load(path, map_location="cpu", weights_only=True)
   except Exception as e:  # truncated or not a torch file: say so in one line
-    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({first})") from e
+    raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({first_line(e)})") from e
   if isinstance(obj, Mapping) and role in obj and isinstance(obj[role], Mapping):
     obj = obj[role]
   if not isinstance(obj, Mapping) or not obj or not all(

@@ -25,7 +25,7 @@ import numpy as np
 
 from cspgan_jax import (background, checkpoint, images, input_pipeline, parallel, profiling,
                         train)
-from cspgan_jax.errors import CspganError
+from cspgan_jax.errors import CspganError, first_line
 
 TENSORBOARD_DIR = "tensorboard"
 SAMPLES_DIR = "samples"
@@ -309,7 +309,7 @@ def _out_of_memory(config, compiled_step, data, error) -> str:
           if data.kind == "device" else "")
   limit = input_pipeline.device_memory_bytes()
   of = f" of the {limit / 2**30:.1f} GiB a device has" if limit else ""
-  return (f"out of device memory ({str(error).strip().splitlines()[0][:160]}): the step takes "
+  return (f"out of device memory ({first_line(error, 160)}): the step takes "
           f"{need:.1f} GiB a device at train.batch_size={config.train.batch_size}{held}{of}; "
           "lower train.batch_size, or set train.dtype=bfloat16"
           + (" or data.pipeline=streaming" if data.kind == "device" else ""))

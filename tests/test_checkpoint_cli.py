@@ -137,6 +137,8 @@ def test_make_grid_matches_torchvision_semantics():
   np.testing.assert_allclose(grid[2:6, 2:7], (x[0] - lo) / (hi - lo), rtol=1e-6)
   np.testing.assert_allclose(grid[8:12, 9:14], (x[9] - lo) / (hi - lo), rtol=1e-6)
   assert not grid[:2].any() and not grid[8:12, 16:].any()  # padding and the empty cells
+  one = images.make_grid(x[:1])  # torchvision: the image itself, no border
+  np.testing.assert_allclose(one, (x[0] - x[0].min()) / (x[0].max() - x[0].min()), rtol=1e-6)
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from cspgan_jax import cli, datasets, errors, input_pipeline, prepare_data, preprocess
+from cspgan_jax import cli, config_lib, datasets, errors, input_pipeline, prepare_data, preprocess
 from cspgan_jax.errors import ConfigError, DataError
 
 R = 32
@@ -143,7 +143,21 @@ def test_unreadable_files_are_skipped_and_listed(prepared, capsys):
   assert meta["resolution"] == R and sorted(n for n, _ in meta["skipped"]) == sorted(skipped)
 
 
-def test_celeba_partition_file_gives_splits(tmp_path):
+def test_linked_folders_are_searched_once_each(tmp_path):
+  root = tmp_path / "parent" / "images"
+  names = make_image_folder(str(root), num_good=4, corrupt=False)
+  (tmp_path / "parent" / "beside.jpg").write_bytes(b"outside the input")
+  (tmp_path / "linked").mkdir()
+  (tmp_path / "linked" / "x.jpg").write_bytes(b"a linked folder's image")
+  os.symlink(".", root / "self")          # loops: without a check, os.walk lists them again
+  os.symlink("..", root / "part_a" / "up")  # and again, until the path is too long
+  os.symlink(str(root.parent), root / "parent")  # a folder above: would bring in beside.jpg
+  os.symlink(str(tmp_path / "linked"), root / "more")
+  os.symlink(str(tmp_path / "linked"), root / "part_b" / "same")  # the same folder twice
+  assert prepare_data.find_images(str(root)) == sorted(names + ["more/x.jpg"])
+
+
+def test_celeba_partition_file_gives_splits(tmp_path, config_path):
   images = tmp_path / "CelebA" / "Img" / "img_align_celeba"
   names = make_image_folder(str(images), num_good=9, corrupt=False)
   eval_dir = tmp_path / "CelebA" / "Eval"
@@ -158,6 +172,17 @@ def test_celeba_partition_file_gives_splits(tmp_path):
   assert {k: len(v) for k, v in sources.items()} == summary.written
   test_names = [e["file_name"].decode() for e in sources["test"].__getitems__([0, 1])]
   assert test_names == [listed[2], listed[5]]
+  # Training reads every image by default, as the seed's ImageFolder did; TFDS's split syntax
+  # picks parts.
+  for split, expected in [(config_lib.load_config(config_path("baseline")).data.split, 9), ("train", 4),
+                          ("train+test", 6), ("validation[:2]", 2)]:
+    config = data_config(data_dir=str(tmp_path / "out"), split=split)
+    assert len(datasets.load_source(config, R)) == expected, split
+  with pytest.raises(DataError, match=r"has no split 'tset' \(it has: train, validation, test; "
+                     r"'all' reads every one\)"):
+    datasets.load_source(data_config(data_dir=str(tmp_path / "out"), split="train+tset"), R)
+  with pytest.raises(DataError, match=r"'celeba' Error parsing split 'train\[:'"):
+    datasets.load_source(data_config(data_dir=str(tmp_path / "out"), split="train[:"), R)
 
 
 def test_bad_partition_line_is_one_clear_error(tmp_path):
@@ -226,6 +251,29 @@ def test_a_full_disk_is_one_line_and_leaves_no_partial_dataset(tmp_path, capsys,
   assert not [f for _, _, files in os.walk(out) for f in files]  # no partial file left
 
 
+def test_ctrl_c_in_prepare_data_is_one_line_and_leaves_nothing(tmp_path, capsys, monkeypatch):
+  from tensorflow_datasets.core import file_adapters  # pylint: disable=import-outside-toplevel
+
+  def interrupted(cls, path, iterator):
+    del cls, iterator
+    with open(os.fspath(path), "wb") as f:
+      f.write(b"half a shard")
+    raise KeyboardInterrupt
+
+  monkeypatch.setattr(file_adapters.ArrayRecordFileAdapter, "write_examples",
+                      classmethod(interrupted))
+  images = tmp_path / "imgs"
+  make_image_folder(str(images), num_good=3, corrupt=False)
+  out = tmp_path / "out"
+  out.mkdir()
+  (out / "other").mkdir()  # the user's: kept
+  assert cli.main(["prepare-data", "--input", str(images), "--out", str(out), "--resolution",
+                   str(R), "--workers", "1"]) == 130
+  err = [l for l in capsys.readouterr().err.splitlines() if l.startswith("cspgan")]
+  assert err == ["cspgan: prepare-data interrupted"]
+  assert sorted(os.listdir(out)) == ["other"]  # no partial shard, no empty celeba/ or downloads/
+
+
 def test_io_reason_finds_what_the_system_said():
   assert errors.io_reason(OSError(28, "No space left on device", "/d")) == (
       "No space left on device: /d")
@@ -257,7 +305,8 @@ def test_prepare_data_errors_are_one_line(tmp_path, capsys, args, message):
   err = capsys.readouterr().err.strip().splitlines()
   errors = [line for line in err if "error" in line.lower()]  # progress bars may precede it
   assert errors == [err[-1]] and err[-1].startswith("cspgan: error: ") and message in err[-1]
-  assert not os.path.exists(tmp_path / "out" / "celeba" / "1.0.0")
+  # Nothing left that a later run would take for a dataset (not even empty folders)
+  assert not [d for _, d, f in os.walk(tmp_path / "out") if d or f]
 
 
 def test_prepare_data_cli_prints_the_summary(tmp_path, capsys):
@@ -280,6 +329,25 @@ def test_reader_errors_name_the_problem(prepared, tmp_path):
     datasets.load_source(data_config(data_dir=str(tmp_path / "nowhere")), R)
   with pytest.raises(DataError, match="has no split 'test'"):
     datasets.load_source(data_config(data_dir=prepared["out"], split="test"), R)
+
+
+def test_damaged_dataset_files_are_one_clear_error(prepared, tmp_path):
+  """A truncated shard fails where it is read, a broken features.json where it is opened."""
+  import shutil  # pylint: disable=import-outside-toplevel
+  out = str(tmp_path / "tfds")
+  shutil.copytree(prepared["out"], out)
+  path = os.path.join(out, "celeba", prepare_data.DATASET_VERSION)
+  shard = next(os.path.join(path, f) for f in os.listdir(path) if ".array_record-" in f)
+  os.truncate(shard, os.path.getsize(shard) // 2)
+  source = datasets.load_source(data_config(data_dir=out), R)
+  with pytest.raises(DataError, match=r"cannot read celeba/train from .*: RuntimeError: .*; its "
+                     r"files are damaged: prepare it again \(`cspgan prepare-data \.\.\. --overwrite`\)"):
+    source.get(list(range(len(source))))
+  with open(os.path.join(path, "features.json"), "w") as f:
+    f.write("{")
+  with pytest.raises(DataError, match=r"celeba/1.0.0 cannot be read as a TFDS dataset "
+                     r"\(JSONDecodeError: .*\): prepare it again"):
+    datasets.load_source(data_config(data_dir=out), R)
 
 
 @pytest.mark.skipif(__import__("importlib").util.find_spec("tensorflow") is not None,
