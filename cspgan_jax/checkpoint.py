@@ -69,11 +69,16 @@ def _reason(error: Exception) -> str:
   return io_reason(error) or first_line(error)
 
 
+def wait_for_writes(mngr: ocp.CheckpointManager) -> None:
+  """Waits for the asynchronous saves; a failed save is one line."""
+  with _writes_to(mngr):
+    mngr.wait_until_finished()
+
+
 def finish_writes(mngr: ocp.CheckpointManager) -> None:
   """Waits for the asynchronous saves, then closes the manager; a failed save is one line."""
   try:
-    with _writes_to(mngr):
-      mngr.wait_until_finished()
+    wait_for_writes(mngr)
   finally:
     mngr.close()
 
@@ -156,7 +161,13 @@ def _resolve_step(workdir: str, step: Optional[int]) -> int:
   latest = latest_step(workdir)
   if latest is None:
     raise CheckpointError(f"no checkpoint in {checkpoint_dir(workdir)}")
-  return latest if step is None else step
+  if step is None:
+    return latest
+  steps = all_steps(workdir)
+  if step not in steps:
+    raise CheckpointError(f"no checkpoint at step {step} in {checkpoint_dir(workdir)} (steps: "
+                          f"{', '.join(map(str, steps))})")
+  return step
 
 
 def check_architecture(stored: ml_collections.ConfigDict, config: ml_collections.ConfigDict,

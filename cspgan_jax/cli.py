@@ -148,7 +148,8 @@ def cmd_sample(args, overrides):
       state.g.params, state.g.batch_stats, z))
   os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
   if ext == ".npy":
-    np.save(args.out, out.astype(np.float32))
+    with open(args.out, "wb") as f:  # np.save(path) would append ".npy" to "X.NPY"
+      np.save(f, out.astype(np.float32))
   else:
     images.save_png(images.make_grid(out), args.out)
   print(f"wrote {out.shape[0]} images to {args.out}")

@@ -20,6 +20,45 @@ DTYPES = tuple(train.DTYPES)
 PRECISIONS = ("default", "high", "highest")  # jax.default_matmul_precision's names
 PIPELINES = input_pipeline.PIPELINES
 
+# Every field of a config, with its type (configs/baseline.py's; a test holds the two equal): a
+# config file that lacks one, or sets one to another type (None for an int), is one error line
+# before anything runs rather than a traceback wherever the field is first read.
+FIELD_TYPES = {
+    "model": dict(block=str, discriminator=str, nz=int, ngf=int, ndf=int, nc=int, resolution=int,
+                  bn_momentum=float, bn_epsilon=float, edge_layers_as_matmul=bool),
+    "train": dict(batch_size=int, epochs=int, num_steps=int, lr_g=float, lr_d=float, beta1=float,
+                  beta2=float, adam_eps=float, optimizer=str, seed=int, loss=str, dtype=str,
+                  matmul_precision=str, steps_per_dispatch=int, scan_unroll=int,
+                  d_real_fake_together=bool, sync_bn=bool, sample_use_running_average=bool,
+                  num_samples=int, log_every=int, sample_every=int, checkpoint_every=int,
+                  keep_checkpoints=int, stop_check_every=int, profile_start=int,
+                  profile_steps=int, xla_options=str),
+    "data": dict(source=str, name=str, data_dir=str, split=str, num_examples=int,
+                 synthetic_seed=int, shuffle_seed=int, pipeline=str, device_budget_gb=float,
+                 prefetch=int, reader_threads=int),
+    "dist": dict(coordinator_address=str, num_processes=int, process_id=int),
+}
+
+
+def _has_type(value, kind) -> bool:
+  if isinstance(value, bool):
+    return kind is bool
+  return isinstance(value, kind) or (kind is float and isinstance(value, int))
+
+
+def check_fields(config) -> None:
+  """Raises ConfigError for the first field of `FIELD_TYPES` missing or of another type."""
+  for group, fields in FIELD_TYPES.items():
+    node = config.get(group) if isinstance(config, ml_collections.ConfigDict) else None
+    if not isinstance(node, ml_collections.ConfigDict):
+      raise ConfigError(f"config lacks the group {group!r}")
+    for name, kind in fields.items():
+      if name not in node:
+        raise ConfigError(f"config lacks the field {group}.{name}")
+      if not _has_type(node[name], kind):
+        raise ConfigError(f"config field {group}.{name} must be {kind.__name__}, got "
+                          f"{node[name]!r}")
+
 
 def load_config(path: str, overrides: Iterable[str] = ()) -> ml_collections.ConfigDict:
   """Runs `get_config()` of the Python file at `path`, applies overrides, validates."""
@@ -78,6 +117,7 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Iterable[str])
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
   """Raises ConfigError naming the first field that cannot work."""
+  check_fields(config)
   try:
     m, t, d = config.model, config.train, config.data
     checks = [
@@ -86,7 +126,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
          f"model.discriminator must be one of {models.DISCRIMINATORS}, got {m.discriminator!r}"),
         (m.resolution >= 32 and m.resolution & (m.resolution - 1) == 0,
          f"model.resolution must be a power of two >= 32, got {m.resolution}"),
-        (min(m.nz, m.ngf, m.ndf, m.nc) >= 1, "model.nz, ngf, ndf and nc must be positive"),
+        (min(m.nz, m.ngf, m.ndf) >= 1, "model.nz, ngf and ndf must be positive"),
+        (m.nc == 3, f"model.nc must be 3 (the data are RGB images), got {m.nc}"),
         (m.nz >= 2, f"model.nz must be >= 2 (CSPup splits it in two), got {m.nz}"),
         (0 <= m.bn_momentum <= 1, f"model.bn_momentum must be in [0, 1], got {m.bn_momentum}"),
         (m.bn_epsilon > 0, f"model.bn_epsilon must be positive, got {m.bn_epsilon}"),
@@ -116,12 +157,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
          f"train.log_every, sample_every and checkpoint_every must be multiples of "
          f"train.steps_per_dispatch ({t.steps_per_dispatch})"),
         (t.keep_checkpoints >= 1, f"train.keep_checkpoints must be >= 1, got {t.keep_checkpoints}"),
-        # .get: a checkpoint's stored config from before these fields still reads
-        (min(t.get("profile_steps", 0), t.get("profile_start", 0)) >= 0,
+        (min(t.profile_steps, t.profile_start) >= 0,
          f"train.profile_steps and profile_start must be >= 0, got "
-         f"{t.get('profile_steps', 0)} and {t.get('profile_start', 0)}"),
+         f"{t.profile_steps} and {t.profile_start}"),
     ]
-  except AttributeError as e:
+  except AttributeError as e:  # a group that is not a ConfigDict, and kin
     raise ConfigError(f"config lacks a required field: {e}") from e
   for ok, message in checks:
     if not ok:

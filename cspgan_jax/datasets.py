@@ -127,7 +127,8 @@ def prepared_dataset_path(data_dir: str, name: str) -> str:
 def tfds_source(data_config, resolution: int, split: str) -> TfdsSource:
   import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
   name = data_config.name
-  data_dir = data_config.data_dir or default_data_dir()
+  # "~" too: the shell does not expand it inside --config.data.data_dir=~/...
+  data_dir = os.path.expanduser(data_config.data_dir or default_data_dir())
   if not _is_catalogue_name(name):
     path = prepared_dataset_path(data_dir, name)
     try:

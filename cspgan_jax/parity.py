@@ -237,7 +237,7 @@ def _run_parity(config, net_g_path, net_d_path, steps, seed, with_floor, log, im
   for path, net, role, template in ((net_g_path, net_g, "netG", g_template),
                                     (net_d_path, net_d, "netD", d_template)):
     if path:
-      sd = torch_port.strip_data_parallel(torch_port.load_torch_state_dict(path, role))
+      sd = torch_port.strip_wrapper_prefixes(torch_port.load_torch_state_dict(path, role))
       torch_port.check_keys(sd, torch_port.conversion_table(template), f"{role} ({path})")
       net.load_state_dict({k: torch.from_numpy(v) for k, v in sd.items()}, strict=True)
   g_vars = torch_port.torch_to_flax(torch_port.module_state_dict(net_g), g_template, "netG")

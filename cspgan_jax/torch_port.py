@@ -34,7 +34,8 @@ _TORCH_LEAF_ORDER = ("weight", "bias", "running_mean", "running_var", "num_batch
 _TO_FLAX = (2, 3, 1, 0)    # torch (O, I, kh, kw) / ConvT (I, O, kh, kw) -> flax (kh, kw, ., .)
 _TO_TORCH = (3, 2, 0, 1)   # the inverse
 MODULE_NAME = re.compile(r"^(.*)_(\d+)$")  # a Flax name that mirrors a PyTorch path part
-_DATA_PARALLEL_PREFIX = "module."
+# What wrappers put before every key: nn.DataParallel / DistributedDataParallel, torch.compile.
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 _LIST_AT_MOST = 6
 
 
@@ -79,11 +80,16 @@ def conversion_table(variables: Mapping) -> List[Entry]:
   return sorted(table, key=lambda e: _torch_order(e.torch_key))
 
 
-def strip_data_parallel(state_dict: Mapping) -> Dict:
-  """Drops nn.DataParallel's `module.` prefix when every key has it."""
-  if state_dict and all(k.startswith(_DATA_PARALLEL_PREFIX) for k in state_dict):
-    return {k[len(_DATA_PARALLEL_PREFIX):]: v for k, v in state_dict.items()}
-  return dict(state_dict)
+def strip_wrapper_prefixes(state_dict: Mapping) -> Dict:
+  """Drops nn.DataParallel's `module.` and torch.compile's `_orig_mod.` prefixes (in any
+  nesting) where every key has them."""
+  state_dict = dict(state_dict)
+  while True:
+    prefix = next((p for p in _WRAPPER_PREFIXES
+                   if state_dict and all(k.startswith(p) for k in state_dict)), None)
+    if prefix is None:
+      return state_dict
+    state_dict = {k[len(prefix):]: v for k, v in state_dict.items()}
 
 
 def _some(keys) -> str:
@@ -113,7 +119,7 @@ def check_keys(state_dict: Mapping, table: List[Entry], what: str) -> None:
 
 def torch_to_flax(state_dict: Mapping, template: Mapping, what: str = "state_dict") -> Dict:
   """PyTorch state_dict (numpy values) -> Flax variables shaped like `template`."""
-  state_dict = strip_data_parallel(state_dict)
+  state_dict = strip_wrapper_prefixes(state_dict)
   table = conversion_table(template)
   check_keys(state_dict, table, what)
   out = {}
@@ -158,14 +164,17 @@ def load_torch_state_dict(path: str, role: str) -> Dict[str, np.ndarray]:
   try:
     obj = torch.load(path, map_location="cpu", weights_only=True)
   except Exception as e:  # truncated or not a torch file: say so in one line
-    raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({first_line(e)})") from e
+    raise CheckpointError(f"{path}: not a readable PyTorch checkpoint "
+                          f"({type(e).__name__}: {first_line(e)})") from e
   if isinstance(obj, Mapping) and role in obj and isinstance(obj[role], Mapping):
     obj = obj[role]
   if not isinstance(obj, Mapping) or not obj or not all(
-      isinstance(v, torch.Tensor) for v in obj.values()):
-    raise CheckpointError(f"{path}: expected a {role} state_dict (a dict of tensors), "
+      isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
+    raise CheckpointError(f"{path}: expected a {role} state_dict (a dict of tensors by name), "
                           f"or a dict with a '{role}' entry")
-  return {k: v.detach().cpu().numpy() for k, v in obj.items()}
+  # numpy has no bfloat16: a bf16 (or float16) tensor becomes float32, exactly.
+  return {k: (v.float() if v.is_floating_point() and v.dtype != torch.float64 else v)
+          .detach().cpu().numpy() for k, v in obj.items()}
 
 
 def module_state_dict(module) -> Dict[str, np.ndarray]:

@@ -40,6 +40,10 @@ def prepare_workdir(workdir: str) -> None:
   """Creates the workdir and proves it writable before any work is done."""
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise CspganError(f"workdir {workdir} is a file, not a directory")
+  for sub in (checkpoint.checkpoint_dir(workdir), os.path.join(workdir, TENSORBOARD_DIR),
+              os.path.join(workdir, SAMPLES_DIR)):
+    if os.path.exists(sub) and not os.path.isdir(sub):  # found before any step, not at a save
+      raise CspganError(f"{sub} is a file, where the run keeps a folder: move it away")
   try:
     os.makedirs(workdir, exist_ok=True)
     probe = os.path.join(workdir, f".write_test_{os.getpid()}")
@@ -194,6 +198,10 @@ def train_and_evaluate(config, workdir: str, progress: bool = True) -> train.GAN
       f"{layout.used_examples} images a pass, {layout.steps_per_epoch} steps an epoch; "
       f"steps {start} -> {total}")
 
+  if start >= total:
+    say(f"the checkpoint is at step {start}, at or past this run's {total}: nothing to train "
+        "(raise train.num_steps or train.epochs to go on)")
+    return state
   batch_fn = data.batch_fn() if data.kind == "device" else None
   k = t.get("steps_per_dispatch", 1)
   shard_ids = data.shard_ids if data.kind == "device" else input_pipeline.put_sharded(
@@ -243,7 +251,9 @@ def train_and_evaluate(config, workdir: str, progress: bool = True) -> train.GAN
       tick, tick_step = time.perf_counter(), start
       while step < total:
         batch = data.images if data.kind == "device" else next(streamed)
-        n = k if total - step >= k else 1  # the cadences are multiples of k (validated)
+        # k steps a dispatch from multiples of k only: the cadences are multiples of k
+        # (validated), and a run resumed or extended from another step gets back in line.
+        n = k if step % k == 0 and total - step >= k else 1
         trace.before(step, p_state)
         p_state, metrics = step_fns[n](p_state, batch, shard_ids, noise_rng)
         step += n
@@ -280,7 +290,10 @@ def train_and_evaluate(config, workdir: str, progress: bool = True) -> train.GAN
         if stopping:
           say(f"signal {stop.signal or '(another process)'}: saved step {step}, exiting")
           break
-    output.drain()  # the last grid and checkpoint written, or their error raised here
+      # The last grid and checkpoint written (or their error raised here) while a signal only
+      # sets the flag: a SIGTERM now must not end the process before the last save is on disk.
+      output.drain()
+      checkpoint.wait_for_writes(mngr)
   except jax.errors.JaxRuntimeError as e:
     if "RESOURCE_EXHAUSTED" not in str(e):
       raise

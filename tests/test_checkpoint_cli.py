@@ -180,6 +180,11 @@ def test_cli_convert_both_ways_sample_and_errors(torch_files, config_path, capsy
   assert np.linalg.norm(got - ref) / np.linalg.norm(ref) <= 1e-5
   assert cli.main(["sample", "--workdir", wd, "--n", "9", "--seed", "1",
                    "--out", str(tmp / "grid.png")]) == 0
+  (tmp / "s.NPY.npy").write_text("the user's")  # what np.save("s.NPY") would have replaced
+  assert cli.main(["sample", "--workdir", wd, "--latents", str(tmp / "z.npy"),
+                   "--out", str(tmp / "s.NPY")]) == 0
+  np.testing.assert_array_equal(np.load(tmp / "s.NPY"), got)
+  assert (tmp / "s.NPY.npy").read_text() == "the user's"
   from PIL import Image
   assert Image.open(tmp / "grid.png").size == (8 * 34 + 2, 2 * 34 + 2)
   # Sampling never changes the checkpoint.
@@ -194,6 +199,10 @@ def test_cli_convert_both_ways_sample_and_errors(torch_files, config_path, capsy
       (["sample", "--workdir", wd, "--out", str(tmp / "s.npy")], "exists; not overwriting"),
       (["sample", "--workdir", str(tmp / "nope"), "--out", str(tmp / "y.png")],
        "workdir not found"),
+      (["sample", "--workdir", wd, "--step", "3", "--out", str(tmp / "y.png")],
+       "no checkpoint at step 3 in "),
+      (["convert", "flax2torch", "--workdir", wd, "--step", "3", "--out-dir", str(tmp / "o")],
+       "(steps: 0)"),
       (["convert", "torch2flax", "--netG", str(tmp / "G.pt"), "--netD", str(tmp / "D.pt"),
         "--config", tiny, "--workdir", str(tmp / "wd2")], "does not fit the configured model"),
       (["parity", "--config", tiny, "--config.model.blok=relu"], "unknown config field"),

@@ -358,6 +358,13 @@ def test_official_celeb_a_without_tensorflow_is_one_clear_error(tmp_path):
   assert not os.path.exists(tmp_path / "celeb_a")  # no half-started download left behind
 
 
+def test_data_dir_may_start_with_a_tilde(prepared, monkeypatch):
+  # --config.data.data_dir=~/... reaches us unexpanded: the shell expands no "~" after "=".
+  monkeypatch.setenv("HOME", os.path.dirname(prepared["out"]))
+  source = datasets.load_source(data_config(data_dir="~/" + os.path.basename(prepared["out"])), R)
+  assert len(source) == NUM_GOOD
+
+
 def test_tfds_source_limits_and_reads_in_any_order(prepared):
   source = datasets.load_source(data_config(data_dir=prepared["out"], num_examples=10), R)
   assert len(source) == 10

@@ -7,14 +7,13 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cspgan_jax import cli, config_lib, parallel, train, trainer
+from cspgan_jax import checkpoint, cli, config_lib, parallel, train, trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(REPO, "configs", "tiny.py")
@@ -47,7 +46,7 @@ def test_bfloat16_runs_convolutions_in_bf16_and_keeps_state_in_float32():
   assert not np.allclose(float(m16["Loss_D"]), float(m32["Loss_D"]), rtol=1e-6)  # really bf16
 
 
-def test_several_steps_per_dispatch_follow_the_same_arithmetic():
+def test_several_steps_per_dispatch_follow_the_same_arithmetic(tmp_path):
   runs = {}
   for k in (1, 4):
     config = config_lib.load_config(TINY, [f"--config.train.steps_per_dispatch={k}",
@@ -55,16 +54,21 @@ def test_several_steps_per_dispatch_follow_the_same_arithmetic():
                                            "--config.train.log_every=4",
                                            "--config.train.sample_every=8",
                                            "--config.train.checkpoint_every=8"])
-    with tempfile.TemporaryDirectory() as workdir:
-      state = trainer.train_and_evaluate(config, workdir, progress=False)
-      with open(os.path.join(workdir, trainer.METRICS_FILE)) as f:
-        steps = [json.loads(line)["step"] for line in f]
-    runs[k] = (state, steps)
+    workdir = str(tmp_path / f"k{k}")
+    state = trainer.train_and_evaluate(config, workdir, progress=False)
+    runs[k] = (state, [r["step"] for r in trainer.logged_metrics(workdir)])
   assert runs[1][1] == runs[4][1] == [4, 8, 10]
   assert int(runs[4][0].step) == 10  # two scans of 4, then two single steps
   # The compiler may fuse a scanned body differently, so not bit for bit (2.4e-6 measured).
   for a, b in zip(jax.tree_util.tree_leaves(runs[1][0]), jax.tree_util.tree_leaves(runs[4][0])):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+  # Extended from step 10, which is no multiple of 4: single steps to 12, then scans again, so
+  # the cadences hold (they used to be missed to the end: 14, 18, 19, 20).
+  config.train.num_steps = 20
+  trainer.train_and_evaluate(config, str(tmp_path / "k4"), progress=False)
+  assert [r["step"] for r in trainer.logged_metrics(str(tmp_path / "k4"))] == [
+      4, 8, 10, 12, 16, 20]
+  assert checkpoint.all_steps(str(tmp_path / "k4")) == [10, 16, 20]
 
 
 def test_cadences_must_be_multiples_of_steps_per_dispatch():

@@ -40,6 +40,15 @@ def test_data_parallel_prefix_and_wrapped_dicts(tmp_path, tiny_config):
   flax_vars = torch_port.torch_to_flax(sd, g_t)
   expected = torch_port.torch_to_flax(torch_port.module_state_dict(net_g), g_t)
   jax.tree_util.tree_map(np.testing.assert_array_equal, flax_vars, expected)
+  # torch.compile's `_orig_mod.` (inside or outside DataParallel's `module.`), and a state_dict
+  # saved in bf16: its values are float32's exactly.
+  compiled = {f"_orig_mod.module.{k}": v.to(torch.bfloat16)
+              for k, v in net_g.state_dict().items()}
+  torch.save(compiled, path)
+  flax_vars = torch_port.torch_to_flax(torch_port.load_torch_state_dict(str(path), "netG"), g_t)
+  rounded = {k: v.to(torch.bfloat16).float() for k, v in net_g.state_dict().items()}
+  expected = torch_port.torch_to_flax({k: v.numpy() for k, v in rounded.items()}, g_t)
+  jax.tree_util.tree_map(np.testing.assert_array_equal, flax_vars, expected)
 
 
 def test_wrong_architecture_names_the_keys(tiny_config):
@@ -70,6 +79,14 @@ def test_truncated_and_foreign_files(tmp_path, tiny_config):
   torch.save([1, 2], other)
   with pytest.raises(CheckpointError, match="expected a netG state_dict"):
     torch_port.load_torch_state_dict(str(other), "netG")
+  numbered = tmp_path / "numbered.pt"
+  torch.save({**net_g.state_dict(), 3: torch.zeros(1)}, numbered)
+  with pytest.raises(CheckpointError, match="expected a netG state_dict"):
+    torch_port.load_torch_state_dict(str(numbered), "netG")
+  text = tmp_path / "notes.pt"
+  text.write_text("not a checkpoint")
+  with pytest.raises(CheckpointError, match=r"not a readable PyTorch checkpoint \(\w+Error: "):
+    torch_port.load_torch_state_dict(str(text), "netG")
   sd = torch_port.module_state_dict(net_g)
   sd.pop("main.3.weight")
   g_t, _ = train.init_variables(tiny_config(), jax.random.PRNGKey(0))

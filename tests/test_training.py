@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from cspgan_jax import checkpoint, cli, parallel, trainer
+from cspgan_jax import checkpoint, cli, config_lib, parallel, trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = os.path.join(REPO, "tests", "scripts")
@@ -181,6 +181,38 @@ def test_sigterm_saves_and_the_run_completes(tmp_path):
   assert int(done.step) == stopped + 2
 
 
+def test_sigterm_while_the_last_checkpoint_is_written_waits_for_it(tmp_path):
+  """A preemption notice as the run ends (the last save slowed, as on a network file system)."""
+  workdir = tmp_path / "run"
+  script = f"""
+import os, signal, sys, time
+from cspgan_jax import checkpoint, cli
+real = checkpoint.save_async
+def slow(mngr, state, config):
+  if int(state.step) == 4:
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(1)
+  return real(mngr, state, config)
+checkpoint.save_async = slow
+sys.exit(cli.main(["train", "--config", {TINY!r}, "--workdir", {str(workdir)!r}, "--no-progress",
+                   "--config.train.num_steps=4"]))
+"""
+  proc = subprocess.run([sys.executable, "-c", script], env=_env(1), stderr=subprocess.PIPE,
+                        text=True, timeout=300, check=False)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert checkpoint.all_steps(str(workdir)) == [4]
+
+
+def test_ctrl_c_outside_the_loop_is_one_line(tmp_path, capsys, monkeypatch):
+  """Before the loop's handler is in place (compiling) or a second Ctrl-C in a save."""
+  def interrupted(*args, **kwargs):
+    raise KeyboardInterrupt
+
+  monkeypatch.setattr(trainer, "train_and_evaluate", interrupted)
+  assert cli.main(["train", "--config", TINY, "--workdir", str(tmp_path / "w")]) == 130
+  assert capsys.readouterr().err.strip().splitlines() == ["cspgan: train interrupted"]
+
+
 def _free_port():
   with socket.socket() as s:
     s.bind(("localhost", 0))
@@ -308,12 +340,29 @@ def test_a_full_disk_under_the_logs_is_one_line(tmp_path, capsys, monkeypatch):
     (["--config.train.xla_options=xla_gpu_enable_pdll=true"],
      "train.xla_options: INVALID_ARGUMENT: No such compile option: 'xla_gpu_enable_pdll'"),
     (["--config.train.batch_size=6", "--config.data.num_examples=4"], "fewer than one batch"),
+    (["--config.model.nc=1"], "model.nc must be 3 (the data are RGB images), got 1"),
+    # config files of the user's (below): a field of another type, a field missing
+    (["@config.train.num_steps = None"], "config field train.num_steps must be int, got None"),
+    (["@del config.train.seed"], "config lacks the field train.seed"),
 ])
 def test_train_config_errors_are_one_line(tmp_path, capsys, args, message):
-  assert cli.main(["train", "--config", TINY, "--workdir", str(tmp_path / "w"), *args]) == 2
+  config = TINY
+  if args[0].startswith("@"):  # a variant config file with that line
+    config = str(tmp_path / "variant.py")
+    with open(config, "w") as f:
+      f.write(f"import sys\nsys.path.insert(0, {REPO!r})\nfrom configs import tiny\n\n"
+              f"def get_config():\n  config = tiny.get_config()\n  {args.pop(0)[1:]}\n"
+              "  return config\n")
+  assert cli.main(["train", "--config", config, "--workdir", str(tmp_path / "w"), *args]) == 2
   err = capsys.readouterr().err.strip().splitlines()
   assert err[-1].startswith("cspgan: error: ") and message in err[-1], err
   assert not os.path.exists(tmp_path / "w" / "checkpoints")
+
+
+def test_field_types_are_the_baselines():
+  baseline = config_lib.load_config(os.path.join(REPO, "configs", "baseline.py"))
+  assert {g: {k: type(v) for k, v in baseline[g].items()} for g in baseline} == (
+      config_lib.FIELD_TYPES)
 
 
 def test_unwritable_workdir_and_foreign_checkpoint_are_one_line(tmp_path, capsys):
@@ -336,6 +385,22 @@ def test_unwritable_workdir_and_foreign_checkpoint_are_one_line(tmp_path, capsys
   err = capsys.readouterr().err.strip().splitlines()[-1]
   assert "different architecture: model.ngf: checkpoint 8, config 16" in err
   assert checkpoint.all_steps(workdir) == before
+  # Asked for fewer steps than the checkpoint has: said, and nothing else done
+  assert cli.main(["train", "--config", TINY, "--workdir", workdir,
+                   "--config.train.num_steps=1", "--no-progress"]) == 0
+  err = capsys.readouterr().err.strip().splitlines()
+  assert err[-1] == ("[train] the checkpoint is at step 2, at or past this run's 1: nothing to "
+                     "train (raise train.num_steps or train.epochs to go on)")
+  assert checkpoint.all_steps(workdir) == before
+  # A file where the run keeps a folder: found before the first step, not at the first save
+  other = tmp_path / "other"
+  other.mkdir()
+  (other / "checkpoints").write_text("the user's")
+  assert cli.main(["train", "--config", TINY, "--workdir", str(other), "--no-progress"]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert err == [f"cspgan: error: {other / 'checkpoints'} is a file, where the run keeps a "
+                 "folder: move it away"]
+  assert (other / "checkpoints").read_text() == "the user's"
 
 
 def test_output_thread_runs_jobs_in_order_and_raises_their_error_in_the_loop():
