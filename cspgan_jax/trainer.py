@@ -13,6 +13,7 @@ checkpointing, as orbax requires.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -189,45 +190,51 @@ def train_and_evaluate(config, workdir: str, progress: bool = True) -> train.GAN
     state = train.init_state(config, jax.random.PRNGKey(t.seed))
   start = int(state.step)
 
-  data = input_pipeline.make_input(config)
-  layout = data.layout
-  total = t.num_steps or t.epochs * layout.steps_per_epoch
-  epochs = -(-total // layout.steps_per_epoch)
-  say(f"{jax.process_count()} process(es), {jax.device_count()} device(s) "
-      f"({jax.local_device_count()} here, {jax.devices()[0].platform}); data: {data.kind}, "
-      f"{layout.used_examples} images a pass, {layout.steps_per_epoch} steps an epoch; "
-      f"steps {start} -> {total}")
+  # Where the device's memory runs out before the loop (the data placed, the step or the
+  # sampler run once), one line too; `stage` says which.
+  stage = ["placing the data"]
+  with _naming_out_of_memory(lambda e: _out_of_memory_before_the_loop(config, stage[0], e)):
+    data = input_pipeline.make_input(config)
+    layout = data.layout
+    total = t.num_steps or t.epochs * layout.steps_per_epoch
+    epochs = -(-total // layout.steps_per_epoch)
+    say(f"{jax.process_count()} process(es), {jax.device_count()} device(s) "
+        f"({jax.local_device_count()} here, {jax.devices()[0].platform}); data: {data.kind}, "
+        f"{layout.used_examples} images a pass, {layout.steps_per_epoch} steps an epoch; "
+        f"steps {start} -> {total}")
 
-  if start >= total:
-    say(f"the checkpoint is at step {start}, at or past this run's {total}: nothing to train "
-        "(raise train.num_steps or train.epochs to go on)")
-    return state
-  batch_fn = data.batch_fn() if data.kind == "device" else None
-  k = t.get("steps_per_dispatch", 1)
-  shard_ids = data.shard_ids if data.kind == "device" else input_pipeline.put_sharded(
-      list(layout.local_shard_ids()))
-  base = jax.random.PRNGKey(t.seed)
-  noise_rng, fixed_rng = jax.random.fold_in(base, 1), jax.random.fold_in(base, 2)
-  batch_spec = data.images if data.kind == "device" else data.batch_spec()
-  step_args = (batch_spec, shard_ids, noise_rng)
-  # The one-iteration step picks the state's layouts; a k-iteration one keeps them.
-  step_fns = {}
-  step_fns[1], p_state = parallel.compile_training_step(config, data.kind, batch_fn, 1,
-                                                        parallel.replicate(state), *step_args)
-  del state
-  if k > 1:
-    step_fns[k] = parallel.compile_like(step_fns[1], config, data.kind, batch_fn, k, p_state,
-                                        *step_args)
-  fixed_noise = train.sample_latents(fixed_rng, t.num_samples, config.model.nz)
-  use_ra = t.get("sample_use_running_average", False)
-  sample_fn = jax.jit(lambda p, s, z: train.generate(config, p, s, z, use_ra))
-  if main_process:
-    # Compiled now (one untimed grid, not written) rather than by the first grid's call in the
-    # loop, which would wait for it. Called rather than compiled ahead of time: a jit compiles
-    # again for arguments in other layouts, where a compiled object would refuse them.
-    g = parallel.first_local_copy(p_state.g)
-    sample_fn(g.params, g.batch_stats, fixed_noise)
-    del g
+    if start >= total:
+      say(f"the checkpoint is at step {start}, at or past this run's {total}: nothing to train "
+          "(raise train.num_steps or train.epochs to go on)")
+      return state
+    batch_fn = data.batch_fn() if data.kind == "device" else None
+    k = t.get("steps_per_dispatch", 1)
+    shard_ids = data.shard_ids if data.kind == "device" else input_pipeline.put_sharded(
+        list(layout.local_shard_ids()))
+    base = jax.random.PRNGKey(t.seed)
+    noise_rng, fixed_rng = jax.random.fold_in(base, 1), jax.random.fold_in(base, 2)
+    batch_spec = data.images if data.kind == "device" else data.batch_spec()
+    step_args = (batch_spec, shard_ids, noise_rng)
+    stage[0] = "compiling the step"
+    # The one-iteration step picks the state's layouts; a k-iteration one keeps them.
+    step_fns = {}
+    step_fns[1], p_state = parallel.compile_training_step(config, data.kind, batch_fn, 1,
+                                                          parallel.replicate(state), *step_args)
+    del state
+    if k > 1:
+      step_fns[k] = parallel.compile_like(step_fns[1], config, data.kind, batch_fn, k, p_state,
+                                          *step_args)
+    stage[0] = "making the first grid"
+    fixed_noise = train.sample_latents(fixed_rng, t.num_samples, config.model.nz)
+    use_ra = t.get("sample_use_running_average", False)
+    sample_fn = jax.jit(lambda p, s, z: train.generate(config, p, s, z, use_ra))
+    if main_process:
+      # Compiled now (one untimed grid, not written) rather than by the first grid's call in the
+      # loop, which would wait for it. Called rather than compiled ahead of time: a jit compiles
+      # again for arguments in other layouts, where a compiled object would refuse them.
+      g = parallel.first_local_copy(p_state.g)
+      sample_fn(g.params, g.batch_stats, fixed_noise)
+      del g
   cache = getattr(jax.config, "jax_compilation_cache_dir", None)
   say(f"ready after {time.perf_counter() - started:.1f} s (state {'restored' if start else 'made'}"
       f", data placed, step and sampler compiled; compiled programs "
@@ -312,6 +319,25 @@ def train_and_evaluate(config, workdir: str, progress: bool = True) -> train.GAN
   if main_process and last_saved is not None:
     say(f"checkpoint at step {last_saved} in {checkpoint.checkpoint_dir(workdir)}")
   return parallel.unreplicate(p_state)
+
+
+@contextlib.contextmanager
+def _naming_out_of_memory(describe):
+  """XLA's RESOURCE_EXHAUSTED inside the block -> one CspganError line, `describe(error)`."""
+  try:
+    yield
+  except jax.errors.JaxRuntimeError as e:
+    if "RESOURCE_EXHAUSTED" not in str(e):
+      raise
+    raise CspganError(describe(e)) from e
+
+
+def _out_of_memory_before_the_loop(config, stage: str, error) -> str:
+  limit = input_pipeline.device_memory_bytes()
+  of = f" (a device has {limit / 2**30:.1f} GiB)" if limit else ""
+  return (f"out of device memory {stage} ({first_line(error, 160)}){of}: lower "
+          f"train.batch_size (now {config.train.batch_size}), or set train.dtype=bfloat16 or "
+          "data.pipeline=streaming")
 
 
 def _out_of_memory(config, compiled_step, data, error) -> str:

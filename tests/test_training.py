@@ -314,6 +314,20 @@ def test_out_of_device_memory_is_one_line_and_the_checkpoint_stays(tmp_path, cap
   assert checkpoint.latest_step(workdir) == 4  # the run's last checkpoint, untouched
   assert int(checkpoint.restore(workdir)[0].step) == 4
 
+  # Before the loop too (here: compiling the step), with what is known then.
+  def exhausted(*args, **kwargs):
+    raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to "
+                                     "allocate 4096 bytes.")
+
+  monkeypatch.setattr(parallel, "compile_training_step", exhausted)
+  assert cli.main(["train", "--config", TINY, "--workdir", workdir, "--no-progress",
+                   "--config.train.num_steps=8"]) == 2
+  err = [l for l in capsys.readouterr().err.splitlines() if l.startswith("cspgan:")]
+  assert err == ["cspgan: error: out of device memory compiling the step (RESOURCE_EXHAUSTED: "
+                 "Out of memory while trying to allocate 4096 bytes.): lower train.batch_size "
+                 "(now 8), or set train.dtype=bfloat16 or data.pipeline=streaming"], err
+  assert checkpoint.latest_step(workdir) == 4
+
 
 def test_a_full_disk_under_the_logs_is_one_line(tmp_path, capsys, monkeypatch):
   """The disk fills while the output thread writes a grid (seen on a tmpfs): one line, exit 2."""
