@@ -17,4 +17,8 @@ def get_config():
   config.model.discriminator = "avgpool"
   config.train.batch_size = 256
   config.train.epochs = 15
+  # The report draws its fixed noise with the batch size (`torch.randn(batch_size, nz, 1, 1)`):
+  # its grids at batch 256 hold 256 samples, normalised together (and, with BatchNorm in G,
+  # sampled with those 256 latents' batch statistics).
+  config.train.num_samples = 256
   return config

@@ -20,8 +20,11 @@ per dispatch (jax-bf16-dpair-edgemm-scan). PyTorch: eager float32
 (`jax-bf16-edgemm@64`: at batch 64 only).
 
 FLOPs per iteration come from XLA's cost analysis of the single-step JAX iteration lowered for
-the CPU, and are used for every row (the same work): XLA:GPU's analysis of the compiled step
-leaves out the convolutions it hands to cuDNN (it counted 0.05 of 12 GFLOP an image on an H200).
+the CPU, and are used for every row (the same useful work): XLA:GPU's analysis of the compiled
+step leaves out the convolutions it hands to cuDNN (it counted 0.05 of 12 GFLOP an image on an
+H200). XLA counts no convolution taps on padding (about 9% under PyTorch's count of the same
+work), and PyTorch's iteration also computes D's weight gradients in G's backward pass, which
+its rows are not credited with (docs/PERFORMANCE.md, "The harness").
 Each row also projects the wall time of 10, 15 and 40 epochs of CelebA at its images/s. The
 table goes to stdout, and with `--out` to a file (markdown) plus JSON. `--hlo DIR` keeps the
 optimized HLO of each timed JAX step, `--profile DIR` a trace (Perfetto / Chrome JSON, gzipped)
@@ -246,17 +249,43 @@ def torch_variant(config_path, batch, kind, overrides):
     else:
       out.item()
 
+  # The other variants' models, Adam states and inputs stay allocated beside this one's (the
+  # rounds alternate), and torch's peak counts every live tensor: they are taken off.
+  others = [0]
+
   def peak_memory():
-    return torch.cuda.max_memory_allocated() if device == "cuda" else None
+    return torch.cuda.max_memory_allocated() - others[0] if device == "cuda" else None
 
   def reset_memory():  # before the last timed round: cudnn.benchmark's trials are not the run's
     if device == "cuda":
+      torch.cuda.synchronize()
+      others[0] = torch.cuda.memory_allocated() - torch_resident_bytes(
+          (net_g, net_d), (opt_g, opt_d), (real, ones, zeros), device)
       torch.cuda.reset_peak_memory_stats()
 
   names = {"fp32": "PyTorch eager float32", "bf16": "PyTorch eager bf16 autocast, channels_last",
            "compile": "PyTorch torch.compile float32"}
   return dict(name=names[kind], run=run, memory=peak_memory, reset_memory=reset_memory, unit=1,
               framework="torch")
+
+
+def torch_resident_bytes(nets, optimizers, tensors, device: str) -> int:
+  """Bytes on `device` of the networks' parameters and gradients, the optimizers' state and
+  `tensors`: what one PyTorch variant holds between its iterations."""
+  import torch
+  held = list(tensors)
+  for net in nets:
+    for p in net.parameters():
+      held += [p] + ([p.grad] if p.grad is not None else [])
+    held += list(net.buffers())
+  for opt in optimizers:
+    for state in opt.state.values():
+      held += [v for v in state.values() if torch.is_tensor(v)]
+  storages = {}
+  for t in held:
+    if t.device.type == device:
+      storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+  return sum(storages.values())
 
 
 def _autocast_call(autocast, net, x):

@@ -275,6 +275,24 @@ def test_flop_count_is_xlas_count_of_the_compiled_step():
   assert counted > 8 * 1e6
 
 
+def test_pytorch_memory_is_one_variants_own(tiny_config):
+  """What is taken off torch's peak for the other variants is what one variant holds: after an
+  iteration, parameters, gradients, two Adam moments (float32) and the inputs."""
+  import torch  # pylint: disable=import-outside-toplevel
+  from cspgan_jax import bench, torch_reference
+  config = tiny_config("model.block=leaky_bn")
+  net_g, net_d = torch_reference.build_reference(config.model, seed=0)
+  opt_g, opt_d = torch_reference.make_optimizers(net_g, net_d, config.train)
+  real = torch.rand(4, 3, 32, 32)
+  torch_reference.train_iteration(net_g, net_d, opt_g, opt_d, real, torch.randn(4, 16, 1, 1))
+  params = sum(p.numel() for net in (net_g, net_d) for p in net.parameters())
+  buffers = sum(b.numel() * b.element_size() for net in (net_g, net_d) for b in net.buffers())
+  got = bench.torch_resident_bytes((net_g, net_d), (opt_g, opt_d), (real, real[:1]), "cpu")
+  # Adam's step counters are 4-byte CPU tensors too; a view of `real` is not counted twice.
+  steps = 4 * sum(len(opt.state) for opt in (opt_g, opt_d))
+  assert got == 4 * params * 4 + buffers + steps + real.numel() * 4
+
+
 def test_bench_traces_after_every_figure_and_jax_before_pytorch(tmp_path, monkeypatch, capsys):
   """PyTorch's profiler keeps CUPTI on a GPU (a JAX trace after it came back without GPU events
   on the H200): the bench traces every JAX variant, all batches, before any PyTorch one; and
