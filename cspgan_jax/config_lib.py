@@ -77,9 +77,21 @@ def load_config(path: str, overrides: Iterable[str] = ()) -> ml_collections.Conf
     raise ConfigError(f"cannot load config {path}: {type(e).__name__}: {e}") from e
   finally:
     del sys.path[:len(extra)]
+  overrides = list(overrides)
   apply_overrides(config, overrides)
   validate_config(config)
+  named = {_override_key(item) for item in overrides}
+  if "train.epochs" in named and "train.num_steps" not in named and config.train.num_steps:
+    # The file sets num_steps (the quickstart, tiny), which wins: the override would do nothing.
+    raise ConfigError(f"train.epochs has no effect: {os.path.basename(path)} sets "
+                      f"train.num_steps={config.train.num_steps}, which wins; add "
+                      "--config.train.num_steps=0")
   return config
+
+
+def _override_key(item: str) -> str:
+  text = item[len("--config."):] if item.startswith("--config.") else item
+  return text.split("=", 1)[0]
 
 
 def apply_overrides(config: ml_collections.ConfigDict, overrides: Iterable[str]) -> None:
@@ -92,7 +104,7 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Iterable[str])
     text = item[len("--config."):] if item.startswith("--config.") else item
     if "=" not in text:
       raise ConfigError(f"override {item!r} is not of the form --config.group.field=value")
-    key, raw = text.split("=", 1)
+    key, raw = _override_key(item), text.split("=", 1)[1]
     try:
       value = ast.literal_eval(raw)
     except (ValueError, SyntaxError):

@@ -355,6 +355,8 @@ def test_a_full_disk_under_the_logs_is_one_line(tmp_path, capsys, monkeypatch):
      "train.xla_options: INVALID_ARGUMENT: No such compile option: 'xla_gpu_enable_pdll'"),
     (["--config.train.batch_size=6", "--config.data.num_examples=4"], "fewer than one batch"),
     (["--config.model.nc=1"], "model.nc must be 3 (the data are RGB images), got 1"),
+    (["--config.train.epochs=40"], "train.epochs has no effect: tiny.py sets train.num_steps=8, "
+                                   "which wins; add --config.train.num_steps=0"),
     # config files of the user's (below): a field of another type, a field missing
     (["@config.train.num_steps = None"], "config field train.num_steps must be int, got None"),
     (["@del config.train.seed"], "config lacks the field train.seed"),
