@@ -14,6 +14,7 @@ checkpointing, as orbax requires.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import signal
@@ -31,6 +32,7 @@ from cspgan_jax.errors import CspganError, first_line
 TENSORBOARD_DIR = "tensorboard"
 SAMPLES_DIR = "samples"
 METRICS_FILE = "metrics.jsonl"
+LOCK_FILE = ".cspgan-train.lock"
 METRIC_TAGS = {"Loss_D": "iter/Loss_D", "Loss_G": "iter/Loss_G", "D_x": "iter/D_x",
                "D_G_z1": "iter/D_G_z1", "D_G_z2": "iter/D_G_z2"}
 
@@ -172,11 +174,45 @@ def console_line(epoch, epochs, step_in_epoch, steps_per_epoch, m) -> str:
 
 # ---- the loop ----
 
+@contextlib.contextmanager
+def workdir_lock(workdir: str, take: bool = True):
+  """Holds `workdir/LOCK_FILE` (an flock) while a run trains there: a second run on the same
+  workdir would interleave its checkpoints and logs with the first's. One process of a run
+  takes it (its others share the workdir by design)."""
+  if not take:
+    yield
+    return
+  path = os.path.join(workdir, LOCK_FILE)
+  with open(path, "a+") as f:
+    try:
+      fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+      f.seek(0)
+      holder = f.read().strip() or "unknown"
+      raise CspganError(f"workdir {workdir} is in use by another `cspgan train` (pid {holder}, "
+                        "by its lock); wait for it to end, or use another --workdir") from e
+    f.seek(0)
+    f.truncate()
+    f.write(str(os.getpid()))
+    f.flush()
+    try:
+      yield
+    finally:
+      f.seek(0)
+      f.truncate()  # the lock itself ends with the file's closing, or the process's end
+      fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def train_and_evaluate(config, workdir: str, progress: bool = True) -> train.GANState:
   """Trains to `config.train.num_steps` (or `epochs`), resuming from the latest checkpoint."""
   parallel.maybe_initialize_distributed(config)
-  main_process = jax.process_index() == 0
   prepare_workdir(workdir)
+  with workdir_lock(workdir, take=jax.process_index() == 0):
+    return _train_and_evaluate(config, workdir, progress)
+
+
+def _train_and_evaluate(config, workdir: str, progress: bool) -> train.GANState:
+  main_process = jax.process_index() == 0
   t = config.train
   say = (lambda msg: print(f"[train] {msg}", file=sys.stderr, flush=True)) if main_process else (
       lambda msg: None)

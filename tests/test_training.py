@@ -375,6 +375,19 @@ def test_train_config_errors_are_one_line(tmp_path, capsys, args, message):
   assert not os.path.exists(tmp_path / "w" / "checkpoints")
 
 
+def test_a_workdir_in_use_is_refused_in_one_line(tmp_path, capsys):
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  with trainer.workdir_lock(str(workdir)):  # another run, training there
+    assert cli.main(["train", "--config", TINY, "--workdir", str(workdir), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"cspgan: error: workdir {workdir} is in use by another `cspgan train` (pid "
+                   f"{os.getpid()}, by its lock); wait for it to end, or use another --workdir"]
+    assert not (workdir / "checkpoints").exists()
+  assert cli.main(["train", "--config", TINY, "--workdir", str(workdir), "--no-progress",
+                   "--config.train.num_steps=2"]) == 0  # free again once that run ended
+
+
 def test_field_types_are_the_baselines():
   baseline = config_lib.load_config(os.path.join(REPO, "configs", "baseline.py"))
   assert {g: {k: type(v) for k, v in baseline[g].items()} for g in baseline} == (
