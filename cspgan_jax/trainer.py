@@ -14,6 +14,7 @@ checkpointing, as orbax requires.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -187,6 +188,9 @@ def workdir_lock(workdir: str, take: bool = True):
     try:
       fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as e:
+      if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+        yield  # a file system without locks (some network ones): run unguarded, as before
+        return
       f.seek(0)
       holder = f.read().strip() or "unknown"
       raise CspganError(f"workdir {workdir} is in use by another `cspgan train` (pid {holder}, "
