@@ -185,26 +185,29 @@ def workdir_lock(workdir: str, take: bool = True):
     return
   path = os.path.join(workdir, LOCK_FILE)
   with open(path, "a+") as f:
+    locked = True
     try:
       fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as e:
-      if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-        yield  # a file system without locks (some network ones): run unguarded, as before
-        return
+      if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+        f.seek(0)
+        holder = f.read().strip() or "unknown"
+        raise CspganError(f"workdir {workdir} is in use by another `cspgan train` (pid "
+                          f"{holder}, by its lock); wait for it to end, or use another "
+                          "--workdir") from e
+      locked = False  # a file system without locks (some network ones): run unguarded
+    if locked:
       f.seek(0)
-      holder = f.read().strip() or "unknown"
-      raise CspganError(f"workdir {workdir} is in use by another `cspgan train` (pid {holder}, "
-                        "by its lock); wait for it to end, or use another --workdir") from e
-    f.seek(0)
-    f.truncate()
-    f.write(str(os.getpid()))
-    f.flush()
+      f.truncate()
+      f.write(str(os.getpid()))
+      f.flush()
     try:
       yield
     finally:
-      f.seek(0)
-      f.truncate()  # the lock itself ends with the file's closing, or the process's end
-      fcntl.flock(f, fcntl.LOCK_UN)
+      if locked:  # the lock would end with the file's closing, or the process's end, anyway
+        f.seek(0)
+        f.truncate()
+        fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def train_and_evaluate(config, workdir: str, progress: bool = True) -> train.GANState:
