@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import hashlib
 import json
 import os
 import signal
@@ -179,9 +180,10 @@ def console_line(epoch, epochs, step_in_epoch, steps_per_epoch, m) -> str:
 def workdir_lock(workdir: str, take: bool = True):
   """Holds `workdir/LOCK_FILE` (an flock) while a run trains there: a second run on the same
   workdir would interleave its checkpoints and logs with the first's. One process of a run
-  takes it (its others share the workdir by design)."""
+  takes it (its others share the workdir by design). Yields None, or why the workdir is
+  refused (every process of the run has to learn it before it raises: `_check_start`)."""
   if not take:
-    yield
+    yield None
     return
   path = os.path.join(workdir, LOCK_FILE)
   with open(path, "a+") as f:
@@ -192,9 +194,9 @@ def workdir_lock(workdir: str, take: bool = True):
       if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
         f.seek(0)
         holder = f.read().strip() or "unknown"
-        raise CspganError(f"workdir {workdir} is in use by another `cspgan train` (pid "
-                          f"{holder}, by its lock); wait for it to end, or use another "
-                          "--workdir") from e
+        yield (f"workdir {workdir} is in use by another `cspgan train` (pid {holder}, by its "
+               "lock); wait for it to end, or use another --workdir")
+        return
       locked = False  # a file system without locks (some network ones): run unguarded
     if locked:
       f.seek(0)
@@ -202,7 +204,7 @@ def workdir_lock(workdir: str, take: bool = True):
       f.write(str(os.getpid()))
       f.flush()
     try:
-      yield
+      yield None
     finally:
       if locked:  # the lock would end with the file's closing, or the process's end, anyway
         f.seek(0)
@@ -214,8 +216,53 @@ def train_and_evaluate(config, workdir: str, progress: bool = True) -> train.GAN
   """Trains to `config.train.num_steps` (or `epochs`), resuming from the latest checkpoint."""
   parallel.maybe_initialize_distributed(config)
   prepare_workdir(workdir)
-  with workdir_lock(workdir, take=jax.process_index() == 0):
+  with workdir_lock(workdir, take=jax.process_index() == 0) as refusal:
+    _check_start(config, workdir, refusal)
     return _train_and_evaluate(config, workdir, progress)
+
+
+def _per_process(values) -> np.ndarray:
+  """(processes, len(values)) int64: every process's `values` (a collective: all must call)."""
+  mine = np.asarray(values, np.int64)
+  if jax.process_count() == 1:
+    return mine[None]
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+  return np.asarray(multihost_utils.process_allgather(mine)).reshape(jax.process_count(), -1)
+
+
+def _differing(rows: np.ndarray, column: int) -> Optional[str]:
+  """"process 0: a, process 1: b" where the processes' values in `column` differ, else None."""
+  values = rows[:, column]
+  if (values == values[0]).all():
+    return None
+  return ", ".join(f"process {i}: {v}" for i, v in enumerate(values.tolist()))
+
+
+def _config_fingerprint(config) -> int:
+  """The config without `dist` (whose process_id differs by design), as a 63-bit number."""
+  fields = {k: v for k, v in config.to_dict().items() if k != "dist"}
+  digest = hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).digest()
+  return int.from_bytes(digest[:8], "little") >> 1
+
+
+def _check_start(config, workdir: str, refusal: Optional[str]) -> None:
+  """Before any work, the same error line on every process where they could not train together:
+  process 0 refused the workdir, the processes see different checkpoints (workdirs not one
+  shared folder), or were started with different configs. Left alone, each of those ended in a
+  traceback on some processes and a hang or an abort on the others."""
+  latest = checkpoint.latest_step(workdir)
+  rows = _per_process([refusal is not None, -1 if latest is None else latest,
+                       _config_fingerprint(config)])
+  if rows[:, 0].any():
+    raise CspganError(refusal or f"workdir {workdir} is in use by another `cspgan train` "
+                      "(process 0 was refused its lock)")
+  steps = _differing(rows, 1)
+  if steps:
+    raise CspganError(f"the processes see different checkpoints in {workdir} (latest step, -1 "
+                      f"for none: {steps}): the workdir must be one folder they all share")
+  if _differing(rows, 2):
+    raise CspganError("the processes were started with different configs (files or --config "
+                      "overrides; dist.* aside): start every process with the same ones")
 
 
 def _train_and_evaluate(config, workdir: str, progress: bool) -> train.GANState:
@@ -241,6 +288,12 @@ def _train_and_evaluate(config, workdir: str, progress: bool) -> train.GANState:
     layout = data.layout
     total = t.num_steps or t.epochs * layout.steps_per_epoch
     epochs = -(-total // layout.steps_per_epoch)
+    # The same config can still meet different data (each process reads its own copy).
+    data_rows = _per_process([layout.used_examples, total])
+    if _differing(data_rows, 0) or _differing(data_rows, 1):
+      raise CspganError(f"the processes see different datasets (images a pass: "
+                        f"{_differing(data_rows, 0) or layout.used_examples}; steps: "
+                        f"{_differing(data_rows, 1) or total}): give them the same data")
     say(f"{jax.process_count()} process(es), {jax.device_count()} device(s) "
         f"({jax.local_device_count()} here, {jax.devices()[0].platform}); data: {data.kind}, "
         f"{layout.used_examples} images a pass, {layout.steps_per_epoch} steps an epoch; "

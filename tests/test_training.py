@@ -250,6 +250,38 @@ def test_two_processes_train_like_one(tmp_path):
   assert len(open(tmp_path / "multi" / trainer.METRICS_FILE).read().splitlines()) == 3
 
 
+def _two_cli_processes(workdir, extra=((), ())):
+  """Both processes' exit codes and `cspgan:` lines (one CPU device each)."""
+  port = _free_port()
+  procs = [subprocess.Popen(
+      [sys.executable, "-m", "cspgan_jax.cli", "train", "--config", TINY, "--workdir",
+       str(workdir), "--no-progress", f"--config.dist.coordinator_address=localhost:{port}",
+       "--config.dist.num_processes=2", f"--config.dist.process_id={i}", *extra[i]],
+      env=_env(1), stderr=subprocess.PIPE, text=True) for i in range(2)]
+  errs = [p.communicate(timeout=300)[1] for p in procs]
+  return ([p.returncode for p in procs],
+          [[l for l in e.splitlines() if l.startswith("cspgan:")] for e in errs])
+
+
+def test_processes_that_cannot_train_together_say_so_alike(tmp_path):
+  """Different configs, or a workdir process 0 may not lock: one line on every process, where
+  it was a traceback on one and a hang or an abort on the other."""
+  codes, lines = _two_cli_processes(tmp_path / "a", ((), ("--config.train.lr_d=1e-4",)))
+  assert codes == [2, 2], lines
+  assert lines == [["cspgan: error: the processes were started with different configs (files "
+                    "or --config overrides; dist.* aside): start every process with the same "
+                    "ones"]] * 2
+  (tmp_path / "b").mkdir()
+  with trainer.workdir_lock(str(tmp_path / "b")) as refusal:  # another run holds it
+    assert refusal is None
+    codes, lines = _two_cli_processes(tmp_path / "b")
+  assert codes == [2, 2], lines
+  assert lines[0][0].startswith(f"cspgan: error: workdir {tmp_path / 'b'} is in use by another")
+  assert lines[1] == [f"cspgan: error: workdir {tmp_path / 'b'} is in use by another `cspgan "
+                      "train` (process 0 was refused its lock)"]
+  assert not (tmp_path / "b" / "checkpoints").exists()
+
+
 def test_train_command_leaves_samples_events_checkpoints_and_info(tmp_path, capsys):
   workdir = str(tmp_path / "run")
   assert cli.main(["train", "--config", TINY, "--workdir", workdir]) == 0
@@ -378,7 +410,8 @@ def test_train_config_errors_are_one_line(tmp_path, capsys, args, message):
 def test_a_workdir_in_use_is_refused_in_one_line(tmp_path, capsys):
   workdir = tmp_path / "run"
   workdir.mkdir()
-  with trainer.workdir_lock(str(workdir)):  # another run, training there
+  with trainer.workdir_lock(str(workdir)) as refusal:  # another run, training there
+    assert refusal is None
     assert cli.main(["train", "--config", TINY, "--workdir", str(workdir), "--no-progress"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"cspgan: error: workdir {workdir} is in use by another `cspgan train` (pid "
