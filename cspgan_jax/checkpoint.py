@@ -32,7 +32,7 @@ def checkpoint_dir(workdir: str) -> str:
 def manager(workdir: str, keep: Optional[int] = None, create: bool = True):
   options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create)
   return ocp.CheckpointManager(checkpoint_dir(workdir), options=options,
-                               item_names=("state", "config"))
+                               item_names=("state", "config", "layout"))
 
 
 def _state_dict(state: train.GANState) -> dict:
@@ -112,8 +112,25 @@ def save_async(mngr: ocp.CheckpointManager, state: train.GANState,
 
 
 def _save_args(state_dict: dict, config: ml_collections.ConfigDict) -> ocp.args.Composite:
+  # The devices and processes that wrote it: a run resumed on another number of devices reads
+  # its data in another order (`read_layout`).
+  layout = {"devices": jax.device_count(), "processes": jax.process_count()}
   return ocp.args.Composite(state=ocp.args.StandardSave(state_dict),
-                            config=ocp.args.JsonSave(json.loads(config.to_json_best_effort())))
+                            config=ocp.args.JsonSave(json.loads(config.to_json_best_effort())),
+                            layout=ocp.args.JsonSave(layout))
+
+
+def read_layout(workdir: str, step: int) -> Optional[dict]:
+  """{"devices": N, "processes": P} of the run that wrote checkpoint `step`; None for a
+  checkpoint written before checkpoints recorded it."""
+  mngr = manager(workdir, create=False)
+  try:
+    layout = mngr.restore(step, args=ocp.args.Composite(layout=ocp.args.JsonRestore()))["layout"]
+    return layout if isinstance(layout, dict) else None
+  except Exception:  # pylint: disable=broad-except  # older checkpoints have no such item
+    return None
+  finally:
+    mngr.close()
 
 
 def latest_step(workdir: str) -> Optional[int]:

@@ -276,6 +276,13 @@ def _train_and_evaluate(config, workdir: str, progress: bool) -> train.GANState:
   if start is not None:
     state, _ = checkpoint.restore(workdir, config)
     say(f"resuming from the checkpoint at step {start} in {checkpoint.checkpoint_dir(workdir)}")
+    written = checkpoint.read_layout(workdir, start) or {}
+    if start and written.get("devices", jax.device_count()) != jax.device_count():
+      # The epoch's order is keyed by shard, one shard a device (input_pipeline.Layout).
+      say(f"note: the checkpoint was written on {written['devices']} devices, this run has "
+          f"{jax.device_count()}: the rest of this epoch may repeat or skip images, and "
+          "BatchNorm's per-device batches change; later epochs each cover the data once (not "
+          "bit-identical to an uninterrupted run)")
   else:
     state = train.init_state(config, jax.random.PRNGKey(t.seed))
   start = int(state.step)

@@ -250,6 +250,21 @@ def test_two_processes_train_like_one(tmp_path):
   assert len(open(tmp_path / "multi" / trainer.METRICS_FILE).read().splitlines()) == 3
 
 
+def test_resuming_on_another_number_of_devices_is_said(tmp_path, capsys):
+  workdir = str(tmp_path / "run")
+  first = subprocess.run([sys.executable, "-m", "cspgan_jax.cli", "train", "--config", TINY,
+                          "--workdir", workdir, "--no-progress", "--config.train.num_steps=4"],
+                         env=_env(2), capture_output=True, text=True, timeout=300)
+  assert first.returncode == 0, first.stderr[-2000:]
+  assert checkpoint.read_layout(workdir, 4) == {"devices": 2, "processes": 1}
+  assert cli.main(["train", "--config", TINY, "--workdir", workdir, "--no-progress",
+                   "--config.train.num_steps=6"]) == 0  # this process: one device
+  err = capsys.readouterr().err
+  assert ("[train] note: the checkpoint was written on 2 devices, this run has 1: the rest of "
+          "this epoch may repeat or skip images") in err
+  assert checkpoint.read_layout(workdir, 6) == {"devices": 1, "processes": 1}
+
+
 def _two_cli_processes(workdir, extra=((), ())):
   """Both processes' exit codes and `cspgan:` lines (one CPU device each)."""
   port = _free_port()
