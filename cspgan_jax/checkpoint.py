@@ -194,6 +194,10 @@ def check_architecture(stored: ml_collections.ConfigDict, config: ml_collections
           for k in _ARCHITECTURE_FIELDS if stored.model[k] != config.model[k]]
   if diff:
     raise CheckpointError(f"checkpoint in {where} is a different architecture: " + "; ".join(diff))
+  if stored.train.optimizer != config.train.optimizer:  # the two keep their state differently
+    raise CheckpointError(f"checkpoint in {where} holds {stored.train.optimizer!r}'s optimizer "
+                          f"state, the config asks for {config.train.optimizer!r}: resume with "
+                          f"--config.train.optimizer={stored.train.optimizer}")
 
 
 def restore(workdir: str, config: Optional[ml_collections.ConfigDict] = None,

@@ -462,6 +462,11 @@ def test_unwritable_workdir_and_foreign_checkpoint_are_one_line(tmp_path, capsys
   err = capsys.readouterr().err.strip().splitlines()[-1]
   assert "different architecture: model.ngf: checkpoint 8, config 16" in err
   assert checkpoint.all_steps(workdir) == before
+  assert cli.main(["train", "--config", TINY, "--workdir", workdir,
+                   "--config.train.optimizer=adam", "--no-progress"]) == 2
+  assert capsys.readouterr().err.strip().splitlines()[-1].endswith(
+      "holds 'torch_adam''s optimizer state, the config asks for 'adam': resume with "
+      "--config.train.optimizer=torch_adam")
   # Asked for fewer steps than the checkpoint has: said, and nothing else done
   assert cli.main(["train", "--config", TINY, "--workdir", workdir,
                    "--config.train.num_steps=1", "--no-progress"]) == 0
