@@ -23,6 +23,16 @@ from cspgan_jax.errors import CheckpointError, ConfigError, first_line, io_reaso
 
 CHECKPOINT_DIR = "checkpoints"
 _ARCHITECTURE_FIELDS = ("block", "discriminator", "nz", "ngf", "ndf", "nc", "resolution")
+# Fields younger than some checkpoints, with what the code did before each existed: a stored
+# config without them reads as the run that wrote it ran (config_lib checks every field).
+_LATER_FIELDS = {
+    "model": {"edge_layers_as_matmul": False},
+    "train": {"sync_bn": False, "d_real_fake_together": False,
+              "sample_use_running_average": False, "profile_start": 0, "profile_steps": 0,
+              "xla_options": ""},
+    "data": {"split": "train"},
+    "dist": {"coordinator_address": "", "num_processes": 0, "process_id": -1},
+}
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -164,6 +174,10 @@ def read_config(workdir: str, step: Optional[int] = None) -> ml_collections.Conf
     mngr.close()
   if not isinstance(data, dict) or "model" not in data or "train" not in data:
     raise CheckpointError(f"checkpoint step {step} in {checkpoint_dir(workdir)} has no config")
+  for group, fields in _LATER_FIELDS.items():
+    if isinstance(data.setdefault(group, {}), dict):
+      for name, before in fields.items():
+        data[group].setdefault(name, before)
   config = ml_collections.ConfigDict(data)
   try:
     config_lib.validate_config(config)

@@ -50,6 +50,20 @@ def test_restore_refuses_other_architecture_and_empty_dirs(tmp_path, tiny_config
     checkpoint.restore(str(tmp_path / "missing"))
 
 
+def test_a_checkpoint_older_than_some_fields_reads_as_it_ran(tmp_path, tiny_config):
+  config = tiny_config()
+  old = config.copy_and_resolve_references()
+  for group, name in [("model", "edge_layers_as_matmul"), ("train", "sync_bn"),
+                      ("train", "xla_options"), ("data", "split")]:
+    delattr(old[group], name)
+  del old["dist"]
+  checkpoint.save(str(tmp_path), train.init_state(config, jax.random.PRNGKey(0)), old)
+  stored = checkpoint.read_config(str(tmp_path))
+  assert (stored.data.split, stored.train.sync_bn, stored.dist.process_id) == ("train", False, -1)
+  state, _ = checkpoint.restore(str(tmp_path), config)
+  assert int(state.step) == 0
+
+
 def test_a_damaged_checkpoint_is_one_line(tmp_path, tiny_config):
   """Truncated array files (a copy cut short): `cspgan sample` says which checkpoint, in one
   line, exit 2, with nothing after it from the reads orbax abandoned."""
