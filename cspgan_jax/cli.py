@@ -124,6 +124,9 @@ def read_latents(path: str, nz: int) -> np.ndarray:
   return z.astype(np.float32)
 
 
+SAMPLE_CHUNK = 256  # latents a call of G in `sample`, where images do not depend on each other
+
+
 def cmd_sample(args, overrides):
   del overrides
   import jax  # pylint: disable=import-outside-toplevel
@@ -144,8 +147,12 @@ def cmd_sample(args, overrides):
   if not use_ra and z.shape[0] < 2 and state.g.batch_stats:
     raise CspganError("a BatchNorm generator sampled with batch statistics needs >= 2 latents "
                       "(or pass --running-average)")
-  out = np.asarray(jax.jit(lambda p, s, z: train.generate(config, p, s, z, use_ra))(
-      state.g.params, state.g.batch_stats, z))
+  generate = jax.jit(lambda p, s, z: train.generate(config, p, s, z, use_ra))
+  # Each image depends on its latent alone unless G normalises with the batch's statistics:
+  # then in chunks, so that thousands of samples (for FID, say) fit in device memory.
+  chunk = len(z) if state.g.batch_stats and not use_ra else SAMPLE_CHUNK
+  out = np.concatenate([np.asarray(generate(state.g.params, state.g.batch_stats, z[i:i + chunk]))
+                        for i in range(0, len(z), chunk)])
   os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
   if ext == ".npy":
     with open(args.out, "wb") as f:  # np.save(path) would append ".npy" to "X.NPY"

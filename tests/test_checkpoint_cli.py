@@ -164,7 +164,7 @@ def torch_files(tmp_path, tiny_config):
   return tmp_path, net_g, net_d
 
 
-def test_cli_convert_both_ways_sample_and_errors(torch_files, config_path, capsys):
+def test_cli_convert_both_ways_sample_and_errors(torch_files, config_path, capsys, monkeypatch):
   tmp, net_g, net_d = torch_files
   wd, out = str(tmp / "wd"), str(tmp / "out")
   tiny = config_path("tiny")
@@ -192,6 +192,20 @@ def test_cli_convert_both_ways_sample_and_errors(torch_files, config_path, capsy
   ref = net_g.train()(torch.from_numpy(z)).detach().numpy().transpose(0, 2, 3, 1)
   assert got.dtype == np.float32 and got.shape == (6, 32, 32, 3)
   assert np.linalg.norm(got - ref) / np.linalg.norm(ref) <= 1e-5
+  # With running averages each image is its latent's alone: G runs in chunks (here 4 + 2).
+  monkeypatch.setattr(cli, "SAMPLE_CHUNK", 4)
+  generate, traced = train.generate, []
+  monkeypatch.setattr(train, "generate", lambda c, p, s, z, ra: traced.append(len(z)) or
+                      generate(c, p, s, z, ra))
+  assert cli.main(["sample", "--workdir", wd, "--latents", str(tmp / "z.npy"),
+                   "--running-average", "--out", str(tmp / "s_ra.npy")]) == 0
+  got_ra = np.load(tmp / "s_ra.npy")
+  # (the train-mode call above moved net_g's running statistics: the saved ones, as converted)
+  saved = torch.load(tmp / "G.pt")
+  net_g.load_state_dict({k[len("module."):]: v for k, v in saved.items()})
+  ref_ra = net_g.eval()(torch.from_numpy(z)).detach().numpy().transpose(0, 2, 3, 1)
+  assert got_ra.shape == (6, 32, 32, 3) and traced == [4, 2]
+  assert np.linalg.norm(got_ra - ref_ra) / np.linalg.norm(ref_ra) <= 1e-5
   assert cli.main(["sample", "--workdir", wd, "--n", "9", "--seed", "1",
                    "--out", str(tmp / "grid.png")]) == 0
   (tmp / "s.NPY.npy").write_text("the user's")  # what np.save("s.NPY") would have replaced
