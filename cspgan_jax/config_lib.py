@@ -104,7 +104,7 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Iterable[str])
     text = item[len("--config."):] if item.startswith("--config.") else item
     if "=" not in text:
       raise ConfigError(f"override {item!r} is not of the form --config.group.field=value")
-    key, raw = _override_key(item), text.split("=", 1)[1]
+    key, raw = text.split("=", 1)
     try:
       value = ast.literal_eval(raw)
     except (ValueError, SyntaxError):
