@@ -291,16 +291,24 @@ def _train_and_evaluate(config, workdir: str, progress: bool) -> train.GANState:
   # sampler run once), one line too; `stage` says which.
   stage = ["placing the data"]
   with _naming_out_of_memory(lambda e: _out_of_memory_before_the_loop(config, stage[0], e)):
-    data = input_pipeline.make_input(config)
-    layout = data.layout
-    total = t.num_steps or t.epochs * layout.steps_per_epoch
-    epochs = -(-total // layout.steps_per_epoch)
-    # The same config can still meet different data (each process reads its own copy).
-    data_rows = _per_process([layout.used_examples, total])
-    if _differing(data_rows, 0) or _differing(data_rows, 1):
+    failure = None
+    try:
+      data = input_pipeline.make_input(config)
+      layout = data.layout
+      total = t.num_steps or t.epochs * layout.steps_per_epoch
+      facts = [False, layout.used_examples, total]
+    except CspganError as e:  # each process reads its own copy of the data: told to all
+      failure, facts = e, [True, 0, 0]
+    data_rows = _per_process(facts)
+    if data_rows[:, 0].any():
+      raise failure or CspganError("another process of the run could not load its data (its "
+                                   "own error line says why)")
+    # The same config can still meet different data.
+    if _differing(data_rows, 1) or _differing(data_rows, 2):
       raise CspganError(f"the processes see different datasets (images a pass: "
-                        f"{_differing(data_rows, 0) or layout.used_examples}; steps: "
-                        f"{_differing(data_rows, 1) or total}): give them the same data")
+                        f"{_differing(data_rows, 1) or layout.used_examples}; steps: "
+                        f"{_differing(data_rows, 2) or total}): give them the same data")
+    epochs = -(-total // layout.steps_per_epoch)
     say(f"{jax.process_count()} process(es), {jax.device_count()} device(s) "
         f"({jax.local_device_count()} here, {jax.devices()[0].platform}); data: {data.kind}, "
         f"{layout.used_examples} images a pass, {layout.steps_per_epoch} steps an epoch; "

@@ -265,14 +265,14 @@ def test_resuming_on_another_number_of_devices_is_said(tmp_path, capsys):
   assert checkpoint.read_layout(workdir, 6) == {"devices": 1, "processes": 1}
 
 
-def _two_cli_processes(workdir, extra=((), ())):
+def _two_cli_processes(workdir, extra=((), ()), env=({}, {})):
   """Both processes' exit codes and `cspgan:` lines (one CPU device each)."""
   port = _free_port()
   procs = [subprocess.Popen(
       [sys.executable, "-m", "cspgan_jax.cli", "train", "--config", TINY, "--workdir",
        str(workdir), "--no-progress", f"--config.dist.coordinator_address=localhost:{port}",
        "--config.dist.num_processes=2", f"--config.dist.process_id={i}", *extra[i]],
-      env=_env(1), stderr=subprocess.PIPE, text=True) for i in range(2)]
+      env=dict(_env(1), **env[i]), stderr=subprocess.PIPE, text=True) for i in range(2)]
   errs = [p.communicate(timeout=300)[1] for p in procs]
   return ([p.returncode for p in procs],
           [[l for l in e.splitlines() if l.startswith("cspgan:")] for e in errs])
@@ -295,6 +295,23 @@ def test_processes_that_cannot_train_together_say_so_alike(tmp_path):
   assert lines[1] == [f"cspgan: error: workdir {tmp_path / 'b'} is in use by another `cspgan "
                       "train` (process 0 was refused its lock)"]
   assert not (tmp_path / "b" / "checkpoints").exists()
+  # The same config, but one host lacks the data (TFDS_DATA_DIR differs): its own reason, and
+  # the other process told, where it used to wait for the first's collective until jax's
+  # heartbeat timed out.
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+  from cspgan_jax import prepare_data  # pylint: disable=import-outside-toplevel
+  (tmp_path / "images").mkdir()
+  for i in range(8):
+    Image.fromarray(np.full((40, 36, 3), 30 * i, np.uint8)).save(tmp_path / "images" / f"{i}.png")
+  prepare_data.prepare(str(tmp_path / "images"), str(tmp_path / "tfds"), resolution=32, workers=1)
+  tfds_run = ("--config.data.source=tfds", "--config.data.name=celeba", "--config.data.num_examples=0")
+  codes, lines = _two_cli_processes(
+      tmp_path / "c", (tfds_run, tfds_run),
+      ({"TFDS_DATA_DIR": str(tmp_path / "tfds")}, {"TFDS_DATA_DIR": str(tmp_path / "none")}))
+  assert codes == [2, 2], lines
+  assert lines[0] == ["cspgan: error: another process of the run could not load its data (its "
+                      "own error line says why)"]
+  assert lines[1][0].startswith(f"cspgan: error: data_dir not found: {tmp_path / 'none'}")
 
 
 def test_train_command_leaves_samples_events_checkpoints_and_info(tmp_path, capsys):
