@@ -78,6 +78,9 @@ def get_config():
   config.dist.coordinator_address = ""
   config.dist.num_processes = 0
   config.dist.process_id = -1
+  # Seconds the processes wait for one another at start-up before each ends with one line
+  # saying what it found (jax's default wait)
+  config.dist.initialization_timeout = 300
 
   config.data = ml_collections.ConfigDict()
   # "tfds": a dataset written by `cspgan prepare-data` (or a TFDS catalogue name such as the

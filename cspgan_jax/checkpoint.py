@@ -31,7 +31,8 @@ _LATER_FIELDS = {
               "sample_use_running_average": False, "profile_start": 0, "profile_steps": 0,
               "xla_options": ""},
     "data": {"split": "train"},
-    "dist": {"coordinator_address": "", "num_processes": 0, "process_id": -1},
+    "dist": {"coordinator_address": "", "num_processes": 0, "process_id": -1,
+             "initialization_timeout": 300},
 }
 
 

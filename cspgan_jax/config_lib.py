@@ -36,7 +36,8 @@ FIELD_TYPES = {
     "data": dict(source=str, name=str, data_dir=str, split=str, num_examples=int,
                  synthetic_seed=int, shuffle_seed=int, pipeline=str, device_budget_gb=float,
                  prefetch=int, reader_threads=int),
-    "dist": dict(coordinator_address=str, num_processes=int, process_id=int),
+    "dist": dict(coordinator_address=str, num_processes=int, process_id=int,
+                 initialization_timeout=int),
 }
 
 

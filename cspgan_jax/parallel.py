@@ -8,14 +8,20 @@ XLA picks (on a GPU, the ones cuDNN reads), and `replicate` / `place_for` put th
 
 from __future__ import annotations
 
+import errno
 import functools
 import os
+import socket
+import sys
+import threading
+import time
+from typing import Optional
 
 import jax
 import numpy as np
 
 from cspgan_jax import input_pipeline, train
-from cspgan_jax.errors import ConfigError
+from cspgan_jax.errors import ConfigError, first_line
 
 AXIS = "devices"
 
@@ -23,7 +29,14 @@ AXIS = "devices"
 # ---- processes and devices ----
 
 def maybe_initialize_distributed(config) -> None:
-  """Joins the processes of a multi-host run, from `config.dist` or the usual environment."""
+  """Joins the processes of a multi-host run, from `config.dist` or the usual environment.
+
+  jax ends a process that cannot join in its C++ runtime, not with an exception: an abort after
+  its timeout, with a message that blames another process, where the coordinator cannot be
+  reached or some process never comes, and a segmentation fault where process 0's port is taken.
+  So process 0 checks its port first, and a watchdog thread (jax releases the GIL while it
+  waits) ends the process with one line, naming what it found, before jax's own deadline.
+  """
   dist = config.get("dist", None)
 
   def get(key, unset, env):  # the config wins where set, else the environment
@@ -38,10 +51,101 @@ def maybe_initialize_distributed(config) -> None:
   if num_processes < 1 or not 0 <= process_id < num_processes:
     raise ConfigError(f"multi-host run at {address} needs dist.num_processes >= 1 and "
                       f"0 <= dist.process_id < num_processes, got {num_processes}, {process_id}")
+  timeout = dist.get("initialization_timeout", 300) if dist is not None else 300
+  if timeout < 1:
+    raise ConfigError(f"dist.initialization_timeout must be >= 1 second, got {timeout}")
+  host, port = _host_and_port(address)
+  if process_id == 0:
+    taken = _port_taken(port)
+    if taken:
+      raise ConfigError(f"process 0 cannot run the coordinator on port {port} of this machine "
+                        f"({taken}): free it, or choose another dist.coordinator_address port")
   # Collectives between CPU processes (tests, CPU clusters); GPUs use NCCL regardless.
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
-  jax.distributed.initialize(coordinator_address=address, num_processes=num_processes,
-                             process_id=process_id)
+  watchdog = _JoinWatchdog(host, port, num_processes, process_id, timeout)
+  watchdog.start()
+  try:
+    jax.distributed.initialize(coordinator_address=address, num_processes=num_processes,
+                               process_id=process_id,
+                               initialization_timeout=timeout + _JAX_DEADLINE_AFTER_OURS_S)
+  finally:
+    watchdog.joined.set()
+
+
+# jax's own deadline comes this much after the watchdog's, so that the watchdog speaks first
+_JAX_DEADLINE_AFTER_OURS_S = 60
+
+
+def _host_and_port(address: str) -> tuple:
+  """("host", port) of "host:port" or "[v6 address]:port"; ConfigError for anything else."""
+  host, _, port = address.rpartition(":")
+  host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+  if not host or not port.isdigit() or not 0 < int(port) < 65536:
+    raise ConfigError(f"dist.coordinator_address must be HOST:PORT, got {address!r}")
+  return host, int(port)
+
+
+def _port_taken(port: int) -> Optional[str]:
+  """The system's reason why a server cannot listen on `port` of every interface, as jax's
+  coordinator does ([::]:port), or None where it can."""
+  for family, anywhere in ((socket.AF_INET6, "::"), (socket.AF_INET, "0.0.0.0")):
+    try:
+      probe = socket.socket(family, socket.SOCK_STREAM)
+    except OSError:  # no IPv6 on this machine: the IPv4 one then
+      continue
+    with probe:
+      probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC's listener does
+      try:
+        probe.bind((anywhere, port))
+        return None
+      except OSError as e:
+        if e.errno in (errno.EADDRINUSE, errno.EACCES):
+          return e.strerror
+  return None
+
+
+class _JoinWatchdog(threading.Thread):
+  """Waits `timeout` seconds for `joined`, then ends the process with one line, exit status 2
+  (the main thread is inside jax's C++ wait, so the process is ended from here). A process
+  other than 0 tries the coordinator's port meanwhile, each second until it answers once, so
+  that the line says whether it was ever reached, whatever process 0 did since."""
+
+  def __init__(self, host, port, num_processes, process_id, timeout):
+    super().__init__(name="cspgan-join-watchdog", daemon=True)
+    self.host, self.port, self.timeout = host, port, timeout
+    self.num_processes, self.process_id = num_processes, process_id
+    self.joined = threading.Event()
+    self.reached, self.refusal = process_id == 0, "no answer yet"
+
+  def run(self):
+    deadline = time.monotonic() + self.timeout
+    while not self.reached and not self.joined.is_set() and time.monotonic() < deadline:
+      try:
+        socket.create_connection((self.host, self.port), timeout=1).close()
+        self.reached = True
+      except OSError as e:
+        self.refusal = e.strerror or first_line(e)
+        self.joined.wait(min(1.0, max(0.0, deadline - time.monotonic())))
+    if self.joined.wait(max(0.0, deadline - time.monotonic())):
+      return
+    sys.stdout.flush()
+    sys.stderr.write(f"cspgan: error: {self.reason()}\n")
+    sys.stderr.flush()
+    os._exit(2)  # pylint: disable=protected-access
+
+  def reason(self) -> str:
+    where, n = f"{self.host}:{self.port}", self.num_processes
+    if self.process_id == 0:
+      return (f"process 0 runs the coordinator at {where}, and not all of the {n} processes "
+              f"joined it within {self.timeout} s: start the others with this address and "
+              f"dist.process_id 1 to {n - 1}")
+    if self.reached:
+      return (f"process {self.process_id} reached the coordinator at {where}, but not all of "
+              f"the {n} processes joined it within {self.timeout} s: start each with its own "
+              f"dist.process_id and process 0's dist.num_processes")
+    return (f"process {self.process_id} cannot reach the coordinator at {where} "
+            f"({self.refusal}) within {self.timeout} s: start process 0 there, or correct "
+            f"dist.coordinator_address")
 
 
 def device_mesh(devices=None) -> jax.sharding.Mesh:

@@ -59,7 +59,8 @@ def test_a_checkpoint_older_than_some_fields_reads_as_it_ran(tmp_path, tiny_conf
   del old["dist"]
   checkpoint.save(str(tmp_path), train.init_state(config, jax.random.PRNGKey(0)), old)
   stored = checkpoint.read_config(str(tmp_path))
-  assert (stored.data.split, stored.train.sync_bn, stored.dist.process_id) == ("train", False, -1)
+  assert (stored.data.split, stored.train.sync_bn, stored.dist.process_id,
+          stored.dist.initialization_timeout) == ("train", False, -1, 300)
   state, _ = checkpoint.restore(str(tmp_path), config)
   assert int(state.step) == 0
 

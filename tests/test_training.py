@@ -314,6 +314,58 @@ def test_processes_that_cannot_train_together_say_so_alike(tmp_path):
   assert lines[1][0].startswith(f"cspgan: error: data_dir not found: {tmp_path / 'none'}")
 
 
+def _train_as_process(workdir, port, num_processes, process_id, timeout=2):
+  """A `cspgan train` process of a multi-host run: its exit code and stderr lines."""
+  proc = subprocess.run(
+      [sys.executable, "-m", "cspgan_jax.cli", "train", "--config", TINY, "--workdir",
+       str(workdir), "--no-progress", f"--config.dist.coordinator_address=localhost:{port}",
+       f"--config.dist.num_processes={num_processes}", f"--config.dist.process_id={process_id}",
+       f"--config.dist.initialization_timeout={timeout}"],
+      env=_env(1), capture_output=True, text=True, timeout=120)
+  return proc.returncode, proc.stderr.strip().splitlines()
+
+
+def test_a_process_that_cannot_join_the_others_says_why_in_one_line(tmp_path):
+  """Where jax aborted after 5 minutes blaming "another task" (coordinator unreachable, a
+  process missing) or crashed (process 0's port taken)."""
+  workdir = tmp_path / "run"
+  port = _free_port()
+  assert _train_as_process(workdir, port, 2, 1) == (2, [
+      f"cspgan: error: process 1 cannot reach the coordinator at localhost:{port} (Connection "
+      "refused) within 2 s: start process 0 there, or correct dist.coordinator_address"])
+  assert _train_as_process(workdir, port, 3, 0) == (2, [
+      f"cspgan: error: process 0 runs the coordinator at localhost:{port}, and not all of the 3 "
+      "processes joined it within 2 s: start the others with this address and dist.process_id "
+      "1 to 2"])
+  with socket.socket() as taken:
+    taken.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # the last run's connections
+    taken.bind(("127.0.0.1", port))
+    taken.listen()
+    assert _train_as_process(workdir, port, 1, 0) == (2, [
+        f"cspgan: error: process 0 cannot run the coordinator on port {port} of this machine "
+        "(Address already in use): free it, or choose another dist.coordinator_address port"])
+    # Something answers there (here, not jax's coordinator: nothing joins), and that is said
+    code, lines = _train_as_process(workdir, port, 2, 1)
+    assert (code, lines) == (2, [
+        f"cspgan: error: process 1 reached the coordinator at localhost:{port}, but not all of "
+        "the 2 processes joined it within 2 s: start each with its own dist.process_id and "
+        "process 0's dist.num_processes"])
+  assert not workdir.exists()
+
+
+@pytest.mark.parametrize("override, message", [
+    ("--config.dist.coordinator_address=localhost", "dist.coordinator_address must be HOST:PORT, "
+     "got 'localhost'"),
+    ("--config.dist.initialization_timeout=0", "dist.initialization_timeout must be >= 1 "
+     "second, got 0"),
+])
+def test_bad_multi_host_settings_are_one_line(tmp_path, capsys, override, message):
+  args = ["--config.dist.coordinator_address=localhost:1", "--config.dist.num_processes=2",
+          "--config.dist.process_id=1", override]
+  assert cli.main(["train", "--config", TINY, "--workdir", str(tmp_path / "w"), *args]) == 2
+  assert capsys.readouterr().err.strip().splitlines() == [f"cspgan: error: {message}"]
+
+
 def test_train_command_leaves_samples_events_checkpoints_and_info(tmp_path, capsys):
   workdir = str(tmp_path / "run")
   assert cli.main(["train", "--config", TINY, "--workdir", workdir]) == 0
