@@ -169,8 +169,11 @@ def read_config(workdir: str, step: Optional[int] = None) -> ml_collections.Conf
   try:
     data = mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
   except Exception as e:  # pylint: disable=broad-except
+    # An empty or half-copied step folder (orbax's own writes are atomic renames)
+    others = ", ".join(str(s) for s in all_steps(workdir) if s != step) or "none"
     raise CheckpointError(f"checkpoint step {step} in {checkpoint_dir(workdir)} has no "
-                          f"readable config ({type(e).__name__})") from e
+                          f"readable config ({type(e).__name__}): it is incomplete or damaged; "
+                          f"move its folder away to use the others (steps: {others})") from e
   finally:
     mngr.close()
   if not isinstance(data, dict) or "model" not in data or "train" not in data:

@@ -20,9 +20,27 @@ from cspgan_jax.errors import (CheckpointError, ConfigError, CspganError,
 
 
 def _split_overrides(argv: List[str]):
-  """Separates `--config.group.field=value` overrides (ml_collections style) from the rest."""
-  overrides = [a for a in argv if a.startswith("--config.")]
-  return [a for a in argv if not a.startswith("--config.")], overrides
+  """Separates `--config.group.field=value` overrides (ml_collections style) from the rest;
+  `--config.group.field value` is taken as the same, as absl's flags take it."""
+  rest, overrides, i = [], [], 0
+  while i < len(argv):
+    item = argv[i]
+    if not item.startswith("--config."):
+      rest.append(item)
+    elif "=" not in item and i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+      overrides.append(f"{item}={argv[i + 1]}")
+      i += 1
+    else:
+      overrides.append(item)
+    i += 1
+  return rest, overrides
+
+
+class _Parser(argparse.ArgumentParser):
+  """argparse's usage errors as the other errors are: one line, exit status 2."""
+
+  def error(self, message):
+    self.exit(2, f"cspgan: error: {message} (see `{self.prog} --help`)\n")
 
 
 def _load_config(path, overrides):
@@ -194,7 +212,7 @@ def cmd_compile(args, overrides):
 
 
 def build_parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(
+  parser = _Parser(
       prog="cspgan",
       description="CSPup-GAN in JAX: train, prepare data, convert, sample, parity with PyTorch, "
                   "benchmark, compile for a GPU.",
@@ -290,9 +308,14 @@ def build_parser() -> argparse.ArgumentParser:
 class _OrbaxFailureReports(logging.Filter):
   """orbax logs a failed save from each of its threads, traceback and all (five reports, 450
   lines, for a full disk), before the failure reaches the command, which says it in one line
-  (`checkpoint.finish_writes`). Those reports are dropped; the rest of orbax's log is not."""
+  (`checkpoint.finish_writes`), and warns of a step folder without its metadata file up to six
+  times before the command says that checkpoint is unreadable. Those reports are dropped; the
+  rest of orbax's log is not."""
 
   def filter(self, record):
+    if record.levelno == logging.WARNING and str(record.msg).startswith(
+        "Metadata file does not exist"):  # a step folder we report unreadable, in one line
+      return False
     if record.levelno < logging.ERROR or not record.exc_info or record.exc_info[2] is None:
       return True
     # logged through absl.logging.exception, so the record's own path is absl's: the failure's
@@ -328,6 +351,9 @@ def main(argv: Optional[List[str]] = None) -> int:
   except KeyboardInterrupt:  # a second Ctrl-C in `train`, or one anywhere else
     print(f"cspgan: {args.command} interrupted", file=sys.stderr)
     return 130
+  except BrokenPipeError:  # the reader left early (`cspgan info DIR | head -1`): not an error
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second one at exit
+    return 141  # 128 + SIGPIPE: what a shell reports for a command whose reader left
   except OSError as e:  # the file system's refusal (a full disk, a read-only one): not a bug
     where = getattr(args, "workdir", None) or getattr(args, "out", None)
     print(f"cspgan: error: {io_reason(e) or e}"

@@ -61,13 +61,22 @@ def check_fields(config) -> None:
                           f"{node[name]!r}")
 
 
+# The folder holding this package and, in a checkout or an editable install, `configs/`
+_CHECKOUT = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
+
+
 def load_config(path: str, overrides: Iterable[str] = ()) -> ml_collections.ConfigDict:
   """Runs `get_config()` of the Python file at `path`, applies overrides, validates."""
   if not os.path.isfile(path):
     raise ConfigError(f"config file not found: {path}")
+  if not path.endswith(".py"):
+    raise ConfigError(f"config file must be a Python file defining get_config(): {path}")
   path = os.path.abspath(path)
-  # Variant configs do `from configs import baseline`: make the folder above `configs/` importable.
+  # Variant configs do `from configs import baseline`: make the folder above `configs/`
+  # importable, and, for a config kept elsewhere (a researcher's own folder), this checkout's.
   extra = [os.path.dirname(os.path.dirname(path)), os.path.dirname(path)]
+  if os.path.isfile(os.path.join(_CHECKOUT, "configs", "baseline.py")):
+    extra.append(_CHECKOUT)
   sys.path[:0] = extra
   try:
     spec = importlib.util.spec_from_file_location(f"_cspgan_config_{abs(hash(path))}", path)

@@ -44,10 +44,17 @@ def maybe_initialize_distributed(config) -> None:
     return os.environ.get(env, unset) if value == unset else value
 
   address = get("coordinator_address", "", "JAX_COORDINATOR_ADDRESS")
+  try:
+    num_processes = int(get("num_processes", 0, "JAX_NUM_PROCESSES"))
+    process_id = int(get("process_id", -1, "JAX_PROCESS_ID"))
+  except ValueError as e:  # from the environment
+    raise ConfigError(f"JAX_NUM_PROCESSES and JAX_PROCESS_ID must be integers ({e})") from None
   if not address:
+    if num_processes > 1:  # would train alone, as if one of one, and say nothing
+      raise ConfigError(f"a run of {num_processes} processes (dist.num_processes or "
+                        "JAX_NUM_PROCESSES) needs dist.coordinator_address (or "
+                        "JAX_COORDINATOR_ADDRESS): process 0's HOST:PORT")
     return
-  num_processes = int(get("num_processes", 0, "JAX_NUM_PROCESSES"))
-  process_id = int(get("process_id", -1, "JAX_PROCESS_ID"))
   if num_processes < 1 or not 0 <= process_id < num_processes:
     raise ConfigError(f"multi-host run at {address} needs dist.num_processes >= 1 and "
                       f"0 <= dist.process_id < num_processes, got {num_processes}, {process_id}")
@@ -250,6 +257,14 @@ def xla_options(train_config) -> dict:
     else:
       options[name] = value
   return options
+
+
+def check_xla_options(train_config) -> None:
+  """Raises the ConfigError `compile_lowered` would, for an option XLA does not know, before a
+  run places its data and compiles its step: a one-op program compiled with the options."""
+  options = xla_options(train_config)
+  if options:
+    compile_lowered(jax.jit(lambda x: x + 1).lower(np.float32(0)), options)
 
 
 def compile_lowered(lowered, options):

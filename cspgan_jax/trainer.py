@@ -215,6 +215,7 @@ def workdir_lock(workdir: str, take: bool = True):
 def train_and_evaluate(config, workdir: str, progress: bool = True) -> train.GANState:
   """Trains to `config.train.num_steps` (or `epochs`), resuming from the latest checkpoint."""
   parallel.maybe_initialize_distributed(config)
+  parallel.check_xla_options(config.train)
   prepare_workdir(workdir)
   with workdir_lock(workdir, take=jax.process_index() == 0) as refusal:
     _check_start(config, workdir, refusal)
@@ -283,6 +284,13 @@ def _train_and_evaluate(config, workdir: str, progress: bool) -> train.GANState:
           f"{jax.device_count()}: the rest of this epoch may repeat or skip images, and "
           "BatchNorm's per-device batches change; later epochs each cover the data once (not "
           "bit-identical to an uninterrupted run)")
+    before = checkpoint.read_config(workdir, start).train.batch_size
+    if start and before != t.batch_size:
+      # An epoch is a number of steps of one batch size: the step now falls elsewhere in it.
+      say(f"note: the checkpoint's run trained at batch size {before}, this run at "
+          f"{t.batch_size}: its {start} steps are counted as steps of {t.batch_size} images, so "
+          "the epoch and the position in it change (images may repeat or be skipped), and "
+          "Adam's state carries over as it is")
   else:
     state = train.init_state(config, jax.random.PRNGKey(t.seed))
   start = int(state.step)

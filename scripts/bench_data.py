@@ -6,7 +6,8 @@ with device-resident data against the same step on a constant batch.
 
 Prints one table; `--json PATH` also writes the figures. Preparation runs on CelebA-shaped
 (178x218) JPEGs drawn from the synthetic faces, at two sizes so that linearity shows; the
-projected CelebA time divides 202,599 images by the larger run's rate.
+projected CelebA time is the fit through both (a fixed start-up plus 202,599 images at the
+sustained rate, the slope between them).
 """
 
 from __future__ import annotations

@@ -65,6 +65,32 @@ def test_a_checkpoint_older_than_some_fields_reads_as_it_ran(tmp_path, tiny_conf
   assert int(state.step) == 0
 
 
+def test_a_reader_that_leaves_early_is_no_error(tmp_path, tiny_config):
+  """`cspgan info DIR | head -1`: it said "cspgan: error: Broken pipe (in DIR)", exit 2."""
+  config = tiny_config()
+  checkpoint.save(str(tmp_path), train.init_state(config, jax.random.PRNGKey(0)), config)
+  proc = subprocess.Popen([sys.executable, "-m", "cspgan_jax.cli", "info", str(tmp_path)],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          env=dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu"))
+  proc.stdout.close()  # before the command writes its first line
+  err = proc.communicate(timeout=120)[1]
+  assert (proc.returncode, err) == (141, "")
+
+
+def test_an_empty_step_folder_is_one_line_naming_the_others(tmp_path, tiny_config):
+  """As an interrupted copy leaves it: six orbax warnings, then a line that named no remedy."""
+  config = tiny_config()
+  checkpoint.save(str(tmp_path), train.init_state(config, jax.random.PRNGKey(0)), config)
+  (tmp_path / "checkpoints" / "400").mkdir()
+  proc = subprocess.run([sys.executable, "-m", "cspgan_jax.cli", "info", str(tmp_path)],
+                        capture_output=True, text=True, timeout=120,
+                        env=dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu"))
+  assert (proc.returncode, proc.stderr.splitlines()) == (2, [
+      f"cspgan: error: checkpoint step 400 in {tmp_path / 'checkpoints'} has no readable config "
+      "(KeyError): it is incomplete or damaged; move its folder away to use the others (steps: "
+      "0)"])
+
+
 def test_a_damaged_checkpoint_is_one_line(tmp_path, tiny_config):
   """Truncated array files (a copy cut short): `cspgan sample` says which checkpoint, in one
   line, exit 2, with nothing after it from the reads orbax abandoned."""
@@ -238,12 +264,32 @@ def test_cli_convert_both_ways_sample_and_errors(torch_files, config_path, capsy
       (["parity", "--config", tiny, "--config.train.lr_g=-0.1"], "train.lr_g must be positive"),
       (["parity", "--config", tiny, "--config.model.block=gelu"], "model.block must be one of"),
       (["parity", "--config", str(tmp / "none.py")], "config file not found"),
+      (["parity", "--config", os.path.join(os.path.dirname(tiny), "..", "README.md")],
+       "config file must be a Python file defining get_config(): "),
   ]
   for argv, message in cases:
     assert cli.main(argv) == 2, argv
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], (argv, err)
   assert not os.path.exists(tmp / "wd2")
+
+
+def test_usage_errors_are_one_line(config_path, capsys):
+  """argparse printed its usage block before the error; an override written with a space
+  (absl's form) was "unrecognized arguments"."""
+  tiny = config_path("tiny")
+  for argv, line in [
+      (["train", "--config", tiny], "the following arguments are required: --workdir (see "
+       "`cspgan train --help`)"),
+      (["convert", "flax3torch"], "argument direction: invalid choice: 'flax3torch' (choose "
+       "from 'torch2flax', 'flax2torch') (see `cspgan convert --help`)")]:
+    with pytest.raises(SystemExit) as ended:
+      cli.main(argv)
+    assert ended.value.code == 2
+    assert capsys.readouterr().err.splitlines() == [f"cspgan: error: {line}"]
+  assert cli.main(["parity", "--config", tiny, "--config.train.lr_d", "-0.1"]) == 2
+  assert capsys.readouterr().err.splitlines() == [
+      "cspgan: error: train.lr_d must be positive, got -0.1"]
 
 
 def test_cli_parity_prints_table_and_max_rel_err(config_path, capsys):

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -258,10 +259,14 @@ def test_resuming_on_another_number_of_devices_is_said(tmp_path, capsys):
   assert first.returncode == 0, first.stderr[-2000:]
   assert checkpoint.read_layout(workdir, 4) == {"devices": 2, "processes": 1}
   assert cli.main(["train", "--config", TINY, "--workdir", workdir, "--no-progress",
-                   "--config.train.num_steps=6"]) == 0  # this process: one device
+                   "--config.train.num_steps=6",
+                   "--config.train.batch_size=16"]) == 0  # this process: one device
   err = capsys.readouterr().err
   assert ("[train] note: the checkpoint was written on 2 devices, this run has 1: the rest of "
           "this epoch may repeat or skip images") in err
+  assert ("[train] note: the checkpoint's run trained at batch size 8, this run at 16: its 4 "
+          "steps are counted as steps of 16 images, so the epoch and the position in it change"
+          ) in err
   assert checkpoint.read_layout(workdir, 6) == {"devices": 1, "processes": 1}
 
 
@@ -353,17 +358,24 @@ def test_a_process_that_cannot_join_the_others_says_why_in_one_line(tmp_path):
   assert not workdir.exists()
 
 
-@pytest.mark.parametrize("override, message", [
-    ("--config.dist.coordinator_address=localhost", "dist.coordinator_address must be HOST:PORT, "
-     "got 'localhost'"),
-    ("--config.dist.initialization_timeout=0", "dist.initialization_timeout must be >= 1 "
-     "second, got 0"),
+_PROCESS_1_OF_2 = ("--config.dist.coordinator_address=localhost:1", "--config.dist.num_processes=2",
+                   "--config.dist.process_id=1")
+
+
+@pytest.mark.parametrize("args, message", [
+    ((*_PROCESS_1_OF_2, "--config.dist.coordinator_address=localhost"),
+     "dist.coordinator_address must be HOST:PORT, got 'localhost'"),
+    ((*_PROCESS_1_OF_2, "--config.dist.initialization_timeout=0"),
+     "dist.initialization_timeout must be >= 1 second, got 0"),
+    # It trained alone, as one process of one, and said nothing
+    (("--config.dist.num_processes=2",), "a run of 2 processes (dist.num_processes or "
+     "JAX_NUM_PROCESSES) needs dist.coordinator_address (or JAX_COORDINATOR_ADDRESS): process "
+     "0's HOST:PORT"),
 ])
-def test_bad_multi_host_settings_are_one_line(tmp_path, capsys, override, message):
-  args = ["--config.dist.coordinator_address=localhost:1", "--config.dist.num_processes=2",
-          "--config.dist.process_id=1", override]
+def test_bad_multi_host_settings_are_one_line(tmp_path, capsys, args, message):
   assert cli.main(["train", "--config", TINY, "--workdir", str(tmp_path / "w"), *args]) == 2
   assert capsys.readouterr().err.strip().splitlines() == [f"cspgan: error: {message}"]
+  assert not (tmp_path / "w").exists()
 
 
 def test_train_command_leaves_samples_events_checkpoints_and_info(tmp_path, capsys):
@@ -487,7 +499,7 @@ def test_train_config_errors_are_one_line(tmp_path, capsys, args, message):
               "  return config\n")
   assert cli.main(["train", "--config", config, "--workdir", str(tmp_path / "w"), *args]) == 2
   err = capsys.readouterr().err.strip().splitlines()
-  assert err[-1].startswith("cspgan: error: ") and message in err[-1], err
+  assert len(err) == 1 and err[0].startswith("cspgan: error: ") and message in err[0], err
   assert not os.path.exists(tmp_path / "w" / "checkpoints")
 
 
@@ -505,10 +517,33 @@ def test_a_workdir_in_use_is_refused_in_one_line(tmp_path, capsys):
                    "--config.train.num_steps=2"]) == 0  # free again once that run ended
 
 
+def test_a_config_kept_outside_the_checkout_loads(tmp_path):
+  """`from configs import baseline` in a researcher's own folder, with only the package
+  importable (as an editable install provides it): it found no module `configs`."""
+  (tmp_path / "mine").mkdir()
+  shutil.copy(os.path.join(REPO, "configs", "exp2.py"), tmp_path / "mine" / "exp.py")
+  (tmp_path / "site").mkdir()
+  os.symlink(os.path.join(REPO, "cspgan_jax"), tmp_path / "site" / "cspgan_jax")
+  script = ("import sys; from cspgan_jax import config_lib; "
+            "print(config_lib.load_config(sys.argv[1]).to_json())")
+  proc = subprocess.run([sys.executable, "-c", script, str(tmp_path / "mine" / "exp.py")],
+                        env=dict(os.environ, PYTHONPATH=str(tmp_path / "site")), cwd=tmp_path,
+                        capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  expected = config_lib.load_config(os.path.join(REPO, "configs", "exp2.py"))
+  assert json.loads(proc.stdout) == json.loads(expected.to_json())
+
+
 def test_field_types_are_the_baselines():
+  """A field added to configs/baseline.py goes into config_lib.FIELD_TYPES too, and into
+  checkpoint._LATER_FIELDS with what the code did before it (README, "Extending it")."""
   baseline = config_lib.load_config(os.path.join(REPO, "configs", "baseline.py"))
-  assert {g: {k: type(v) for k, v in baseline[g].items()} for g in baseline} == (
-      config_lib.FIELD_TYPES)
+  fields = {f"{g}.{k}": type(v).__name__ for g in baseline for k, v in baseline[g].items()}
+  declared = {f"{g}.{k}": t.__name__ for g, group in config_lib.FIELD_TYPES.items()
+              for k, t in group.items()}
+  assert fields == declared, (
+      f"only in baseline.py: {sorted(set(fields.items()) - set(declared.items()))}; only in "
+      f"FIELD_TYPES: {sorted(set(declared.items()) - set(fields.items()))}")
 
 
 def test_unwritable_workdir_and_foreign_checkpoint_are_one_line(tmp_path, capsys):
