@@ -28,6 +28,23 @@ AXIS = "devices"
 
 # ---- processes and devices ----
 
+def dist_settings(config) -> tuple:
+  """(coordinator address, number of processes, process id) as this process was given them:
+  `config.dist` where set, else JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID."""
+  dist = config.get("dist", None)
+
+  def get(key, unset, env):  # the config wins where set, else the environment
+    value = dist.get(key, unset) if dist is not None else unset
+    return os.environ.get(env, unset) if value == unset else value
+
+  try:
+    return (get("coordinator_address", "", "JAX_COORDINATOR_ADDRESS"),
+            int(get("num_processes", 0, "JAX_NUM_PROCESSES")),
+            int(get("process_id", -1, "JAX_PROCESS_ID")))
+  except ValueError as e:  # from the environment
+    raise ConfigError(f"JAX_NUM_PROCESSES and JAX_PROCESS_ID must be integers ({e})") from None
+
+
 def maybe_initialize_distributed(config) -> None:
   """Joins the processes of a multi-host run, from `config.dist` or the usual environment.
 
@@ -37,18 +54,8 @@ def maybe_initialize_distributed(config) -> None:
   So process 0 checks its port first, and a watchdog thread (jax releases the GIL while it
   waits) ends the process with one line, naming what it found, before jax's own deadline.
   """
+  address, num_processes, process_id = dist_settings(config)
   dist = config.get("dist", None)
-
-  def get(key, unset, env):  # the config wins where set, else the environment
-    value = dist.get(key, unset) if dist is not None else unset
-    return os.environ.get(env, unset) if value == unset else value
-
-  address = get("coordinator_address", "", "JAX_COORDINATOR_ADDRESS")
-  try:
-    num_processes = int(get("num_processes", 0, "JAX_NUM_PROCESSES"))
-    process_id = int(get("process_id", -1, "JAX_PROCESS_ID"))
-  except ValueError as e:  # from the environment
-    raise ConfigError(f"JAX_NUM_PROCESSES and JAX_PROCESS_ID must be integers ({e})") from None
   if not address:
     if num_processes > 1:  # would train alone, as if one of one, and say nothing
       raise ConfigError(f"a run of {num_processes} processes (dist.num_processes or "

@@ -249,11 +249,11 @@ def _config_fingerprint(config) -> int:
 def _check_start(config, workdir: str, refusal: Optional[str]) -> None:
   """Before any work, the same error line on every process where they could not train together:
   process 0 refused the workdir, the processes see different checkpoints (workdirs not one
-  shared folder), or were started with different configs. Left alone, each of those ended in a
+  shared folder), or were started with different configs or numbers of processes. Left alone, each of those ended in a
   traceback on some processes and a hang or an abort on the others."""
   latest = checkpoint.latest_step(workdir)
   rows = _per_process([refusal is not None, -1 if latest is None else latest,
-                       _config_fingerprint(config)])
+                       _config_fingerprint(config), parallel.dist_settings(config)[1]])
   if rows[:, 0].any():
     raise CspganError(refusal or f"workdir {workdir} is in use by another `cspgan train` "
                       "(process 0 was refused its lock)")
@@ -264,6 +264,10 @@ def _check_start(config, workdir: str, refusal: Optional[str]) -> None:
   if _differing(rows, 2):
     raise CspganError("the processes were started with different configs (files or --config "
                       "overrides; dist.* aside): start every process with the same ones")
+  counts = _differing(rows, 3)
+  if counts:  # jax takes process 0's count: another one's would be ignored unsaid
+    raise CspganError(f"the processes were given different dist.num_processes ({counts}): "
+                      "give each the same")
 
 
 def _train_and_evaluate(config, workdir: str, progress: bool) -> train.GANState:

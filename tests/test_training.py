@@ -291,6 +291,11 @@ def test_processes_that_cannot_train_together_say_so_alike(tmp_path):
   assert lines == [["cspgan: error: the processes were started with different configs (files "
                     "or --config overrides; dist.* aside): start every process with the same "
                     "ones"]] * 2
+  # jax takes process 0's count and joined them: process 1 believed in 3, unsaid
+  codes, lines = _two_cli_processes(tmp_path / "n", ((), ("--config.dist.num_processes=3",)))
+  assert codes == [2, 2], lines
+  assert lines == [["cspgan: error: the processes were given different dist.num_processes "
+                    "(process 0: 2, process 1: 3): give each the same"]] * 2
   (tmp_path / "b").mkdir()
   with trainer.workdir_lock(str(tmp_path / "b")) as refusal:  # another run holds it
     assert refusal is None
