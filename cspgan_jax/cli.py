@@ -110,14 +110,16 @@ def cmd_torch2flax(args, overrides):
 def cmd_flax2torch(args, overrides):
   del overrides
   from cspgan_jax import checkpoint, torch_port  # pylint: disable=import-outside-toplevel
-  state, _ = checkpoint.restore(args.workdir, step=args.step)
+  state, config = checkpoint.restore(args.workdir, step=args.step)
   paths = [os.path.join(args.out_dir, n) for n in ("netG.pt", "netD.pt")]
   for p in paths:  # check both before writing either
     if os.path.exists(p) and not args.overwrite:
       raise CheckpointError(f"{p} exists; not overwriting it (pass --overwrite to replace it)")
-  for p, model_state in zip(paths, (state.g, state.d)):
-    sd = torch_port.flax_to_torch({"params": model_state.params,
-                                   "batch_stats": model_state.batch_stats})
+  # Both converted, each checked against the PyTorch reference's keys, before either is written
+  converted = [torch_port.flax_to_torch({"params": s.params, "batch_stats": s.batch_stats},
+                                        config.model, role)
+               for s, role in ((state.g, "netG"), (state.d, "netD"))]
+  for p, sd in zip(paths, converted):
     torch_port.save_torch_state_dict(sd, p, overwrite=args.overwrite)
     print(f"wrote {p} ({len(sd)} tensors)")
 

@@ -44,12 +44,13 @@ class Conv2d(nn.Module):
   tests/test_models.py's autocast test), and a float32 convolution result there would cost
   bandwidth (baseline, batch 64: +26% traffic), so the float32-sum form is the CPU's only.
   (PyTorch on CUDA adds the bias after cuDNN's bf16 result: two roundings.) `in_features` only
-  sets the bias init's fan-in (PyTorch's default bias init, which DCGAN keeps)."""
+  sets the bias init's fan-in (PyTorch's default bias init, which DCGAN keeps); by default the
+  input's channel count, which is PyTorch's `in_channels`."""
   features: int
   kernel_size: int
   stride: int = 1
   padding: int = 0
-  in_features: int = 0
+  in_features: Optional[int] = None
   use_bias: bool = True
   dtype: Any = jnp.float32
 
@@ -61,7 +62,10 @@ class Conv2d(nn.Module):
                              padding=[(self.padding,) * 2] * 2, dimension_numbers=ops.CONV_DIMS)
     if not self.use_bias:
       return conv(x.astype(dt), kernel.astype(dt))
-    bias = self.param("bias", torch_conv_bias_init(self.in_features * k * k), (self.features,))
+    fan_in = (x.shape[-1] if self.in_features is None else self.in_features) * k * k
+    if fan_in < 1:
+      raise ValueError(f"Conv2d: in_features must be positive, got {self.in_features}")
+    bias = self.param("bias", torch_conv_bias_init(fan_in), (self.features,))
     x, kernel = x.astype(dt), kernel.astype(dt)  # as autocast casts them (and the bias)
     as_written = lambda x, w, b: ops.add_bias(conv(x, w), b)
     if jnp.dtype(dt) == jnp.float32:

@@ -1,4 +1,6 @@
-"""GAN losses on discriminator logits.
+"""GAN losses on discriminator logits: each game is a `GANLoss`, three functions of float32
+logits (N,) to a scalar, so that a loss need not be "BCE against a target" (hinge's G loss is
+-mean(l); one-sided label smoothing changes D's real term only).
 
 The seed uses `nn.BCELoss` on `Sigmoid` outputs. PyTorch clamps each log term at -100 and divides
 its gradient by `max(p (1 - p), 1e-12)`, so a saturated discriminator (p exactly 0 or 1) gives a
@@ -7,6 +9,9 @@ backward; `bce_logits` is the numerically stable loss a new experiment should pr
 """
 
 from __future__ import annotations
+
+import functools
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -50,8 +55,23 @@ def bce_logits(logits, target):
       logits, jnp.broadcast_to(target, logits.shape).astype(logits.dtype)).mean()
 
 
-LOSSES = {"torch_bce": torch_bce, "bce_logits": bce_logits}
+class GANLoss(NamedTuple):
+  """One GAN game's losses, each of D's float32 logits (N,) -> a scalar. `train.py` adds
+  `d_on_real` and `d_on_fake` for D's loss; torch_reference.LOSSES holds each one's twin."""
+  d_on_real: Callable  # D's loss on its logits of real images
+  d_on_fake: Callable  # D's loss on its logits of G's images (detached)
+  g_on_fake: Callable  # G's loss on D's logits of G's images (D after its step)
 
 
-def get_loss(name: str):
+def bce_game(bce: Callable) -> GANLoss:
+  """The seed's game from a BCE(logits, target): D tells real (1) from fake (0); G wants 1."""
+  return GANLoss(d_on_real=functools.partial(bce, target=1.0),
+                 d_on_fake=functools.partial(bce, target=0.0),
+                 g_on_fake=functools.partial(bce, target=1.0))
+
+
+LOSSES = {"torch_bce": bce_game(torch_bce), "bce_logits": bce_game(bce_logits)}
+
+
+def get_loss(name: str) -> GANLoss:
   return LOSSES[name]

@@ -17,9 +17,19 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from cspgan_jax import layers, ops
+from cspgan_jax.errors import ConfigError
 
 BLOCKS = ("relu", "leaky_bn")
 DISCRIMINATORS = ("dcgan", "avgpool")
+
+
+def _no_branch(field: str, name: str, names: tuple, listed: str, module: str) -> Exception:
+  """The error of a module given a variant it has no branch for: a name listed in `names`
+  (config validation accepted it) whose branch was not written yet, or one not listed at all."""
+  if name in names:
+    return ConfigError(f"model.{field}={name!r} is listed in models.{listed} but has no branch "
+                       f"in models.{module}: add one")
+  return ValueError(f"unknown {field} {name!r}; expected one of {names}")
 
 
 def check_resolution(resolution: int) -> int:
@@ -71,7 +81,7 @@ class CSPup(nn.Module):
       h = bn(name="right_5")(h, use_running_average=not train)
       right = conv1x1(in_features=c, name="right_7")(h)
     else:
-      raise ValueError(f"unknown block {self.block!r}; expected one of {BLOCKS}")
+      raise _no_branch("block", self.block, BLOCKS, "BLOCKS", "CSPup")
     return left + right
 
 
@@ -153,7 +163,8 @@ class Discriminator(nn.Module):
                       count_include_pad=True).astype(self.dtype)
       c, idx, n_stages = 2 * self.ndf, 4, n_down - 2
     else:
-      raise ValueError(f"unknown discriminator {self.kind!r}; expected one of {DISCRIMINATORS}")
+      raise _no_branch("discriminator", self.kind, DISCRIMINATORS, "DISCRIMINATORS",
+                       "Discriminator")
     for _ in range(n_stages):
       c *= 2
       x = conv(c, name=f"main_{idx}")(x)

@@ -101,7 +101,7 @@ def _flax_layer_outputs(module, variables, x):
   out = {}
   for path, value in flat.items():
     modules = path[:-1]  # the last element is '__call__' or a sown value's name
-    if not (modules and all(torch_port.MODULE_NAME.match(p) for p in modules)):  # flax's Conv
+    if not (modules and all(torch_port.mirrors_torch(p) for p in modules)):  # flax's Conv
       continue
     if (*modules, layers.BATCH_NORM_OUTPUT) in flat and path[-1] == "__call__":
       # a BatchNorm with its activation: the output is the next PyTorch module's (LeakyReLU)
@@ -232,6 +232,8 @@ def _run_parity(config, net_g_path, net_d_path, steps, seed, with_floor, log, im
   dtype = train.compute_dtype(config)
   bf16 = np.dtype(dtype) != np.float32
   from cspgan_jax import torch_reference  # pylint: disable=import-outside-toplevel
+  loss = config.train.loss
+  torch_reference.get_loss(loss)  # a loss without its PyTorch twin: one line, before any work
   net_g, net_d = torch_reference.build_reference(config.model, seed=seed)
   g_template, d_template = train.variable_shapes(config)
   for path, net, role, template in ((net_g_path, net_g, "netG", g_template),
@@ -263,12 +265,12 @@ def _run_parity(config, net_g_path, net_d_path, steps, seed, with_floor, log, im
     state, metrics = step_fn(state, images[k], latents[k])
     real = torch.from_numpy(images[k].transpose(0, 3, 1, 2).copy())
     z = torch.from_numpy(latents[k])[:, :, None, None]
-    ref = _reference_iteration(reference, real, z, autocast=bf16)
+    ref = _reference_iteration(reference, real, z, loss, autocast=bf16)
     if not with_floor:
       ref64 = {}
     else:
       ref64 = _reference_iteration(reference64, *((real, z) if bf16 else (real.double(),
-                                                                           z.double())))
+                                                                           z.double())), loss)
     rows += [_row(f"step {k + 1}", name, metrics[name], ref[name], ref64.get(name))
              for name in ref]
   if steps:
@@ -282,10 +284,10 @@ def _with_optimizers(net_g, net_d, config):
   return {"G": (net_g, opt_g), "D": (net_d, opt_d)}
 
 
-def _reference_iteration(reference, real, z, autocast: bool = False):
+def _reference_iteration(reference, real, z, loss: str, autocast: bool = False):
   from cspgan_jax import torch_reference  # pylint: disable=import-outside-toplevel
   (net_g, opt_g), (net_d, opt_d) = reference["G"], reference["D"]
-  return torch_reference.train_iteration(net_g, net_d, opt_g, opt_d, real, z, autocast)
+  return torch_reference.train_iteration(net_g, net_d, opt_g, opt_d, real, z, autocast, loss)
 
 
 def format_table(rows: List[Row], bfloat16: bool = False) -> str:

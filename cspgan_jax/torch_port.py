@@ -4,8 +4,9 @@ One rule maps every leaf: the Flax module path `main_0/right_3` is the PyTorch m
 `main.0.right.3`; leaf names map by `_LEAF_NAMES`; every 4-D weight (Conv2d (O, I, kh, kw) and
 ConvTranspose2d (I, O, kh, kw) alike) transposes (2, 3, 1, 0) into Flax's (kh, kw, ., .). The
 table is built from the model's own variables, and conversion asserts that the key sets are
-equal and every shape matches, so nothing is silently dropped. Arrays here are numpy; only the
-file functions import torch.
+equal and every shape matches, so nothing is silently dropped. A module name not of that form,
+flax's automatic `BatchNorm_0` included (a forgotten `name=`), is a CheckpointError naming the
+parameter. Arrays here are numpy; only the file functions and the reference check import torch.
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ _TORCH_LEAF_ORDER = ("weight", "bias", "running_mean", "running_var", "num_batch
 _TO_FLAX = (2, 3, 1, 0)    # torch (O, I, kh, kw) / ConvT (I, O, kh, kw) -> flax (kh, kw, ., .)
 _TO_TORCH = (3, 2, 0, 1)   # the inverse
 MODULE_NAME = re.compile(r"^(.*)_(\d+)$")  # a Flax name that mirrors a PyTorch path part
+# flax's automatic name for a submodule created without `name=`: the class's name, a counter
+AUTO_NAME = re.compile(r"^[A-Z][A-Za-z0-9]*_\d+$")
 # What wrappers put before every key: nn.DataParallel / DistributedDataParallel, torch.compile.
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 _LIST_AT_MOST = 6
@@ -46,13 +49,23 @@ class Entry(NamedTuple):
   torch_shape: Tuple[int, ...]
 
 
-def torch_module_path(flax_path: Tuple[str, ...]) -> str:
-  """('main_0', 'right_3') -> 'main.0.right.3'."""
+def mirrors_torch(name: str) -> bool:
+  """Whether a Flax module name is one part of a PyTorch path (`right_3`), not flax's own."""
+  return bool(MODULE_NAME.match(name)) and not AUTO_NAME.match(name)
+
+
+def torch_module_path(flax_path: Tuple[str, ...], where: str = "") -> str:
+  """('main_0', 'right_3') -> 'main.0.right.3'. `where`: the full path named in an error
+  (default: the module's)."""
   parts = []
   for name in flax_path:
+    if not mirrors_torch(name):
+      why = (f"{name!r} is flax's automatic name (a submodule created without name=)"
+             if AUTO_NAME.match(name) else f"module name {name!r} is not <attribute>_<index>")
+      raise CheckpointError(f"{where or '/'.join(flax_path)}: {why}; name it after the "
+                            "PyTorch module path it mirrors, dots as underscores (right.3 -> "
+                            "'right_3')")
     m = MODULE_NAME.match(name)
-    if not m:
-      raise ValueError(f"Flax module name {name!r} does not mirror a PyTorch path")
     parts += [m.group(1), m.group(2)]
   return ".".join(parts)
 
@@ -76,7 +89,8 @@ def conversion_table(variables: Mapping) -> List[Entry]:
       leaf = _LEAF_NAMES[(collection, path[-1])]
       shape = tuple(np.shape(value))
       torch_shape = tuple(shape[i] for i in _TO_TORCH) if len(shape) == 4 else shape
-      table.append(Entry(f"{torch_module_path(path[:-1])}.{leaf}", collection, path, torch_shape))
+      module = torch_module_path(path[:-1], where="/".join((collection,) + path))
+      table.append(Entry(f"{module}.{leaf}", collection, path, torch_shape))
   return sorted(table, key=lambda e: _torch_order(e.torch_key))
 
 
@@ -137,8 +151,11 @@ def torch_to_flax(state_dict: Mapping, template: Mapping, what: str = "state_dic
   return traverse_util.unflatten_dict(out)
 
 
-def flax_to_torch(variables: Mapping) -> Dict[str, np.ndarray]:
-  """Flax variables -> state_dict in PyTorch layout (numpy; num_batches_tracked int64)."""
+def flax_to_torch(variables: Mapping, model_config=None, role: str = "") -> Dict[str, np.ndarray]:
+  """Flax variables -> state_dict in PyTorch layout (numpy; num_batches_tracked int64).
+
+  With `model_config` and `role` ("netG" or "netD"), the result is checked against the PyTorch
+  reference's state_dict (`check_against_reference`)."""
   out = {}
   for e in conversion_table(variables):
     value = np.asarray(traverse_util.flatten_dict(dict(variables[e.collection]))[e.path])
@@ -147,10 +164,12 @@ def flax_to_torch(variables: Mapping) -> Dict[str, np.ndarray]:
     elif value.ndim == 4:
       value = np.ascontiguousarray(np.transpose(value, _TO_TORCH))
     out[e.torch_key] = value
+  if model_config is not None:
+    check_against_reference(out, model_config, role)
   return out
 
 
-# ---- files (torch imported here only) ----
+# ---- files and the reference check (torch imported here only) ----
 
 def load_torch_state_dict(path: str, role: str) -> Dict[str, np.ndarray]:
   """Reads a PyTorch checkpoint file: a state_dict, or a dict holding one under `role`.
@@ -200,3 +219,19 @@ def save_torch_state_dict(state_dict: Mapping[str, np.ndarray], path: str,
   finally:
     if os.path.exists(tmp):
       os.remove(tmp)
+
+
+def check_against_reference(state_dict: Mapping, model_config, role: str) -> None:
+  """Raises CheckpointError unless `state_dict` has the keys and shapes of the reference's
+  `role` network ("netG" or "netD"), which PyTorch would load with strict=True. Skipped where
+  the reference (torch) cannot be imported."""
+  try:
+    import torch  # pylint: disable=import-outside-toplevel
+    from cspgan_jax import torch_reference  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    return
+  with torch.device("meta"):  # shapes only: nothing allocated or initialised
+    nets = dict(zip(("netG", "netD"), torch_reference.build_reference(model_config)))
+  expected = [Entry(k, "", (), tuple(v.shape)) for k, v in nets[role].state_dict().items()]
+  check_keys(state_dict, expected, f"{role} converted from Flax (checked against "
+             "torch_reference)")

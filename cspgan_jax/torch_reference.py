@@ -8,10 +8,12 @@ conversion and benchmarks import this module; nothing else in the package needs 
 from __future__ import annotations
 
 import copy
+from typing import Callable, NamedTuple
 
 import torch
 from torch import nn
 
+from cspgan_jax.errors import ConfigError
 from cspgan_jax.models import check_resolution
 from cspgan_jax.ops import LEAKY_SLOPE
 
@@ -37,7 +39,8 @@ class CSPup(nn.Module):
           nn.Conv2d(rest, c, 1), bn(), nn.LeakyReLU(LEAKY_SLOPE), convt(c), nn.Conv2d(c, c, 1),
           bn(), nn.LeakyReLU(LEAKY_SLOPE), nn.Conv2d(c, c, 1))
     else:
-      raise ValueError(f"unknown block {block!r}")
+      raise ConfigError(f"model.block={block!r} has no PyTorch twin: add its branch to "
+                        "torch_reference.CSPup")
 
   def forward(self, x):
     return self.left(x[:, :self.split]) + self.right(x[:, self.split:])
@@ -76,7 +79,8 @@ class Discriminator(nn.Module):
       layers = [conv(nc, 2 * ndf), bn(2 * ndf), lrelu(), nn.AvgPool2d(4, 2, 1)]
       c, n_stages = 2 * ndf, n_down - 2
     else:
-      raise ValueError(f"unknown discriminator {kind!r}")
+      raise ConfigError(f"model.discriminator={kind!r} has no PyTorch twin: add its branch to "
+                        "torch_reference.Discriminator")
     for _ in range(n_stages):
       layers += [conv(c, 2 * c), bn(2 * c), lrelu()]
       c *= 2
@@ -85,6 +89,10 @@ class Discriminator(nn.Module):
 
   def forward(self, x):
     return self.main(x)
+
+  def logits(self, x):
+    """The output before the Sigmoid (what the JAX Discriminator returns)."""
+    return self.main[:-1](x)
 
 
 def weights_init(m):
@@ -118,50 +126,85 @@ def make_optimizers(net_g, net_d, train_config):
   return opt_g, opt_d
 
 
-def train_iteration(net_g, net_d, opt_g, opt_d, real, noise, autocast: bool = False):
+class GANLoss(NamedTuple):
+  """`losses.GANLoss`'s twin: the same three losses, of D's outputs (N,)."""
+  d_on_real: Callable
+  d_on_fake: Callable
+  g_on_fake: Callable
+  on_logits: bool  # of D's output before its Sigmoid (else of its probabilities, the seed's)
+
+
+def _bce_game(criterion, on_logits: bool) -> GANLoss:
+  """The seed's game: D tells real (1) from fake (0); G wants 1 (`losses.bce_game`)."""
+  with_target = lambda y: lambda out: criterion(out, torch.full_like(out, y))
+  return GANLoss(with_target(1.0), with_target(0.0), with_target(1.0), on_logits)
+
+
+# One entry per `losses.LOSSES` entry, by the same name: `cspgan parity` needs the twin.
+LOSSES = {
+    "torch_bce": _bce_game(nn.BCELoss(), on_logits=False),  # the seed's, on D's Sigmoid
+    "bce_logits": _bce_game(nn.BCEWithLogitsLoss(), on_logits=True),
+}
+
+
+def get_loss(name: str) -> GANLoss:
+  if name not in LOSSES:
+    raise ConfigError(f"train.loss={name!r} has no PyTorch twin: add it to "
+                      "torch_reference.LOSSES (the twin of losses.LOSSES)")
+  return LOSSES[name]
+
+
+def _d_outputs(net_d, loss: GANLoss):
+  """(the D output the loss takes, its probabilities from that output)."""
+  if loss.on_logits:
+    return net_d.logits, torch.sigmoid
+  return net_d, lambda p: p
+
+
+def train_iteration(net_g, net_d, opt_g, opt_d, real, noise, autocast: bool = False,
+                    loss: str = "torch_bce"):
   """The seed's iteration (SPEC.md, "Training step"); real (b, nc, R, R), noise (b, nz, 1, 1).
 
   `autocast`: the networks under bf16 autocast on real's device, as a PyTorch user runs mixed
-  precision; BCELoss is not autocast-safe, so D's probabilities go to it in real's dtype."""
-  criterion = nn.BCELoss()
+  precision; BCELoss is not autocast-safe, so D's outputs go to the loss in real's dtype.
+  `loss`: a `LOSSES` name (`config.train.loss`); D_x and D_G_z are mean probabilities."""
+  game = get_loss(loss)
+  d_forward, prob = _d_outputs(net_d, game)
   amp = lambda: torch.autocast(real.device.type, torch.bfloat16, enabled=autocast)
 
   def net_d_out(x):
     with amp():
-      out = net_d(x)
+      out = d_forward(x)
     return out.to(real.dtype).view(-1)
 
   net_g.train()
   net_d.train()
-  b = real.size(0)
   net_d.zero_grad()
-  label = torch.full((b,), 1.0, dtype=real.dtype)
   output = net_d_out(real)
-  err_d_real = criterion(output, label)
+  err_d_real = game.d_on_real(output)
   err_d_real.backward()
-  d_x = output.mean().item()
+  d_x = prob(output).mean().item()
   with amp():
     fake = net_g(noise)
-  label.fill_(0.0)
   output = net_d_out(fake.detach())
-  err_d_fake = criterion(output, label)
+  err_d_fake = game.d_on_fake(output)
   err_d_fake.backward()
-  d_g_z1 = output.mean().item()
+  d_g_z1 = prob(output).mean().item()
   err_d = err_d_real + err_d_fake
   opt_d.step()
 
   net_g.zero_grad()
-  label.fill_(1.0)
   output = net_d_out(fake)
-  err_g = criterion(output, label)
+  err_g = game.g_on_fake(output)
   err_g.backward()
-  d_g_z2 = output.mean().item()
+  d_g_z2 = prob(output).mean().item()
   opt_g.step()
   return {"Loss_D": err_d.item(), "Loss_G": err_g.item(), "D_x": d_x, "D_G_z1": d_g_z1,
           "D_G_z2": d_g_z2}
 
 
-def train_iteration_per_chunk(net_g, net_d, opt_g, opt_d, real, noise, chunks: int):
+def train_iteration_per_chunk(net_g, net_d, opt_g, opt_d, real, noise, chunks: int,
+                              loss: str = "torch_bce"):
   """The seed's iteration as `nn.DataParallel` over `chunks` devices runs it, written out.
 
   Each chunk has its own BatchNorm batch statistics (as each replica does); the gradient is the
@@ -169,35 +212,35 @@ def train_iteration_per_chunk(net_g, net_d, opt_g, opt_d, real, noise, chunks: i
   statistics are averaged over chunks afterwards (the JAX trainer's rule, so replicas never
   drift; DataParallel itself keeps device 0's). The reference for per-device BatchNorm.
   """
-  criterion = nn.BCELoss()
+  game = get_loss(loss)
   reals, noises = real.chunk(chunks), noise.chunk(chunks)
-  ones = lambda n: torch.full((n,), 1.0, dtype=real.dtype)
-  zeros = lambda n: torch.full((n,), 0.0, dtype=real.dtype)
   g_reps = [copy.deepcopy(net_g).train() for _ in range(chunks)]
   d_reps = [copy.deepcopy(net_d).train() for _ in range(chunks)]
   fakes, m = [], {"Loss_D": 0.0, "Loss_G": 0.0, "D_x": 0.0, "D_G_z1": 0.0, "D_G_z2": 0.0}
   for g, d, x, z in zip(g_reps, d_reps, reals, noises):
+    d_forward, prob = _d_outputs(d, game)
     d.zero_grad()
-    out = d(x).view(-1)
-    err_real = criterion(out, ones(len(x)))
+    out = d_forward(x).view(-1)
+    err_real = game.d_on_real(out)
     err_real.backward()
-    m["D_x"] += out.mean().item() / chunks
+    m["D_x"] += prob(out).mean().item() / chunks
     fake = g(z)
     fakes.append(fake)
-    out = d(fake.detach()).view(-1)
-    err_fake = criterion(out, zeros(len(x)))
+    out = d_forward(fake.detach()).view(-1)
+    err_fake = game.d_on_fake(out)
     err_fake.backward()
-    m["D_G_z1"] += out.mean().item() / chunks
+    m["D_G_z1"] += prob(out).mean().item() / chunks
     m["Loss_D"] += (err_real + err_fake).item() / chunks
   _average_into(net_d, d_reps, grads=True)
   opt_d.step()
   d_news = [copy.deepcopy(net_d).train() for _ in range(chunks)]
   for g, d, fake in zip(g_reps, d_news, fakes):
+    d_forward, prob = _d_outputs(d, game)
     g.zero_grad()
-    out = d(fake).view(-1)
-    err_g = criterion(out, ones(len(out)))
+    out = d_forward(fake).view(-1)
+    err_g = game.g_on_fake(out)
     err_g.backward()
-    m["D_G_z2"] += out.mean().item() / chunks
+    m["D_G_z2"] += prob(out).mean().item() / chunks
     m["Loss_G"] += err_g.item() / chunks
   _average_into(net_g, g_reps, grads=True)
   opt_g.step()

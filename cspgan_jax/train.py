@@ -150,8 +150,8 @@ def _train_step_with_noise(state: GANState, real, z, *, config, axis_name: Optio
   bn_axis = axis_name if config.train.get("sync_bn", False) else None
   gen, disc = models.build_models(config.model, axis_name=bn_axis, dtype=compute_dtype(config))
   # Losses and probabilities in float32 whatever the convolutions ran in.
-  loss_fn = lambda logits, target: losses.get_loss(config.train.loss)(
-      logits.astype(jnp.float32), target)
+  loss = losses.get_loss(config.train.loss)
+  f32 = lambda logits: logits.astype(jnp.float32)
   sigmoid_mean = lambda logits: jax.nn.sigmoid(logits.astype(jnp.float32)).mean()
 
   # G forward once; its pullback is reused for G's gradient, like `fake` in PyTorch.
@@ -172,7 +172,7 @@ def _train_step_with_noise(state: GANState, real, z, *, config, axis_name: Optio
       logits_real, stats = _apply(disc, d_params, state.d.batch_stats, real, copies=d_copies)
       logits_fake, stats = _apply(disc, d_params, stats, jax.lax.stop_gradient(fake),
                                   copies=d_copies)
-    err_real, err_fake = loss_fn(logits_real, 1.0), loss_fn(logits_fake, 0.0)
+    err_real, err_fake = loss.d_on_real(f32(logits_real)), loss.d_on_fake(f32(logits_fake))
     return err_real + err_fake, (stats, logits_real, logits_fake)
 
   (err_d, (d_stats, logits_real, logits_fake)), d_grads = jax.value_and_grad(
@@ -183,7 +183,7 @@ def _train_step_with_noise(state: GANState, real, z, *, config, axis_name: Optio
 
   def g_loss(fake_images):
     logits, stats = _apply(disc, new_d.params, d_stats, fake_images)
-    return loss_fn(logits, 1.0), (stats, logits)
+    return loss.g_on_fake(f32(logits)), (stats, logits)
 
   (err_g, (d_stats, logits_g)), fake_grad = jax.value_and_grad(g_loss, has_aux=True)(fake)
   (g_grads,) = g_vjp(fake_grad)

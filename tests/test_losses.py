@@ -55,3 +55,34 @@ def test_bce_logits_is_stable_and_agrees_away_from_saturation():
   big = jnp.asarray([200.0, -200.0])
   assert float(losses.bce_logits(big, 1.0)) == pytest.approx(100.0, rel=1e-6)  # softplus(200)/2
   assert np.all(np.isfinite(jax.grad(losses.bce_logits)(big, 1.0)))
+
+
+@pytest.mark.parametrize("name,bce", [("torch_bce", losses.torch_bce),
+                                      ("bce_logits", losses.bce_logits)])
+def test_bce_games_are_triples_of_their_bce(name, bce):
+  """Each LOSSES entry is D's loss on real logits, D's on fake ones and G's on fake ones: for
+  the BCE games, BCE against 1, 0 and 1, values and gradients."""
+  game = losses.LOSSES[name]
+  assert game._fields == ("d_on_real", "d_on_fake", "g_on_fake")
+  logits = jnp.asarray(np.random.RandomState(2).randn(16).astype(np.float32) * 3)
+  for f, target in zip(game, (1.0, 0.0, 1.0)):
+    assert float(f(logits)) == float(bce(logits, target))
+    np.testing.assert_array_equal(jax.grad(f)(logits), jax.grad(bce)(logits, target))
+
+
+@pytest.mark.parametrize("name", list(losses.LOSSES))
+def test_each_loss_has_its_pytorch_twin(name):
+  """torch_reference.LOSSES[name] (what `cspgan parity` runs) gives each of the three losses'
+  values and gradients, saturated logits included, where the BCE games part: BCELoss clamps
+  at 100, BCEWithLogitsLoss does not."""
+  from cspgan_jax import torch_reference
+  game, twin = losses.LOSSES[name], torch_reference.LOSSES[name]
+  logits = np.concatenate([np.random.RandomState(3).randn(14) * 3, [200.0, -200.0]])
+  logits = logits.astype(np.float32)
+  for f, f_twin in zip(game, twin[:3]):
+    x = torch.tensor(logits, requires_grad=True)
+    ref = f_twin(x if twin.on_logits else torch.sigmoid(x))
+    ref.backward()
+    value, grad = jax.value_and_grad(f)(jnp.asarray(logits))
+    assert float(value) == pytest.approx(ref.item(), rel=1e-6)
+    np.testing.assert_allclose(grad, x.grad.numpy(), rtol=1e-5, atol=1e-9)

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from cspgan_jax import models, parity, torch_port, torch_reference, train
+from cspgan_jax import layers, models, parity, torch_port, torch_reference, train
+from cspgan_jax.errors import ConfigError
 from torch_compare import FORWARD_TOL, nchw, nhwc, rel
 
 
@@ -28,7 +29,8 @@ def test_cspup_matches_reference(block, in_ch, stride, pad, hw):
   ref = net.train()(nchw(x))
   assert y.shape == nhwc(ref).shape
   assert rel(y, nhwc(ref)) <= FORWARD_TOL
-  if block == "leaky_bn":  # running statistics moved as PyTorch's
+  assert ("batch_stats" in variables) == any("running" in k for k in net.state_dict())
+  if "batch_stats" in variables:  # running statistics moved as PyTorch's
     got = torch_port.flax_to_torch({"params": variables["params"], **mutated})
     for key, value in net.state_dict().items():
       if "running" in key:
@@ -173,3 +175,33 @@ def test_edge_layers_as_matmul_lose_nothing_in_bfloat16(tiny_config):
   (conv_images, conv_grads), (mm_images, mm_grads) = errors[False], errors[True]
   assert 1e-3 < conv_images and mm_images < 1.5 * conv_images, (conv_images, mm_images)
   assert np.median(mm_grads) < 1.5 * np.median(conv_grads), (conv_grads, mm_grads)
+
+
+@pytest.mark.parametrize("field,listed,module,twin", [
+    ("block", "BLOCKS", "CSPup", "torch_reference.CSPup"),
+    ("discriminator", "DISCRIMINATORS", "Discriminator", "torch_reference.Discriminator")])
+def test_a_listed_variant_without_its_branches_says_which(tiny_config, monkeypatch, field, listed,
+                                                           module, twin):
+  """A name added to models.BLOCKS / DISCRIMINATORS before its branches: parity, and the Flax
+  model, each say in one line which class to extend (not "unknown block")."""
+  monkeypatch.setattr(models, listed, getattr(models, listed) + ("new",))
+  config = tiny_config(f"model.{field}=new")  # validation reads the tuples: accepted
+  with pytest.raises(ConfigError) as e:
+    parity.run_parity(config, steps=1)
+  assert str(e.value) == f"model.{field}='new' has no PyTorch twin: add its branch to {twin}"
+  with pytest.raises(ConfigError) as e:
+    train.variable_shapes(config)
+  assert str(e.value) == (f"model.{field}='new' is listed in models.{listed} but has no branch "
+                          f"in models.{module}: add one")
+
+
+def test_conv2d_bias_fan_in_defaults_to_the_input_channels():
+  """PyTorch's Conv2d(in, out, k) bias init is U(+-1/sqrt(in k k)), `in` the input's channels:
+  without `in_features`, the same numbers as with it."""
+  x = np.zeros((2, 8, 8, 3), np.float32)
+  key = jax.random.PRNGKey(0)
+  default = layers.Conv2d(16, 4, 2, 1, use_bias=True).init(key, x)
+  explicit = layers.Conv2d(16, 4, 2, 1, in_features=3, use_bias=True).init(key, x)
+  jax.tree_util.tree_map(np.testing.assert_array_equal, default, explicit)
+  bias = np.asarray(default["params"]["bias"])
+  assert 0.5 / np.sqrt(3 * 16) < np.abs(bias).max() <= 1 / np.sqrt(3 * 16)

@@ -1,31 +1,82 @@
 """Checkpoint conversion: exact round trips, DataParallel prefix, clear errors."""
 
+import flax.linen as nn
 import jax
 import numpy as np
 import pytest
 import torch
 
-from cspgan_jax import config_lib, torch_port, torch_reference, train
+from cspgan_jax import config_lib, layers, models, torch_port, torch_reference, train
 from cspgan_jax.errors import CheckpointError
 
 
 @pytest.mark.parametrize("block,kind,n_g,n_d", [("relu", "dcgan", 41, 26),
                                                 ("leaky_bn", "avgpool", 91, 25)])
-def test_report_key_layout_and_bit_identical_round_trip(config_path, block, kind, n_g, n_d):
+def test_report_key_layout(config_path, block, kind, n_g, n_d):
   config = config_lib.load_config(config_path("baseline"), [f"model.block={block}",
                                                             f"model.discriminator={kind}"])
-  net_g, net_d = torch_reference.build_reference(config.model, seed=1)
-  g_t, d_t = train.init_variables(config, jax.random.PRNGKey(0))
-  for net, template, n in ((net_g, g_t, n_g), (net_d, d_t, n_d)):
-    sd = torch_port.module_state_dict(net)
+  with torch.device("meta"):  # the keys and shapes only
+    nets = torch_reference.build_reference(config.model)
+  for net, template, n in zip(nets, train.variable_shapes(config), (n_g, n_d)):
+    sd = net.state_dict()
     assert len(sd) == n  # the report's key counts (SPEC.md)
+    assert [(e.torch_key, e.torch_shape) for e in torch_port.conversion_table(template)] == [
+        (k, tuple(v.shape)) for k, v in sd.items()]
+
+
+@pytest.mark.parametrize("block", models.BLOCKS)
+@pytest.mark.parametrize("kind", models.DISCRIMINATORS)
+def test_bit_identical_round_trip(tiny_config, block, kind):
+  config = tiny_config(f"model.block={block}", f"model.discriminator={kind}")
+  nets = torch_reference.build_reference(config.model, seed=1)
+  for net, template, role in zip(nets, train.variable_shapes(config), ("netG", "netD")):
+    sd = torch_port.module_state_dict(net)
     assert [e.torch_key for e in torch_port.conversion_table(template)] == list(sd)
-    back = torch_port.flax_to_torch(torch_port.torch_to_flax(sd, template))
+    back = torch_port.flax_to_torch(torch_port.torch_to_flax(sd, template), config.model, role)
     assert list(back) == list(sd)
     for k in sd:
       assert back[k].dtype == sd[k].dtype and back[k].shape == sd[k].shape, k
       assert back[k].tobytes() == sd[k].tobytes(), k
     net.load_state_dict({k: torch.from_numpy(v) for k, v in back.items()}, strict=True)
+
+
+def _flax_variables(**names):
+  """Variables of a conv then a BatchNorm, under the names given (None: flax's own)."""
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      with_name = lambda key: {} if names[key] is None else {"name": names[key]}
+      x = layers.Conv2d(4, 1, **with_name("conv"))(x)
+      return layers.BatchNorm(**with_name("bn"))(x, use_running_average=True)
+  return Net().init(jax.random.PRNGKey(0), np.zeros((2, 4, 4, 3), np.float32))
+
+
+@pytest.mark.parametrize("bn,why", [
+    (None, "'BatchNorm_0' is flax's automatic name (a submodule created without name=)"),
+    ("right_bn", "module name 'right_bn' is not <attribute>_<index>")])
+def test_module_names_that_do_not_convert(bn, why):
+  """A forgotten `name=` would otherwise convert to `BatchNorm.0.weight`, a key no PyTorch
+  model has; an unmirrored name would end in a traceback."""
+  variables = _flax_variables(conv="main_0", bn=bn)
+  with pytest.raises(CheckpointError) as e:
+    torch_port.flax_to_torch(variables)
+  assert str(e.value) == (f"params/{bn or 'BatchNorm_0'}/scale: {why}; name it after the PyTorch "
+                          "module path it mirrors, dots as underscores (right.3 -> 'right_3')")
+  assert torch_port.flax_to_torch(_flax_variables(conv="main_0", bn="main_1"))
+
+
+def test_flax_to_torch_checks_against_the_reference(tiny_config):
+  """Converted for a model the reference does not build: refused before anything is written."""
+  relu, leaky_bn = tiny_config(), tiny_config("model.block=leaky_bn")
+  g_vars = jax.tree_util.tree_map(lambda v: np.zeros(v.shape, v.dtype),
+                                  train.variable_shapes(relu)[0])
+  assert len(torch_port.flax_to_torch(g_vars, relu.model, "netG")) == 25
+  with pytest.raises(CheckpointError) as e:
+    torch_port.flax_to_torch(g_vars, leaky_bn.model, "netG")
+  msg = str(e.value)
+  assert "\n" not in msg
+  assert msg.startswith("netG converted from Flax (checked against torch_reference) does not fit "
+                        "the configured model: missing 36: main.0.right.1.bias")
 
 
 def test_data_parallel_prefix_and_wrapped_dicts(tmp_path, tiny_config):

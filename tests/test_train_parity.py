@@ -16,9 +16,12 @@ the other branch there, and D's first two layers' gradients move by 1e-4 (docs/P
 `test_faces_match_pytorch` runs the faces with a seed (1) that holds no tie.
 """
 
+import jax
 import pytest
+import torch
 
-from cspgan_jax import models, parity
+from cspgan_jax import losses, models, parity, torch_port, torch_reference, train
+from cspgan_jax.errors import ConfigError
 
 REL_TOL = 1e-5
 ABS_TOL = 1e-5
@@ -34,29 +37,81 @@ def assert_within_bounds(rows):
       assert parity.within_floor_abs(r, ABS_TOL), r
 
 
+def state_groups_and_params(config):
+  """The state groups parity must report for `config`'s model (`bn_stats` where a network has
+  BatchNorm statistics) and every parameter's PyTorch name, from the Flax variables: a new
+  variant is covered as it is written."""
+  groups, params = set(), set()
+  for tag, variables in zip("GD", train.variable_shapes(config)):
+    groups |= {f"params {tag}", f"adam_mu {tag}", f"adam_nu {tag}"}
+    if variables.get("batch_stats"):
+      groups.add(f"bn_stats {tag}")
+    params |= {f"{tag} {e.torch_key}" for e in torch_port.conversion_table(variables)
+               if e.collection == "params"}
+  return groups, params
+
+
+def assert_state_compared(rows, config):
+  """Every state group, and every parameter, compared (and nothing else in those groups)."""
+  groups, params = state_groups_and_params(config)
+  state = {r.group for r in rows if not r.group.startswith(("forward", "step"))}
+  assert state == groups
+  assert sorted(f"{r.group[-1]} {r.name}" for r in rows if r.group.startswith("params")) == sorted(
+      params)
+
+
 @pytest.mark.parametrize("block", models.BLOCKS)
 @pytest.mark.parametrize("kind", models.DISCRIMINATORS)
 def test_five_iterations_match_pytorch(tiny_config, block, kind):
   config = tiny_config(f"model.block={block}", f"model.discriminator={kind}")
   rows = parity.run_parity(config, steps=5, seed=0, images_kind="noise")
-  groups = {r.group for r in rows}
-  assert {f"step {k}" for k in range(1, 6)} <= groups
-  assert {"params G", "params D", "bn_stats D", "adam_mu G", "adam_nu D"} <= groups
-  assert ("bn_stats G" in groups) == (block == "leaky_bn")
+  assert {f"step {k}" for k in range(1, 6)} <= {r.group for r in rows}
+  assert_state_compared(rows, config)
   assert_within_bounds(rows)
-  assert sorted(f"{r.group[-1]} {r.name}" for r in rows if r.group.startswith("params")) == sorted(
-      config_params(block, kind))
   # The bound is not vacuous: test_optax_adam_rounding_breaks_parity exceeds it 30-fold.
 
 
-def test_d_on_real_and_fake_in_one_pass_matches_pytorch(tiny_config):
+@pytest.mark.parametrize("kind", models.DISCRIMINATORS)
+def test_d_on_real_and_fake_in_one_pass_matches_pytorch(tiny_config, kind):
   """`train.d_real_fake_together`: D's two passes as one batch of twice the size, each half
   normalised by its own statistics, the running ones moved real first. PyTorch's two passes
-  are the reference, at the same bounds. The avgpool discriminator holds BatchNorm at every
-  place the dcgan one does and one more (both fail with statistics over the whole batch)."""
-  config = tiny_config("model.discriminator=avgpool", "train.d_real_fake_together=True")
+  are the reference, at the same bounds; with statistics over the whole batch every
+  discriminator with BatchNorm fails."""
+  config = tiny_config(f"model.discriminator={kind}", "train.d_real_fake_together=True")
   rows = parity.run_parity(config, steps=5, seed=0, images_kind="noise")
-  assert {"params D", "bn_stats D", "adam_nu D"} <= {r.group for r in rows}
+  assert_state_compared(rows, config)
+  assert_within_bounds(rows)
+
+
+# torch_bce, the seed's loss, is every other test's
+@pytest.mark.parametrize("loss", [name for name in losses.LOSSES if name != "torch_bce"])
+def test_each_loss_matches_pytorch(tiny_config, loss):
+  """`train.loss`: each loss against its twin in torch_reference.LOSSES (bce_logits: PyTorch's
+  BCEWithLogitsLoss on D's output before its Sigmoid)."""
+  config = tiny_config(f"train.loss={loss}")
+  rows = parity.run_parity(config, steps=3, seed=0, images_kind="noise")
+  assert {f"step {k}" for k in range(1, 4)} <= {r.group for r in rows}
+  assert_within_bounds(rows)
+
+
+def test_a_loss_needs_its_pytorch_twin(tiny_config, monkeypatch):
+  """A loss without its twin stops parity in one line; with it, the game (here hinge: G's loss
+  is -mean(l), no target) is compared like any other."""
+  relu = jax.nn.relu
+  monkeypatch.setitem(losses.LOSSES, "hinge", losses.GANLoss(
+      d_on_real=lambda l: relu(1 - l).mean(), d_on_fake=lambda l: relu(1 + l).mean(),
+      g_on_fake=lambda l: -l.mean()))
+  config = tiny_config("train.loss=hinge")
+  with pytest.raises(ConfigError) as e:
+    parity.run_parity(config, steps=1)
+  assert str(e.value) == ("train.loss='hinge' has no PyTorch twin: add it to "
+                          "torch_reference.LOSSES (the twin of losses.LOSSES)")
+  monkeypatch.setitem(torch_reference.LOSSES, "hinge", torch_reference.GANLoss(
+      d_on_real=lambda out: torch.relu(1 - out).mean(),
+      d_on_fake=lambda out: torch.relu(1 + out).mean(),
+      g_on_fake=lambda out: -out.mean(), on_logits=True))
+  rows = parity.run_parity(config, steps=2, seed=0, images_kind="noise")
+  assert {"step 1", "step 2"} <= {r.group for r in rows}
   assert_within_bounds(rows)
 
 
@@ -78,21 +133,6 @@ def test_faces_match_pytorch(tiny_config, kind):
   assert len(rows) > 100
   for r in rows:
     assert parity.within_floor(r, REL_TOL), r
-
-
-def config_params(block, kind):
-  """PyTorch parameter names of the tiny (32x32) networks."""
-  g = {"relu": ["left.0.weight", "right.0.weight", "right.0.bias", "right.2.weight",
-                "right.3.weight", "right.3.bias", "right.5.weight", "right.5.bias"],
-       "leaky_bn": ["left.0.weight", "right.0.weight", "right.0.bias", "right.1.weight",
-                    "right.1.bias", "right.3.weight", "right.4.weight", "right.4.bias",
-                    "right.5.weight", "right.5.bias", "right.7.weight", "right.7.bias"]}[block]
-  d = {"dcgan": ["0.weight", "2.weight", "3.weight", "3.bias", "5.weight", "6.weight", "6.bias",
-                 "8.weight"],
-       "avgpool": ["0.weight", "1.weight", "1.bias", "4.weight", "5.weight", "5.bias",
-                   "7.weight"]}[kind]
-  return [f"G main.{i}.{n}" for i in range(3) for n in g] + ["G main.3.weight"] + [
-      f"D main.{n}" for n in d]
 
 
 def test_optax_adam_rounding_breaks_parity(tiny_config):
