@@ -2,13 +2,19 @@
 
   cspgan parity --config configs/tiny.py --steps 5
   cspgan train --config configs/tiny.py --workdir /tmp/tiny
+
+`shrink` makes any experiment this small, to try it in seconds before a GPU run, e.g. a
+config file of your own holding
+  from configs import exp2, tiny
+  def get_config():
+    return tiny.shrink(exp2.get_config())
 """
 
 from configs import baseline
 
 
-def get_config():
-  config = baseline.get_config()
+def shrink(config):
+  """`config` at the tiny sizes and cadences, on synthetic faces; everything else kept."""
   config.model.ngf = 8
   config.model.ndf = 8
   config.model.nz = 16
@@ -22,3 +28,7 @@ def get_config():
   config.data.source = "synthetic"
   config.data.num_examples = 256
   return config
+
+
+def get_config():
+  return shrink(baseline.get_config())

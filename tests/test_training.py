@@ -2,7 +2,6 @@
 
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -526,7 +525,9 @@ def test_a_config_kept_outside_the_checkout_loads(tmp_path):
   """`from configs import baseline` in a researcher's own folder, with only the package
   importable (as an editable install provides it): it found no module `configs`."""
   (tmp_path / "mine").mkdir()
-  shutil.copy(os.path.join(REPO, "configs", "exp2.py"), tmp_path / "mine" / "exp.py")
+  (tmp_path / "mine" / "exp.py").write_text(  # README's example: an experiment, made tiny
+      "from configs import exp2, tiny\n\ndef get_config():\n"
+      "  return tiny.shrink(exp2.get_config())\n")
   (tmp_path / "site").mkdir()
   os.symlink(os.path.join(REPO, "cspgan_jax"), tmp_path / "site" / "cspgan_jax")
   script = ("import sys; from cspgan_jax import config_lib; "
@@ -535,7 +536,9 @@ def test_a_config_kept_outside_the_checkout_loads(tmp_path):
                         env=dict(os.environ, PYTHONPATH=str(tmp_path / "site")), cwd=tmp_path,
                         capture_output=True, text=True, timeout=120)
   assert proc.returncode == 0, proc.stderr[-2000:]
-  expected = config_lib.load_config(os.path.join(REPO, "configs", "exp2.py"))
+  from configs import exp2, tiny  # pylint: disable=import-outside-toplevel
+  expected = tiny.shrink(exp2.get_config())
+  assert (expected.model.block, expected.model.resolution) == ("leaky_bn", 32)
   assert json.loads(proc.stdout) == json.loads(expected.to_json())
 
 
