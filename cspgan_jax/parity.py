@@ -7,6 +7,13 @@ Unless disabled, PyTorch also runs everything in float64. Each row then carries 
 float32 error against it (`fp32_floor`: no float32 implementation can be expected closer to
 PyTorch than about that) and ours (`jax_vs_fp64`: which of the two is nearer exact).
 
+A tie (docs/PARITY.md) is an activation's input within rounding of zero whose sign our float32
+and float64 disagree on: the branch taken differs at that element, and every gradient upstream
+with it, by far more than rounding. Each step's ReLU/LeakyReLU inputs (G's pass and D's three)
+are compared with float64's; where ours differ at ties, the float64 iteration runs again with our
+branch forced there (`aligned`), and a row counts as beyond the bound only if it is beyond it
+from both PyTorch's float32 and that branch-aligned float64 run.
+
 With `config.train.dtype = "bfloat16"` both sides run mixed precision: the JAX models in bf16,
 PyTorch under CPU bf16 autocast (losses in float32 on both). The floor is then PyTorch's bf16
 against its own float32 run (`bf16_floor`), and `jax_vs_fp32` says which is nearer float32.
@@ -28,6 +35,12 @@ from cspgan_jax import layers, models, torch_port, train
 # times the floor a difference is no longer rounding.
 FLOOR_FACTOR = 4.0
 TABLE_TOL = 1e-5
+# A sign disagreement is a tie when float64's value is within this fraction of its tensor's RMS
+# of zero (float32 rounding of a BatchNorm output is ~1e-7 of it); beyond, it is no tie, and
+# nothing is forced: a real error stays visible.
+TIE_TOL = 1e-5
+# Forcing a branch moves everything after it, which can make another tie downstream.
+ALIGN_ROUNDS = 4
 
 
 class Row(NamedTuple):
@@ -38,18 +51,47 @@ class Row(NamedTuple):
   floor: Optional[float] = None      # rel error of torch float32 vs float64, where measured
   floor_abs: Optional[float] = None  # its max abs error
   exact: Optional[float] = None      # rel error of jax vs torch float64: who is nearer exact
+  aligned: Optional[float] = None    # rel error of jax vs the branch-aligned float64, after ties
 
 
-def _row(group, name, mine, ref, ref64=None) -> Row:
+class Tie(NamedTuple):
+  """An activation input whose sign ours and float64's disagree on, within rounding of zero."""
+  step: int
+  call: str            # the pass: "G", "D(real)", "D(fake)", "D(fake) after D's step"
+  site: str            # the activation, e.g. "D main.7"
+  index: tuple         # NCHW
+  fp64: float          # in the branch-aligned float64 run
+  jax: float
+  torch32: float
+
+
+CALLS = {"G": ("G",), "D": ("D(real)", "D(fake)", "D(fake) after D's step")}
+
+
+class Rows(list):
+  """`run_parity`'s rows, and the ties it found (`ties`), for `format_table`."""
+  ties: List[Tie] = []
+
+
+def _row(group, name, mine, ref, ref64=None, aligned64=None) -> Row:
   if ref64 is None:
     return Row(group, name, *errors(mine, ref))
   floor_abs, floor = errors(ref, ref64)
-  return Row(group, name, *errors(mine, ref), floor, floor_abs, errors(mine, ref64)[1])
+  aligned = errors(mine, aligned64)[1] if aligned64 is not None else None
+  return Row(group, name, *errors(mine, ref), floor, floor_abs, errors(mine, ref64)[1], aligned)
 
 
 def within_floor(row: Row, tol: float) -> bool:
   """rel <= tol, or within FLOOR_FACTOR x PyTorch's own float32 error where that is larger."""
   return row.rel <= max(tol, FLOOR_FACTOR * (row.floor or 0.0))
+
+
+def beyond_bound(row: Row, tol: float = TABLE_TOL) -> bool:
+  """Not `within_floor` of PyTorch's float32, nor (where ties made one) of the branch-aligned
+  float64: its `aligned` error also above max(tol, FLOOR_FACTOR x floor)."""
+  if within_floor(row, tol):
+    return False
+  return row.aligned is None or row.aligned > max(tol, FLOOR_FACTOR * (row.floor or 0.0))
 
 
 def within_floor_abs(row: Row, tol: float) -> bool:
@@ -167,20 +209,23 @@ def _flax_state(model_state: train.ModelState):
           "adam_nu": torch_port.flax_to_torch({"params": nu})}
 
 
-def state_rows(state: train.GANState, reference, reference64=None) -> List[Row]:
+def state_rows(state: train.GANState, reference, reference64=None, aligned64=None) -> List[Row]:
   """Rows comparing every parameter, BN statistic and Adam moment with the reference.
 
-  `reference` (and the float64 `reference64`, for the floor) map "G"/"D" to (net, optimizer).
+  `reference` (and the float64 `reference64`, for the floor; `aligned64`, the branch-aligned
+  float64 run) map "G"/"D" to (net, optimizer).
   """
   rows = []
   for tag, model_state in (("G", state.g), ("D", state.d)):
     mine = _flax_state(model_state)
     ref = _torch_state(*reference[tag])
     ref64 = _torch_state(*reference64[tag]) if reference64 else None
+    al64 = _torch_state(*aligned64[tag]) if aligned64 else None
     for group, values in ref.items():
       for key, value in values.items():
         rows.append(_row(f"{group} {tag}", key, mine[group][key], value,
-                         ref64[group][key] if ref64 else None))
+                         ref64[group][key] if ref64 else None,
+                         al64[group][key] if al64 else None))
   return rows
 
 
@@ -215,8 +260,12 @@ def parity_data(config, steps: int, seed: int, images_kind: str = "faces"):
 
 def run_parity(config, net_g_path: Optional[str] = None, net_d_path: Optional[str] = None,
                steps: int = 3, seed: int = 0, with_floor: bool = True,
-               log=lambda msg: None, images_kind: str = "faces") -> List[Row]:
-  """Builds both implementations from the same weights and compares forward and `steps` steps."""
+               log=lambda msg: None, images_kind: str = "faces",
+               find_ties: bool = True) -> List[Row]:
+  """Builds both implementations from the same weights and compares forward and `steps` steps.
+  `find_ties` (float32 with the floor run only): look for ties and compare with the
+  branch-aligned float64 run too; it keeps every activation's input of three runs, about twice
+  the time and memory of the comparison alone at 128x128."""
   import torch  # pylint: disable=import-outside-toplevel
 
   torch.use_deterministic_algorithms(True)
@@ -224,10 +273,12 @@ def run_parity(config, net_g_path: Optional[str] = None, net_d_path: Optional[st
   config = config.copy_and_resolve_references()
   config.train.matmul_precision = "highest"
   with jax.default_matmul_precision("highest"):
-    return _run_parity(config, net_g_path, net_d_path, steps, seed, with_floor, log, images_kind)
+    return _run_parity(config, net_g_path, net_d_path, steps, seed, with_floor, log, images_kind,
+                       find_ties)
 
 
-def _run_parity(config, net_g_path, net_d_path, steps, seed, with_floor, log, images_kind):
+def _run_parity(config, net_g_path, net_d_path, steps, seed, with_floor, log, images_kind,
+                find_ties):
   import torch  # pylint: disable=import-outside-toplevel
   dtype = train.compute_dtype(config)
   bf16 = np.dtype(dtype) != np.float32
@@ -259,23 +310,135 @@ def _run_parity(config, net_g_path, net_d_path, steps, seed, with_floor, log, im
   precise = (lambda net: copy.deepcopy(net)) if bf16 else (lambda net: copy.deepcopy(net).double())
   reference64 = (_with_optimizers(precise(net_g), precise(net_d), config) if with_floor
                  else None)
+  # Ties need float64 signs; in bf16 every sign near zero is rounding.
+  detect = find_ties and with_floor and not bf16
+  sites = {"G": _activation_sites(net_g), "D": _activation_sites(net_d)}
+  aligned64 = None  # float64 with our branches at the ties, from the first tie on
+  ties = []
   step_fn = train.jit_train_step(config, with_noise=True)
   for k in range(steps):
     log(f"training iteration {k + 1}/{steps}")
+    before = jax.device_get((state.g, state.d)) if detect else None  # the step donates state
     state, metrics = step_fn(state, images[k], latents[k])
     real = torch.from_numpy(images[k].transpose(0, 3, 1, 2).copy())
     z = torch.from_numpy(latents[k])[:, :, None, None]
-    ref = _reference_iteration(reference, real, z, loss, autocast=bf16)
-    if not with_floor:
-      ref64 = {}
-    else:
-      ref64 = _reference_iteration(reference64, *((real, z) if bf16 else (real.double(),
-                                                                           z.double())), loss)
-    rows += [_row(f"step {k + 1}", name, metrics[name], ref[name], ref64.get(name))
-             for name in ref]
+    if not detect:
+      ref = _reference_iteration(reference, real, z, loss, autocast=bf16)
+      if not with_floor:
+        ref64 = {}
+      else:  # bf16's floor run is PyTorch's float32, float32's is float64
+        ref64 = _reference_iteration(reference64, *((real, z) if bf16 else (real.double(),
+                                                                             z.double())), loss)
+      rows += [_row(f"step {k + 1}", name, metrics[name], ref[name], ref64.get(name))
+               for name in ref]
+      continue
+    start64 = copy.deepcopy(aligned64 or reference64)
+    ref, record32 = _recorded_iteration(reference, real, z, loss)
+    ref64, record64 = _recorded_iteration(reference64, real.double(), z.double(), loss)
+    ours = _our_activation_inputs(gen, disc, *before, state.d.params, images[k], latents[k],
+                                  sites)
+    force = {} if aligned64 else _sign_ties(ours, record64)
+    ref_aligned = {}
+    if aligned64 or force:
+      log(f"ties at step {k + 1}: float64 again with our branches there")
+      aligned64, ref_aligned, record_aligned, force = _branch_aligned_iteration(
+          start64, ours, real.double(), z.double(), loss, force)
+      ties += _tie_list(k + 1, force, ours, record_aligned, record32)
+    rows += [_row(f"step {k + 1}", name, metrics[name], ref[name], ref64[name],
+                  ref_aligned.get(name)) for name in ref]
   if steps:
-    rows += state_rows(state, reference, reference64)
+    rows += state_rows(state, reference, reference64, aligned64)
+  rows = Rows(rows)
+  rows.ties = ties
   return rows
+
+
+def _activation_sites(net):
+  """{path of each ReLU/LeakyReLU: path of the module before it}: the activation's input is that
+  module's output (a convolution's, or BatchNorm's as `_flax_layer_outputs` names it)."""
+  from cspgan_jax import torch_reference  # pylint: disable=import-outside-toplevel
+  sites = {}
+  for path, module in net.named_modules():
+    if isinstance(module, torch_reference.ACTIVATIONS):
+      parent, _, index = path.rpartition(".")
+      sites[path] = f"{parent}.{int(index) - 1}" if parent else str(int(index) - 1)
+  return sites
+
+
+def _our_activation_inputs(gen, disc, g_state, d_state, d_params_after, real, z, sites):
+  """{(tag, activation path, call): our input to it (NCHW)} in the reference's calls: G once, D on
+  real, on the fake, and (its parameters after its step) on the fake in G's pass. Standalone
+  forwards of the step's inputs and parameters; they round as the fused step (parity's
+  tie tests and docs/PARITY.md check that the ties they find are the step's)."""
+  g_vars = {"params": g_state.params, "batch_stats": g_state.batch_stats}
+  d_vars = {"params": d_state.params, "batch_stats": d_state.batch_stats}
+  fake, _ = gen.apply(g_vars, z, train=True, mutable=["batch_stats"])
+  passes = (("G", 0, gen, g_vars, z), ("D", 0, disc, d_vars, real), ("D", 1, disc, d_vars, fake),
+            ("D", 2, disc, dict(d_vars, params=d_params_after), fake))
+  out = {}
+  for tag, call, module, variables, x in passes:
+    outputs = _flax_layer_outputs(module, variables, x)
+    for path, before in sites[tag].items():
+      out[(tag, path, call)] = np.asarray(outputs[before]).transpose(0, 3, 1, 2)
+  return out
+
+
+def _recorded_iteration(reference, real, z, loss: str, force=None):
+  """`_reference_iteration` recording every activation's inputs (`branch_sites`)."""
+  from cspgan_jax import torch_reference  # pylint: disable=import-outside-toplevel
+  nets = {tag: net for tag, (net, _) in reference.items()}
+  with torch_reference.branch_sites(nets, force) as record:
+    metrics = _reference_iteration(reference, real, z, loss)
+  return metrics, record
+
+
+def _sign_ties(ours, record64, forced=None):
+  """{(tag, path, call): (flat indices, our branch there)} where our activation input's sign
+  (x > 0, the branch) differs from float64's within TIE_TOL of its RMS of zero; `forced`'s
+  elements (already on our branch) left out."""
+  forced = forced or {}
+  out = {}
+  for (tag, path), calls in record64.items():
+    for call, x64 in enumerate(calls):
+      mine = ours[(tag, path, call)].reshape(-1)
+      x64 = x64.numpy().reshape(-1)
+      near_zero = np.abs(x64) <= TIE_TOL * np.sqrt(np.mean(np.square(x64)))
+      index = np.nonzero(((mine > 0) != (x64 > 0)) & near_zero)[0]
+      if (tag, path, call) in forced:
+        index = np.setdiff1d(index, forced[(tag, path, call)][0])
+      if index.size:
+        out[(tag, path, call)] = (index, mine[index] > 0)
+  return out
+
+
+def _branch_aligned_iteration(start, ours, real, z, loss: str, force):
+  """The float64 iteration from `start` (its references before the step; not modified) with
+  our branch at each tie in `force`, again with each tie the forced run reveals (a forced
+  branch moves what follows it). Returns (references after, metrics, record, force)."""
+  for _ in range(ALIGN_ROUNDS):
+    reference = copy.deepcopy(start)
+    metrics, record = _recorded_iteration(reference, real, z, loss, force)
+    new = _sign_ties(ours, record, force)
+    if not new:
+      break
+    for key, (index, branch) in new.items():
+      old_index, old_branch = force.get(key, (index[:0], branch[:0]))
+      force = dict(force)
+      force[key] = (np.concatenate([old_index, index]), np.concatenate([old_branch, branch]))
+  return reference, metrics, record, force
+
+
+def _tie_list(step, force, ours, record64, record32) -> List[Tie]:
+  ties = []
+  for (tag, path, call), (index, _) in sorted(force.items()):
+    mine = ours[(tag, path, call)]
+    x64, x32 = record64[(tag, path)][call], record32[(tag, path)][call]
+    for i in index:
+      ties.append(Tie(step, CALLS[tag][call], f"{tag} {path}",
+                      tuple(int(v) for v in np.unravel_index(i, mine.shape)),
+                      float(x64.reshape(-1)[i]), float(mine.reshape(-1)[i]),
+                      float(x32.reshape(-1)[i])))
+  return ties
 
 
 def _with_optimizers(net_g, net_d, config):
@@ -293,19 +456,31 @@ def _reference_iteration(reference, real, z, loss: str, autocast: bool = False):
 def format_table(rows: List[Row], bfloat16: bool = False) -> str:
   """A fixed-width table; the last line is `max_rel_err=<largest rel>`. `bfloat16`: the rows of
   a bf16 run, whose floor is PyTorch's bf16 against its float32 (and a row is above it when
-  further from PyTorch's bf16 than that)."""
+  further from PyTorch's bf16 than that). Where `rows` (a `Rows`) holds ties, a last column
+  `jax_vs_aligned` and one `tie ...` line per tie follow, and the count is `beyond_bound`'s."""
   floor, exact = ("bf16_floor", "jax_vs_fp32") if bfloat16 else ("fp32_floor", "jax_vs_fp64")
+  aligned = any(r.aligned is not None for r in rows)
   lines = [f"{'group':<14} {'layer / quantity':<36} {'max_abs_err':>12} {'rel_err':>10} "
-           f"{floor:>10} {exact:>11}"]
+           f"{floor:>10} {exact:>11}" + (f" {'jax_vs_aligned':>14}" if aligned else "")]
   fmt = lambda v, w: f"{v:{w}.2e}" if v is not None else " " * w
   for r in rows:
     lines.append(f"{r.group:<14} {r.name:<36} {r.max_abs:12.3e} {r.rel:10.2e} "
-                 f"{fmt(r.floor, 10)} {fmt(r.exact, 11)}")
+                 f"{fmt(r.floor, 10)} {fmt(r.exact, 11)}" + (f" {fmt(r.aligned, 14)}"
+                                                             if aligned else ""))
+  for t in getattr(rows, "ties", ()):
+    lines.append(f"tie step {t.step} {t.call}: {t.site} input at NCHW {t.index}: "
+                 f"fp64 {t.fp64:+.3e} jax {t.jax:+.3e} torch32 {t.torch32:+.3e}")
   if bfloat16 and all(r.floor is None for r in rows):
     lines.append("rows above 1x bf16_floor: not measured (no floor run)")
   elif bfloat16:
     above = [r for r in rows if r.floor is not None and r.rel > r.floor]
     lines.append(f"rows above 1x bf16_floor: {len(above)} of {len(rows)}")
+  elif aligned:
+    above = [r for r in rows if beyond_bound(r, TABLE_TOL)]
+    alone = [r for r in rows if not within_floor(r, TABLE_TOL)]
+    lines.append(f"rows above max({TABLE_TOL:g}, {FLOOR_FACTOR:g}x fp32_floor): {len(above)} "
+                 f"of {len(rows)} from both PyTorch's float32 and the branch-aligned float64 "
+                 f"({len(alone)} from PyTorch's float32 alone)")
   else:
     above = [r for r in rows if not within_floor(r, TABLE_TOL)]
     lines.append(f"rows above max({TABLE_TOL:g}, {FLOOR_FACTOR:g}x fp32_floor): {len(above)} "

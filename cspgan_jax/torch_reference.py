@@ -7,8 +7,9 @@ conversion and benchmarks import this module; nothing else in the package needs 
 
 from __future__ import annotations
 
+import contextlib
 import copy
-from typing import Callable, NamedTuple
+from typing import Callable, Dict, NamedTuple, Optional
 
 import torch
 from torch import nn
@@ -201,6 +202,63 @@ def train_iteration(net_g, net_d, opt_g, opt_d, real, noise, autocast: bool = Fa
   opt_g.step()
   return {"Loss_D": err_d.item(), "Loss_G": err_g.item(), "D_x": d_x, "D_G_z1": d_g_z1,
           "D_G_z2": d_g_z2}
+
+
+ACTIVATIONS = (nn.ReLU, nn.LeakyReLU)  # the branch sites: x > 0 picks the branch, both ways
+
+
+class _GivenBranch(torch.autograd.Function):
+  """An activation whose branch is given (`positive`), not read from x's sign: x there, else
+  slope * x; the derivative likewise."""
+
+  @staticmethod
+  def forward(ctx, x, positive, slope):  # pylint: disable=arguments-differ
+    ctx.slope = slope
+    ctx.save_for_backward(positive)
+    return torch.where(positive, x, x * slope)
+
+  @staticmethod
+  def backward(ctx, grad):  # pylint: disable=arguments-differ
+    (positive,) = ctx.saved_tensors
+    return torch.where(positive, grad, grad * ctx.slope), None, None
+
+
+@contextlib.contextmanager
+def branch_sites(nets: Dict[str, nn.Module], force: Optional[dict] = None):
+  """Records the input of every ReLU/LeakyReLU in `nets` ({tag: module}) while the block runs:
+  yields {(tag, module path): [input of each call, in call order]}. The inputs are kept, not
+  copied (no activation here works in place).
+
+  `force`: {(tag, module path, call): (flat indices into that input, branch at each: bool)};
+  there the activation takes the given branch, value and derivative, whatever x's sign (parity's
+  branch-aligned float64 run). Without `force` every activation computes exactly as before."""
+  force = force or {}
+  record = {}
+  patched = []
+  for tag, net in nets.items():
+    for path, module in net.named_modules():
+      if not isinstance(module, ACTIVATIONS):
+        continue
+      calls = record.setdefault((tag, path), [])
+      slope = module.negative_slope if isinstance(module, nn.LeakyReLU) else 0.0
+
+      def forward(x, module=module, calls=calls, key=(tag, path), slope=slope):
+        given = force.get((*key, len(calls)))
+        calls.append(x.detach())
+        if given is None:
+          return type(module).forward(module, x)
+        index, positive = given
+        branch = (x > 0).reshape(-1).clone()
+        branch[torch.as_tensor(index)] = torch.as_tensor(positive)
+        return _GivenBranch.apply(x, branch.reshape(x.shape), slope)
+
+      module.forward = forward  # an instance attribute: `del` restores the class's
+      patched.append(module)
+  try:
+    yield record
+  finally:
+    for module in patched:
+      del module.forward
 
 
 def train_iteration_per_chunk(net_g, net_d, opt_g, opt_d, real, noise, chunks: int,

@@ -181,3 +181,140 @@ def test_bfloat16_iterations_track_pytorch_autocast(config_path, capsys):
                    "bfloat16", "--no-floor"]) == 0
   assert capsys.readouterr().out.strip().splitlines()[-2:] == [
       "rows above 1x bf16_floor: not measured (no floor run)", "max_rel_err=0.000e+00"]
+
+
+# ---- ties: an activation input within rounding of zero, the other side of it in our float32 ----
+
+def plant_tie(config, tmp_path, ours_positive: bool):
+  """netG.pt and netD.pt (PyTorch seed 0) where one of D's main.3 BatchNorm outputs on the first
+  real batch (noise images, step 1) is within rounding of zero (|x| < 1e-6), our float32 on one
+  side of it (positive if `ours_positive`, else <= 0), float64 and PyTorch's float32 on the other
+  (as in the quickstart's ties, docs/PARITY.md). Planted through that channel's BatchNorm bias:
+  minus the output, then moved so that zero lies between ours and PyTorch's (both float32 carry
+  about the same rounding there, from bias - mean * alpha); searched over the channels. Returns
+  the paths and the tied element (NCHW)."""
+  import copy
+  import numpy as np
+  net_g, net_d = torch_reference.build_reference(config.model, seed=0)
+  images, _ = parity.parity_data(config, 1, 0, "noise")
+  real = torch.from_numpy(images[0].transpose(0, 3, 1, 2).copy())
+  _, disc = models.build_models(config.model)
+  _, d_template = train.variable_shapes(config)
+  bias = net_d.main[3].bias
+
+  def values(at):  # (float64, ours, PyTorch's float32) at NHWC `at` with the present biases
+    x64 = parity._torch_layer_outputs(copy.deepcopy(net_d).double(), real.double())["main.3"]
+    x32 = parity._torch_layer_outputs(copy.deepcopy(net_d), real)["main.3"]
+    d_vars = torch_port.torch_to_flax(torch_port.module_state_dict(net_d), d_template, "netD")
+    return x64[at], parity._flax_layer_outputs(disc, d_vars, images[0])["main.3"][at], x32[at]
+
+  x64 = parity._torch_layer_outputs(copy.deepcopy(net_d).double(), real.double())["main.3"]
+  for c in range(x64.shape[-1]):
+    at = np.unravel_index(np.argmin(np.abs(x64[..., c])), x64.shape[:-1]) + (c,)
+    with torch.no_grad():
+      bias[c] = float(np.float32(-x64[at]))
+    v64, mine, v32 = values(at)
+    u, w = mine - v64, v32 - v64  # ours' and PyTorch's rounding error
+    # the float64 value wanted: zero between ours and PyTorch's, float64 on PyTorch's side
+    lo, hi = (-u, min(0.0, -w)) if ours_positive else (max(0.0, -w), -u)
+    if lo < hi:
+      with torch.no_grad():
+        bias[c] = float(np.float32(bias[c].item() + (lo + hi) / 2 - v64))
+      v64, mine, v32 = values(at)
+    if (lo < hi and abs(v64) < 1e-6 and (mine > 0) == ours_positive
+        and (v64 > 0) == (v32 > 0) != ours_positive):
+      torch.save(net_g.state_dict(), tmp_path / "netG.pt")
+      torch.save(net_d.state_dict(), tmp_path / "netD.pt")
+      return (str(tmp_path / "netG.pt"), str(tmp_path / "netD.pt"),
+              tuple(int(i) for i in (at[0], c, at[1], at[2])))
+    with torch.no_grad():
+      bias[c] = 0.0
+  raise AssertionError("no tie planted")
+
+
+@pytest.mark.parametrize("ours_positive", [True, False])
+def test_planted_tie_is_found_and_aligned(tiny_config, tmp_path, ours_positive):
+  """One tie spoils parity (rows far beyond the bound against PyTorch's float32, whose float64
+  it follows); parity finds it, and against the float64 run forced onto our branch there every
+  row is within the bound, whichever side of zero our float32 took (<= 0: the negative branch)."""
+  config = tiny_config()
+  net_g, net_d, index = plant_tie(config, tmp_path, ours_positive)
+  rows = parity.run_parity(config, net_g, net_d, steps=1, seed=0, images_kind="noise")
+  assert [(t.step, t.call, t.site, t.index) for t in rows.ties] == [
+      (1, "D(real)", "D main.4", index)]
+  tie = rows.ties[0]
+  assert abs(tie.fp64) < 1e-6 and (tie.jax > 0) == ours_positive != (tie.fp64 > 0)
+  assert (tie.torch32 > 0) == (tie.fp64 > 0)
+  assert any(not parity.within_floor(r, REL_TOL) for r in rows)  # the tie's doing
+  for r in rows:
+    if r.group.startswith(("step", "params", "adam", "bn_stats")):
+      assert r.aligned <= max(REL_TOL, parity.FLOOR_FACTOR * r.floor), r
+    assert not parity.beyond_bound(r, REL_TOL), r
+  lines = parity.format_table(rows).splitlines()
+  assert lines[0].split()[-1] == "jax_vs_aligned"
+  assert lines[-3].startswith("tie step 1 D(real): D main.4 input at NCHW ")
+  assert lines[-2].startswith(f"rows above max(1e-05, 4x fp32_floor): 0 of {len(rows)} ")
+  assert lines[-1].startswith("max_rel_err=")
+  if ours_positive:  # `--no-ties`: the comparison as it was, the tie counted against us
+    plain = parity.run_parity(config, net_g, net_d, steps=1, seed=0, images_kind="noise",
+                              find_ties=False)
+    assert not plain.ties and all(r.aligned is None for r in plain)
+    assert [r.rel for r in plain] == [r.rel for r in rows]
+    assert not parity.format_table(plain).splitlines()[-2].startswith(
+        "rows above max(1e-05, 4x fp32_floor): 0 ")
+
+
+def test_one_forced_branch_spoils_upstream_gradients(tiny_config, monkeypatch):
+  """The other way round, where no tie is: the float64 run forced onto the branch our float32
+  did not take at one element of D's main.4 input (the smallest |x| of the real pass) moves the
+  gradients upstream of it, D's first convolutions and that BatchNorm, beyond the bound: one
+  element is enough, which is why a tie must be aligned and not bounded."""
+  import numpy as np
+  forced = []
+
+  def flip_smallest(ours, record64, forced_already=None):
+    if forced or forced_already:
+      return {}
+    x64 = record64[("D", "main.4")][0].numpy().reshape(-1)
+    i = np.argmin(np.abs(x64))
+    forced.append(i)
+    return {("D", "main.4", 0): (np.array([i]), np.array([not x64[i] > 0]))}
+
+  monkeypatch.setattr(parity, "_sign_ties", flip_smallest)
+  rows = parity.run_parity(tiny_config(), steps=1, seed=0, images_kind="noise")
+  assert forced
+  beyond = {f"{r.group} {r.name}" for r in rows
+            if r.aligned is not None and r.aligned > max(REL_TOL, parity.FLOOR_FACTOR * r.floor)}
+  assert {"adam_mu D main.0.weight", "adam_mu D main.2.weight", "adam_mu D main.3.bias"} <= beyond
+  assert all(parity.within_floor(r, REL_TOL) for r in rows)  # no tie against PyTorch's own
+
+
+def test_branch_sites_record_without_changing_the_iteration(tiny_config):
+  """`branch_sites` without `force` records every activation's inputs and leaves PyTorch's
+  iteration bit for bit as it is (parity records the float32 run it compares with)."""
+  import copy
+  config = tiny_config()
+  net_g, net_d = torch_reference.build_reference(config.model, seed=0)
+  images, latents = parity.parity_data(config, 1, 0, "noise")
+  real = torch.from_numpy(images[0].transpose(0, 3, 1, 2).copy())
+  z = torch.from_numpy(latents[0])[:, :, None, None]
+  runs = []
+  for record in (False, True):
+    g, d = copy.deepcopy(net_g), copy.deepcopy(net_d)
+    opt_g, opt_d = torch_reference.make_optimizers(g, d, config.train)
+    sites = None
+    if record:
+      with torch_reference.branch_sites({"G": g, "D": d}) as sites:
+        metrics = torch_reference.train_iteration(g, d, opt_g, opt_d, real, z)
+    else:
+      metrics = torch_reference.train_iteration(g, d, opt_g, opt_d, real, z)
+    state = {**{f"G {k}": v for k, v in g.state_dict().items()},
+             **{f"D {k}": v for k, v in d.state_dict().items()}}
+    runs.append((metrics, state, sites))
+  (m0, s0, _), (m1, s1, sites) = runs
+  assert m0 == m1 and all(torch.equal(s0[k], s1[k]) for k in s0)
+  assert not any("forward" in vars(m) for m in list(g.modules()) + list(d.modules()))  # restored
+  assert {(tag, path): len(calls) for (tag, path), calls in sites.items()} == {
+      ("G", "main.0.right.1"): 1, ("G", "main.0.right.4"): 1, ("G", "main.1.right.1"): 1,
+      ("G", "main.1.right.4"): 1, ("G", "main.2.right.1"): 1, ("G", "main.2.right.4"): 1,
+      ("D", "main.1"): 3, ("D", "main.4"): 3, ("D", "main.7"): 3}
