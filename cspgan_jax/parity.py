@@ -22,6 +22,7 @@ against its own float32 run (`bf16_floor`), and `jax_vs_fp32` says which is near
 from __future__ import annotations
 
 import copy
+import functools
 from typing import Dict, List, NamedTuple, Optional
 
 import jax
@@ -139,7 +140,12 @@ def _flax_layer_outputs(module, variables, x):
   """{PyTorch module path: output} of every Flax submodule, training mode."""
   _, state = module.apply(variables, x, train=True, mutable=["batch_stats", "intermediates"],
                           capture_intermediates=True)
-  flat = traverse_util.flatten_dict(state["intermediates"])
+  return _layer_outputs(state["intermediates"])
+
+
+def _layer_outputs(intermediates):
+  """{PyTorch module path: output} from flax's captured "intermediates" of one pass."""
+  flat = traverse_util.flatten_dict(intermediates)
   out = {}
   for path, value in flat.items():
     modules = path[:-1]  # the last element is '__call__' or a sown value's name
@@ -316,10 +322,12 @@ def _run_parity(config, net_g_path, net_d_path, steps, seed, with_floor, log, im
   aligned64 = None  # float64 with our branches at the ties, from the first tie on
   ties = []
   step_fn = train.jit_train_step(config, with_noise=True)
+  if detect:  # the same step, each pass's layer outputs its third result
+    step_fn = jax.jit(functools.partial(train.train_step_with_noise, config=config, capture=True),
+                      donate_argnums=0)
   for k in range(steps):
     log(f"training iteration {k + 1}/{steps}")
-    before = jax.device_get((state.g, state.d)) if detect else None  # the step donates state
-    state, metrics = step_fn(state, images[k], latents[k])
+    state, metrics, *captured = step_fn(state, images[k], latents[k])
     real = torch.from_numpy(images[k].transpose(0, 3, 1, 2).copy())
     z = torch.from_numpy(latents[k])[:, :, None, None]
     if not detect:
@@ -335,8 +343,7 @@ def _run_parity(config, net_g_path, net_d_path, steps, seed, with_floor, log, im
     start64 = copy.deepcopy(aligned64 or reference64)
     ref, record32 = _recorded_iteration(reference, real, z, loss)
     ref64, record64 = _recorded_iteration(reference64, real.double(), z.double(), loss)
-    ours = _our_activation_inputs(gen, disc, *before, state.d.params, images[k], latents[k],
-                                  sites)
+    ours = _our_activation_inputs(captured[0], sites)
     force = {} if aligned64 else _sign_ties(ours, record64)
     ref_aligned = {}
     if aligned64 or force:
@@ -365,19 +372,16 @@ def _activation_sites(net):
   return sites
 
 
-def _our_activation_inputs(gen, disc, g_state, d_state, d_params_after, real, z, sites):
-  """{(tag, activation path, call): our input to it (NCHW)} in the reference's calls: G once, D on
-  real, on the fake, and (its parameters after its step) on the fake in G's pass. Standalone
-  forwards of the step's inputs and parameters; they round as the fused step (parity's
-  tie tests and docs/PARITY.md check that the ties they find are the step's)."""
-  g_vars = {"params": g_state.params, "batch_stats": g_state.batch_stats}
-  d_vars = {"params": d_state.params, "batch_stats": d_state.batch_stats}
-  fake, _ = gen.apply(g_vars, z, train=True, mutable=["batch_stats"])
-  passes = (("G", 0, gen, g_vars, z), ("D", 0, disc, d_vars, real), ("D", 1, disc, d_vars, fake),
-            ("D", 2, disc, dict(d_vars, params=d_params_after), fake))
+def _our_activation_inputs(captured, sites):
+  """{(tag, activation path, call): our input to it (NCHW)} in the reference's calls (G once;
+  D on real, on the fake, and after its step on the fake), from the layer outputs the compared
+  step returned (`train_step_with_noise(capture=True)`): the values its branches were taken on.
+  (Standalone forwards round otherwise: at 128x128 one missed D tie moved six rows.)"""
   out = {}
-  for tag, call, module, variables, x in passes:
-    outputs = _flax_layer_outputs(module, variables, x)
+  for name, pass_layers in captured.items():
+    tag = name[0]
+    call = train.CAPTURED_PASSES.index(name) - (1 if tag == "D" else 0)
+    outputs = _layer_outputs(jax.device_get(pass_layers))
     for path, before in sites[tag].items():
       out[(tag, path, call)] = np.asarray(outputs[before]).transpose(0, 3, 1, 2)
   return out

@@ -124,28 +124,41 @@ def init_state(config, rng) -> GANState:
 
 
 def _apply(module: nn.Module, params, batch_stats, x, train: bool = True, copies=None,
-           **kwargs):
-  """module(x) in training mode; returns (output, updated batch_stats). With `copies` (a
-  `ModelState.compute_params`) the convolutions read those, the gradient going to `params`."""
+           capture: bool = False, **kwargs):
+  """module(x) in training mode; returns (output, updated batch_stats, layers). With `copies`
+  (a `ModelState.compute_params`) the convolutions read those, the gradient going to `params`.
+  `layers`: with `capture`, flax's "intermediates" (every submodule's output), else {}."""
   params = param_copies.use(params, copies)
   out, mutated = module.apply({"params": params, "batch_stats": batch_stats}, x, train=train,
-                              mutable=["batch_stats"], **kwargs)
-  return out, mutated.get("batch_stats", {})
+                              mutable=["batch_stats", "intermediates"] if capture else
+                              ["batch_stats"], capture_intermediates=capture, **kwargs)
+  return out, mutated.get("batch_stats", {}), mutated.get("intermediates", {})
 
 
-def train_step_with_noise(state: GANState, real, z, *, config, axis_name: Optional[str] = None):
+def train_step_with_noise(state: GANState, real, z, *, config, axis_name: Optional[str] = None,
+                          capture: bool = False):
   """One seed iteration with explicit latents z (b, nz); `real` is (b, R, R, nc) in [-1, 1].
 
   Order as in PyTorch: D on real, D on detached fake, D's Adam step; then G through the
   *updated* D (still training mode). D's BatchNorm statistics thread through all three calls.
+  `capture` (parity's): a third result, every layer's output in each pass (`CAPTURED_PASSES`),
+  from this program itself, so that the signs parity reads are the ones this step's branches
+  took (a program without those outputs may sum in another order).
   """
   # Convolution precision: "default" lets XLA use TF32 for float32 on GPUs (as PyTorch's convs
   # do by default); "highest" is true float32 (the parity mode; no effect on CPUs).
   with jax.default_matmul_precision(config.train.get("matmul_precision", "default")):
-    return _train_step_with_noise(state, real, z, config=config, axis_name=axis_name)
+    return _train_step_with_noise(state, real, z, config=config, axis_name=axis_name,
+                                  capture=capture)
 
 
-def _train_step_with_noise(state: GANState, real, z, *, config, axis_name: Optional[str] = None):
+# The passes of one step, in PyTorch's order: G's forward, D on the real batch, D on the
+# detached fake, D after its step on the fake (G's pass)
+CAPTURED_PASSES = ("G", "D(real)", "D(fake)", "D(fake) after D's step")
+
+
+def _train_step_with_noise(state: GANState, real, z, *, config, axis_name: Optional[str] = None,
+                           capture: bool = False):
   # BatchNorm statistics are per device (as nn.DataParallel) unless train.sync_bn asks otherwise.
   bn_axis = axis_name if config.train.get("sync_bn", False) else None
   gen, disc = models.build_models(config.model, axis_name=bn_axis, dtype=compute_dtype(config))
@@ -155,9 +168,12 @@ def _train_step_with_noise(state: GANState, real, z, *, config, axis_name: Optio
   sigmoid_mean = lambda logits: jax.nn.sigmoid(logits.astype(jnp.float32)).mean()
 
   # G forward once; its pullback is reused for G's gradient, like `fake` in PyTorch.
-  fake, g_vjp, g_stats = jax.vjp(
-      lambda p: _apply(gen, p, state.g.batch_stats, z, copies=state.g.compute_params),
-      state.g.params, has_aux=True)
+  def g_forward(g_params):
+    out, stats, layers = _apply(gen, g_params, state.g.batch_stats, z,
+                                copies=state.g.compute_params, capture=capture)
+    return out, (stats, layers)
+
+  fake, g_vjp, (g_stats, g_layers) = jax.vjp(g_forward, state.g.params, has_aux=True)
   d_copies = state.d.compute_params
 
   def d_loss(d_params):
@@ -165,27 +181,34 @@ def _train_step_with_noise(state: GANState, real, z, *, config, axis_name: Optio
       # One pass over both batches (each its own BatchNorm statistics, the running ones moved
       # real first): the same sums as two passes, in convolutions of twice the batch.
       both = jnp.concatenate([real.astype(fake.dtype), jax.lax.stop_gradient(fake)])
-      logits, stats = _apply(disc, d_params, state.d.batch_stats, both, groups=2,
-                             copies=d_copies)
-      logits_real, logits_fake = logits[:real.shape[0]], logits[real.shape[0]:]
+      logits, stats, layers = _apply(disc, d_params, state.d.batch_stats, both, groups=2,
+                                     copies=d_copies, capture=capture)
+      b = real.shape[0]
+      logits_real, logits_fake = logits[:b], logits[b:]
+      layers = (jax.tree_util.tree_map(lambda a: a[:b], layers),
+                jax.tree_util.tree_map(lambda a: a[b:], layers))
     else:
-      logits_real, stats = _apply(disc, d_params, state.d.batch_stats, real, copies=d_copies)
-      logits_fake, stats = _apply(disc, d_params, stats, jax.lax.stop_gradient(fake),
-                                  copies=d_copies)
+      logits_real, stats, layers_real = _apply(disc, d_params, state.d.batch_stats, real,
+                                               copies=d_copies, capture=capture)
+      logits_fake, stats, layers_fake = _apply(disc, d_params, stats,
+                                               jax.lax.stop_gradient(fake), copies=d_copies,
+                                               capture=capture)
+      layers = (layers_real, layers_fake)
     err_real, err_fake = loss.d_on_real(f32(logits_real)), loss.d_on_fake(f32(logits_fake))
-    return err_real + err_fake, (stats, logits_real, logits_fake)
+    return err_real + err_fake, (stats, logits_real, logits_fake, layers)
 
-  (err_d, (d_stats, logits_real, logits_fake)), d_grads = jax.value_and_grad(
+  (err_d, (d_stats, logits_real, logits_fake, d_layers)), d_grads = jax.value_and_grad(
       d_loss, has_aux=True)(state.d.params)
   if axis_name is not None:
     d_grads = jax.lax.pmean(d_grads, axis_name)
   new_d = state.d.apply_gradients(grads=d_grads)
 
   def g_loss(fake_images):
-    logits, stats = _apply(disc, new_d.params, d_stats, fake_images)
-    return loss.g_on_fake(f32(logits)), (stats, logits)
+    logits, stats, layers = _apply(disc, new_d.params, d_stats, fake_images, capture=capture)
+    return loss.g_on_fake(f32(logits)), (stats, logits, layers)
 
-  (err_g, (d_stats, logits_g)), fake_grad = jax.value_and_grad(g_loss, has_aux=True)(fake)
+  (err_g, (d_stats, logits_g, g_pass_layers)), fake_grad = jax.value_and_grad(
+      g_loss, has_aux=True)(fake)
   (g_grads,) = g_vjp(fake_grad)
   if axis_name is not None:
     g_grads = jax.lax.pmean(g_grads, axis_name)
@@ -209,7 +232,10 @@ def _train_step_with_noise(state: GANState, real, z, *, config, axis_name: Optio
   }
   if axis_name is not None:
     metrics = jax.lax.pmean(metrics, axis_name)
-  return GANState(step=state.step + 1, g=new_g, d=new_d), metrics
+  new_state = GANState(step=state.step + 1, g=new_g, d=new_d)
+  if capture:
+    return new_state, metrics, dict(zip(CAPTURED_PASSES, (g_layers, *d_layers, g_pass_layers)))
+  return new_state, metrics
 
 
 def _pmean_floats(tree, axis_name):
@@ -234,7 +260,7 @@ def generate(config, g_params, g_batch_stats, z, use_running_average: bool = Fal
   gen, _ = models.build_models(config.model)
   if use_running_average:
     return gen.apply({"params": g_params, "batch_stats": g_batch_stats}, z, train=False)
-  out, _ = _apply(gen, g_params, g_batch_stats, z)
+  out, _, _ = _apply(gen, g_params, g_batch_stats, z)
   return out
 
 

@@ -318,3 +318,34 @@ def test_branch_sites_record_without_changing_the_iteration(tiny_config):
       ("G", "main.0.right.1"): 1, ("G", "main.0.right.4"): 1, ("G", "main.1.right.1"): 1,
       ("G", "main.1.right.4"): 1, ("G", "main.2.right.1"): 1, ("G", "main.2.right.4"): 1,
       ("D", "main.1"): 3, ("D", "main.4"): 3, ("D", "main.7"): 3}
+
+
+def test_the_step_returns_each_pass_layer_outputs(tiny_config):
+  """`train_step_with_noise(capture=True)`, whose signs parity's tie search reads: the same
+  step, plus every layer's output in each pass, by `CAPTURED_PASSES` name (checked against
+  standalone forwards of each pass's inputs and parameters)."""
+  import functools
+  import numpy as np
+  config = tiny_config("model.block=leaky_bn")
+  state = train.init_state(config, jax.random.PRNGKey(0))
+  images, latents = parity.parity_data(config, 1, 0, "noise")
+  step = lambda **kw: jax.jit(functools.partial(train.train_step_with_noise, config=config, **kw))
+  new_state, metrics, captured = step(capture=True)(state, images[0], latents[0])
+  _, plain_metrics = step()(state, images[0], latents[0])
+  for name, value in plain_metrics.items():
+    np.testing.assert_allclose(metrics[name], value, rtol=1e-6)
+  assert set(captured) == set(train.CAPTURED_PASSES)
+  gen, disc = models.build_models(config.model)
+  g_vars = {"params": state.g.params, "batch_stats": state.g.batch_stats}
+  d_vars = {"params": state.d.params, "batch_stats": state.d.batch_stats}
+  fake, _ = gen.apply(g_vars, latents[0], train=True, mutable=["batch_stats"])
+  passes = {"G": (gen, g_vars, latents[0]), "D(real)": (disc, d_vars, images[0]),
+            "D(fake)": (disc, d_vars, fake),
+            "D(fake) after D's step": (disc, dict(d_vars, params=new_state.d.params), fake)}
+  for name, (module, variables, x) in passes.items():
+    ours = parity._layer_outputs(jax.device_get(captured[name]))  # pylint: disable=protected-access
+    alone = parity._flax_layer_outputs(module, variables, x)  # pylint: disable=protected-access
+    assert ours.keys() == alone.keys() and len(ours) > 5, name
+    for path, value in alone.items():
+      # rounding apart (a small-variance BatchNorm channel magnifies it), not another pass
+      np.testing.assert_allclose(ours[path], value, rtol=1e-3, atol=1e-4, err_msg=f"{name} {path}")
