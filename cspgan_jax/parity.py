@@ -349,7 +349,7 @@ def _run_parity(config, net_g_path, net_d_path, steps, seed, with_floor, log, im
     if aligned64 or force:
       log(f"ties at step {k + 1}: float64 again with our branches there")
       aligned64, ref_aligned, record_aligned, force = _branch_aligned_iteration(
-          start64, ours, real.double(), z.double(), loss, force)
+          start64, ours, real.double(), z.double(), loss, force, log)
       ties += _tie_list(k + 1, force, ours, record_aligned, record32)
     rows += [_row(f"step {k + 1}", name, metrics[name], ref[name], ref64[name],
                   ref_aligned.get(name)) for name in ref]
@@ -415,19 +415,25 @@ def _sign_ties(ours, record64, forced=None):
   return out
 
 
-def _branch_aligned_iteration(start, ours, real, z, loss: str, force):
+def _branch_aligned_iteration(start, ours, real, z, loss: str, force, log=lambda msg: None):
   """The float64 iteration from `start` (its references before the step; not modified) with
   our branch at each tie in `force`, again with each tie the forced run reveals (a forced
-  branch moves what follows it). Returns (references after, metrics, record, force)."""
-  for _ in range(ALIGN_ROUNDS):
+  branch moves what follows it), at most ALIGN_ROUNDS runs. Returns (references after, metrics,
+  record, force), all of the last run made: the ties listed are the ones it forced."""
+  for round_ in range(ALIGN_ROUNDS):
     reference = copy.deepcopy(start)
     metrics, record = _recorded_iteration(reference, real, z, loss, force)
     new = _sign_ties(ours, record, force)
     if not new:
       break
+    if round_ == ALIGN_ROUNDS - 1:  # no run left for them: say so rather than list them
+      log(f"{sum(len(i) for i, _ in new.values())} more ties appeared in the last of "
+          f"{ALIGN_ROUNDS} aligned float64 runs and are not forced; rows downstream of them "
+          "may stay beyond the bound")
+      break
+    force = dict(force)
     for key, (index, branch) in new.items():
       old_index, old_branch = force.get(key, (index[:0], branch[:0]))
-      force = dict(force)
       force[key] = (np.concatenate([old_index, index]), np.concatenate([old_branch, branch]))
   return reference, metrics, record, force
 

@@ -349,3 +349,27 @@ def test_the_step_returns_each_pass_layer_outputs(tiny_config):
     for path, value in alone.items():
       # rounding apart (a small-variance BatchNorm channel magnifies it), not another pass
       np.testing.assert_allclose(ours[path], value, rtol=1e-3, atol=1e-4, err_msg=f"{name} {path}")
+
+
+def test_ties_the_last_aligned_run_reveals_are_said_not_listed(tiny_config, monkeypatch):
+  """Each forced run may reveal further ties; those of the last allowed run were never forced,
+  so they are not listed as ties (the listed ones and the aligned column are that run's)."""
+  import numpy as np
+  found = []
+
+  def one_more_each_time(ours, record64, forced=None):  # a new element at every look
+    x64 = record64[("D", "main.4")][0].numpy().reshape(-1)
+    i = np.argsort(np.abs(x64))[len(found)]
+    found.append(i)
+    return {("D", "main.4", 0): (np.array([i]), np.array([not x64[i] > 0]))}
+
+  monkeypatch.setattr(parity, "_sign_ties", one_more_each_time)
+  monkeypatch.setattr(parity, "ALIGN_ROUNDS", 2)
+  logs = []
+  rows = parity.run_parity(tiny_config(), steps=1, seed=0, images_kind="noise", log=logs.append)
+  assert len(found) == 3  # the search's, then one after each of the two aligned runs
+  shape = (8, 16, 8, 8)  # D main.4's input at tiny sizes, NCHW
+  assert [t.index for t in rows.ties] == [
+      tuple(int(v) for v in np.unravel_index(i, shape)) for i in found[:2]]
+  assert "1 more ties appeared in the last of 2 aligned float64 runs and are not forced" in (
+      "\n".join(logs))
