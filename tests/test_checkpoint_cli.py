@@ -65,6 +65,17 @@ def test_a_checkpoint_older_than_some_fields_reads_as_it_ran(tmp_path, tiny_conf
   assert int(state.step) == 0
 
 
+def test_later_fields_name_config_fields_with_values_of_their_type():
+  """A misspelt `_LATER_FIELDS` entry would fill a field nothing reads, and the stored config
+  would still lack the real one."""
+  from cspgan_jax import config_lib  # pylint: disable=import-outside-toplevel
+  for group, fields in checkpoint._LATER_FIELDS.items():  # pylint: disable=protected-access
+    for name, before in fields.items():
+      kind = config_lib.FIELD_TYPES[group].get(name)
+      assert kind is not None, f"{group}.{name}"
+      assert config_lib._has_type(before, kind), f"{group}.{name}"  # pylint: disable=protected-access
+
+
 def test_a_reader_that_leaves_early_is_no_error(tmp_path, tiny_config):
   """`cspgan info DIR | head -1`: it said "cspgan: error: Broken pipe (in DIR)", exit 2."""
   config = tiny_config()
