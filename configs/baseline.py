@@ -9,7 +9,8 @@ Numerics check against PyTorch (2-core CPU, a few minutes):
 
 Train (CelebA prepared once, README "Data"): cspgan train --config configs/baseline.py --workdir runs/baseline
 On one H200 (2026-11-27): 7,769 images/s, 10 epochs in 4.3 min of iterations; with
---config.train.dtype=bfloat16 11,894 images/s, 2.8 min (docs/PERFORMANCE.md; CPU: about 10 s a step).
+--config.train.dtype=bfloat16 11,894 images/s, 2.8 min (docs/PERFORMANCE.md; CPU: about 10 s a
+step).
 """
 
 import ml_collections

@@ -7,10 +7,11 @@ included, 35-46 s again with the compiled programs from the compilation cache (t
 2026-11-28); a GPU is not measured yet. At the seed's learning rates the grid still
 looks like noise with faint structure after 300 steps, its 64 tiles alike: this run shows the
 pipeline, not a trained model. The PyTorch reference collapses the same way in the same 300
-steps (docs/PARITY.md, "The quickstart's 300 steps"); the seed never converged either. Leaves runs/quickstart/samples/*.png, TensorBoard events in
-runs/quickstart/tensorboard (`pip install tensorboard`, then `tensorboard --logdir
-runs/quickstart`: tensorboardX writes the events, the viewer is a package of its own) and a checkpoint
-(`cspgan sample --workdir runs/quickstart --out grid.png`, `cspgan info runs/quickstart`).
+steps (docs/PARITY.md, "The quickstart's 300 steps"); the seed never converged either.
+Leaves runs/quickstart/samples/*.png, TensorBoard events in runs/quickstart/tensorboard
+(`pip install tensorboard`, then `tensorboard --logdir runs/quickstart`: tensorboardX writes
+the events, the viewer is a package of its own) and a checkpoint (`cspgan sample --workdir
+runs/quickstart --out grid.png`, `cspgan info runs/quickstart`).
 """
 
 from configs import baseline

@@ -249,8 +249,8 @@ def _config_fingerprint(config) -> int:
 def _check_start(config, workdir: str, refusal: Optional[str]) -> None:
   """Before any work, the same error line on every process where they could not train together:
   process 0 refused the workdir, the processes see different checkpoints (workdirs not one
-  shared folder), or were started with different configs or numbers of processes. Left alone, each of those ended in a
-  traceback on some processes and a hang or an abort on the others."""
+  shared folder), or were started with different configs or numbers of processes. Left alone,
+  each of those ended in a traceback on some processes and a hang or an abort on the others."""
   latest = checkpoint.latest_step(workdir)
   rows = _per_process([refusal is not None, -1 if latest is None else latest,
                        _config_fingerprint(config), parallel.dist_settings(config)[1]])

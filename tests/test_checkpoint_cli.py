@@ -73,7 +73,8 @@ def test_later_fields_name_config_fields_with_values_of_their_type():
     for name, before in fields.items():
       kind = config_lib.FIELD_TYPES[group].get(name)
       assert kind is not None, f"{group}.{name}"
-      assert config_lib._has_type(before, kind), f"{group}.{name}"  # pylint: disable=protected-access
+      has_type = config_lib._has_type  # pylint: disable=protected-access
+      assert has_type(before, kind), f"{group}.{name}"
 
 
 def test_a_reader_that_leaves_early_is_no_error(tmp_path, tiny_config):
