@@ -23,6 +23,10 @@ class DataError(CspganError):
   """Input data that cannot be used."""
 
 
+class DivergedError(CspganError):
+  """Training reached non-finite losses (a sweep can catch this one and go on to the next)."""
+
+
 def drop_closed_event_loop_reports() -> None:
   """Once orbax has given up on a checkpoint (a restore that failed, a write the disk refused),
   it closes its event loop while tensorstore's other reads or writes are still in flight; each

@@ -29,7 +29,7 @@ import numpy as np
 
 from cspgan_jax import (background, checkpoint, images, input_pipeline, parallel, profiling,
                         train)
-from cspgan_jax.errors import CspganError, first_line
+from cspgan_jax.errors import CspganError, DivergedError, first_line
 
 TENSORBOARD_DIR = "tensorboard"
 SAMPLES_DIR = "samples"
@@ -375,7 +375,7 @@ def _train_and_evaluate(config, workdir: str, progress: bool) -> train.GANState:
     from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
     bar = tqdm(total=total, initial=start, unit=" steps", dynamic_ncols=True, file=sys.stderr)
   last_saved = start if start else None
-  step = start
+  step = checked = start
   try:
     with StopRequest() as stop:
       tick, tick_step = time.perf_counter(), start
@@ -390,9 +390,19 @@ def _train_and_evaluate(config, workdir: str, progress: bool) -> train.GANState:
         trace.after(step, (p_state, metrics), step_fns[n], last=step >= total)
         if bar is not None:
           bar.update(n)
-        if step % t.log_every == 0 or step == total:
-          # the only sync per log
-          m = {name: float(v) for name, v in parallel.unreplicate(metrics).items()}
+        # One process: the flag is free to read. Several: agreeing is a collective, so not every step.
+        check = (jax.process_count() == 1 or step == total
+                 or (step - n) // t.stop_check_every != step // t.stop_check_every)
+        stopping = stop.requested() if check else False
+        log_now = step % t.log_every == 0 or step == total
+        sample_now = step % t.sample_every == 0 or step == total
+        save_now = step % t.checkpoint_every == 0 or step == total or stopping
+        if log_now or sample_now or save_now:
+          # the only sync: before anything of this step is written (the metrics are averaged
+          # over every device, so all processes see the same values and stop together)
+          m = _finite_metrics(metrics, step, checked, start, last_saved)
+          checked = step
+        if log_now:
           now = time.perf_counter()
           rate = (step - tick_step) * t.batch_size / max(now - tick, 1e-9)
           tick, tick_step = now, step
@@ -405,16 +415,12 @@ def _train_and_evaluate(config, workdir: str, progress: bool) -> train.GANState:
             bar.write(line, file=sys.stderr)
           elif main_process:
             print(line, file=sys.stderr, flush=True)
-        if main_process and (step % t.sample_every == 0 or step == total):
+        if main_process and sample_now:
           # G's copy on this process's first device: sampling there needs no trip of G's
           # 128 MB of parameters through the host (one process samples, so no collective).
           g = parallel.first_local_copy(p_state.g)
           output.submit(_write_grid, log, step, sample_fn(g.params, g.batch_stats, fixed_noise))
-        # One process: the flag is free to read. Several: agreeing is a collective, so not every step.
-        check = (jax.process_count() == 1 or step == total
-                 or (step - n) // t.stop_check_every != step // t.stop_check_every)
-        stopping = stop.requested() if check else False
-        if step % t.checkpoint_every == 0 or step == total or stopping:
+        if save_now:
           _save(mngr, p_state, config, output)
           last_saved = step
         if stopping:
@@ -442,6 +448,25 @@ def _train_and_evaluate(config, workdir: str, progress: bool) -> train.GANState:
   if main_process and last_saved is not None:
     say(f"checkpoint at step {last_saved} in {checkpoint.checkpoint_dir(workdir)}")
   return parallel.unreplicate(p_state)
+
+
+def _finite_metrics(metrics, step: int, checked: int, start: int,
+                    last_saved: Optional[int]) -> dict:
+  """This step's metrics on the host; a DivergedError where any is NaN or inf, before it is
+  logged, drawn or saved, so the checkpoints written before stay the latest (with
+  `keep_checkpoints`, saving the diverged state would delete them one by one)."""
+  m = {name: float(v) for name, v in parallel.unreplicate(metrics).items()}
+  bad = {name: m[name] for name in sorted(m, key=list(METRIC_TAGS).index) if not np.isfinite(m[name])}
+  if not bad:
+    return m
+  kept = (f"the checkpoint at step {last_saved} is the latest" if last_saved is not None
+          else "no checkpoint was written")
+  since = f"step {checked}, the last checked" if checked > start else f"the run's start, step {start}"
+  raise DivergedError(
+      f"training diverged: {', '.join(f'{k}={v}' for k, v in bad.items())} at step {step}, "
+      f"somewhere after {since}; nothing after step {checked} was logged or saved and {kept} "
+      "(resumed, the run repeats these steps bit for bit: lower train.lr_d / train.lr_g or "
+      "change the config)")
 
 
 @contextlib.contextmanager

@@ -461,6 +461,35 @@ def test_out_of_device_memory_is_one_line_and_the_checkpoint_stays(tmp_path, cap
   assert checkpoint.latest_step(workdir) == 4
 
 
+def test_a_diverged_run_stops_in_one_line_before_writing_anything_of_it(tmp_path, capsys):
+  """Losses that turn NaN (here: G's Adam at lr 1e30 from step 4's checkpoint) end the run at the
+  next step that would write something, before it is logged, drawn or saved: saving it with
+  keep_checkpoints=1 would have deleted the last good checkpoint."""
+  workdir = str(tmp_path / "run")
+  assert cli.main(["train", "--config", TINY, "--workdir", workdir, "--no-progress",
+                   "--config.train.num_steps=4"]) == 0
+  capsys.readouterr()
+  assert cli.main(["train", "--config", TINY, "--workdir", workdir, "--no-progress",
+                   "--config.train.num_steps=12", "--config.train.lr_g=1e30",
+                   "--config.train.log_every=1",
+                   "--config.train.checkpoint_every=2", "--config.train.keep_checkpoints=1"]) == 2
+  err = [l for l in capsys.readouterr().err.splitlines() if l.startswith("cspgan:")]
+  # Step 5 ran on step 4's finite parameters; its update made G's ~1e30, so G's images are
+  # NaN at step 6 (D on the real batch is still finite).
+  assert err == ["cspgan: error: training diverged: Loss_D=nan, Loss_G=nan, D_G_z1=nan, "
+                 "D_G_z2=nan at step 6, somewhere after step 5, the last checked; "
+                 "nothing after step 5 was logged or saved and the checkpoint at step 4 is the "
+                 "latest (resumed, the run repeats these steps bit for bit: lower train.lr_d / "
+                 "train.lr_g or change the config)"], err
+  assert checkpoint.all_steps(workdir) == [4]
+  restored, _ = checkpoint.restore(workdir)
+  assert int(restored.step) == 4
+  assert all(np.isfinite(x).all() for x in jax.tree_util.tree_leaves(restored))
+  assert [r["step"] for r in trainer.logged_metrics(workdir)] == [2, 4, 5]
+  assert sorted(os.listdir(os.path.join(workdir, trainer.SAMPLES_DIR))) == [
+      "fixed_noise_00000004.png"]
+
+
 def test_a_full_disk_under_the_logs_is_one_line(tmp_path, capsys, monkeypatch):
   """The disk fills while the output thread writes a grid (seen on a tmpfs): one line, exit 2."""
   from cspgan_jax import images  # pylint: disable=import-outside-toplevel
