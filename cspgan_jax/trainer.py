@@ -390,7 +390,8 @@ def _train_and_evaluate(config, workdir: str, progress: bool) -> train.GANState:
         trace.after(step, (p_state, metrics), step_fns[n], last=step >= total)
         if bar is not None:
           bar.update(n)
-        # One process: the flag is free to read. Several: agreeing is a collective, so not every step.
+        # One process: the flag is free to read. Several: agreeing is a collective, so not
+        # every step.
         check = (jax.process_count() == 1 or step == total
                  or (step - n) // t.stop_check_every != step // t.stop_check_every)
         stopping = stop.requested() if check else False
@@ -456,12 +457,14 @@ def _finite_metrics(metrics, step: int, checked: int, start: int,
   logged, drawn or saved, so the checkpoints written before stay the latest (with
   `keep_checkpoints`, saving the diverged state would delete them one by one)."""
   m = {name: float(v) for name, v in parallel.unreplicate(metrics).items()}
-  bad = {name: m[name] for name in sorted(m, key=list(METRIC_TAGS).index) if not np.isfinite(m[name])}
+  bad = {name: m[name] for name in sorted(m, key=list(METRIC_TAGS).index)
+         if not np.isfinite(m[name])}
   if not bad:
     return m
   kept = (f"the checkpoint at step {last_saved} is the latest" if last_saved is not None
           else "no checkpoint was written")
-  since = f"step {checked}, the last checked" if checked > start else f"the run's start, step {start}"
+  since = (f"step {checked}, the last checked" if checked > start
+           else f"the run's start, step {start}")
   raise DivergedError(
       f"training diverged: {', '.join(f'{k}={v}' for k, v in bad.items())} at step {step}, "
       f"somewhere after {since}; nothing after step {checked} was logged or saved and {kept} "
