@@ -31,6 +31,9 @@ def test_state_round_trips_through_orbax(tmp_path, tiny_config, block):
   checkpoint.save(str(tmp_path), state, config)
   restored, stored_config = checkpoint.restore(str(tmp_path))
   assert int(restored.step) == 1 and stored_config.model.block == block
+  # The stored config is the run's, every field (info, sample and convert rebuild from it),
+  # not the values `_LATER_FIELDS` gives a config written before a field existed.
+  assert stored_config.to_dict() == config.to_dict()
   assert _leaves_equal(state, restored)
   # The restored state trains on exactly as the original does.
   a, _ = step(state, real, jax.random.PRNGKey(2))
@@ -39,10 +42,21 @@ def test_state_round_trips_through_orbax(tmp_path, tiny_config, block):
 
 
 def test_restore_refuses_other_architecture_and_empty_dirs(tmp_path, tiny_config):
-  config = tiny_config()
+  config = tiny_config("train.sync_bn=True", "data.split=all")  # not the fields' old defaults
   checkpoint.save(str(tmp_path), train.init_state(config, jax.random.PRNGKey(0)), config)
-  with pytest.raises(CheckpointError, match="different architecture: model.block"):
-    checkpoint.restore(str(tmp_path), tiny_config("model.block=leaky_bn"))
+  assert checkpoint.read_config(str(tmp_path)).to_dict() == config.to_dict()
+  # Each field that shapes the networks. Orbax would read some of these into the other
+  # shapes without a word (nz=32: G's first kernel came back (4, 4, 32, 8)).
+  other = {"block": "leaky_bn", "discriminator": "avgpool", "nz": 32, "ngf": 16, "ndf": 16,
+           "resolution": 64}
+  # model.nc is 3 in every valid config (the data are RGB), so it cannot differ here
+  fields = set(checkpoint._ARCHITECTURE_FIELDS)  # pylint: disable=protected-access
+  assert sorted(other) == sorted(fields - {"nc"})
+  for field, value in other.items():
+    with pytest.raises(CheckpointError, match=f"different architecture: model.{field}: "
+                                              f"checkpoint {config.model[field]!r}, config "
+                                              f"{value!r}$"):
+      checkpoint.restore(str(tmp_path), tiny_config(f"model.{field}={value}"))
   (tmp_path / "empty").mkdir()
   with pytest.raises(CheckpointError, match="no checkpoint"):
     checkpoint.restore(str(tmp_path / "empty"))
@@ -190,6 +204,11 @@ def test_make_grid_matches_torchvision_semantics():
   np.testing.assert_allclose(grid[2:6, 2:7], (x[0] - lo) / (hi - lo), rtol=1e-6)
   np.testing.assert_allclose(grid[8:12, 9:14], (x[9] - lo) / (hi - lo), rtol=1e-6)
   assert not grid[:2].any() and not grid[8:12, 16:].any()  # padding and the empty cells
+  # Fewer images than a row: the row is as wide as they are (torchvision: min(nrow, n))
+  assert images.make_grid(x[:4]).shape == (6 + 2, 4 * 7 + 2, 3)
+  # save_image's rounding: x * 255 + 0.5, clamped, then truncated
+  np.testing.assert_array_equal(images.to_uint8(np.array([0.5, 1 / 510, 0.999, 1.2, -0.1])),
+                                [128, 1, 255, 255, 0])
   one = images.make_grid(x[:1])  # torchvision: the image itself, no border
   np.testing.assert_allclose(one, (x[0] - x[0].min()) / (x[0].max() - x[0].min()), rtol=1e-6)
 

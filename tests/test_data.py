@@ -3,6 +3,7 @@ JPEGs the tests draw themselves (no download, no TensorFlow)."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -13,7 +14,8 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from cspgan_jax import cli, config_lib, datasets, errors, input_pipeline, prepare_data, preprocess
+from cspgan_jax import (cli, config_lib, datasets, errors, input_pipeline, prepare_data,
+                        preprocess, synthetic)
 from cspgan_jax.errors import ConfigError, DataError
 
 R = 32
@@ -39,6 +41,9 @@ def make_image_folder(root, num_good=NUM_GOOD, seed=0, corrupt=True):
     if i % 11 == 5:
       path = os.path.join(sub, f"{i:06d}.png")
       image.convert("L").save(path)  # greyscale: the loader's convert("RGB") must handle it
+    elif i % 11 == 2:  # as some cameras and Windows tools name them; torchvision reads them
+      path = os.path.join(sub, f"{i:06d}.JPG")
+      image.save(path, quality=92)
     else:
       path = os.path.join(sub, f"{i:06d}.jpg")
       image.save(path, quality=92)
@@ -185,12 +190,28 @@ def test_celeba_partition_file_gives_splits(tmp_path, config_path):
     datasets.load_source(data_config(data_dir=str(tmp_path / "out"), split="train[:"), R)
 
 
-def test_bad_partition_line_is_one_clear_error(tmp_path):
+@pytest.mark.parametrize("line", ["000001.jpg seven", "000001.jpg 0 2"])
+def test_bad_partition_line_is_one_clear_error(tmp_path, line):
   images = tmp_path / "imgs"
   make_image_folder(str(images), num_good=2, corrupt=False)
-  (images / "list_eval_partition.txt").write_text("000000.jpg 0\n000001.jpg seven\n")
-  with pytest.raises(DataError, match=r"list_eval_partition.txt:2: expected"):
+  (images / "list_eval_partition.txt").write_text(f"000000.jpg 0\n{line}\n")
+  with pytest.raises(DataError, match=rf"list_eval_partition.txt:2: expected '<file name> "
+                                      rf"<0\|1\|2>', got '{line}'"):
     prepare_data.prepare(str(images), str(tmp_path / "out"), resolution=R, workers=1)
+
+
+def test_the_partition_file_is_found_where_celeba_keeps_it(tmp_path):
+  """Inside the image folder, beside it, or in `Eval/` beside it or one level up (the
+  archive's CelebA/Eval beside CelebA/Img/img_align_celeba), nearest first."""
+  images = tmp_path / "CelebA" / "Img" / "img_align_celeba"
+  images.mkdir(parents=True)
+  assert prepare_data.find_partition_file(str(images)) is None
+  for folder in (tmp_path / "CelebA" / "Eval", tmp_path / "CelebA" / "Img" / "Eval",
+                 tmp_path / "CelebA" / "Img", images):  # farthest first: each new one wins
+    folder.mkdir(exist_ok=True)
+    (folder / prepare_data.PARTITION_FILE).write_text("000001.jpg 0\n")
+    assert prepare_data.find_partition_file(str(images)) == str(
+        folder / prepare_data.PARTITION_FILE)
 
 
 def test_existing_dataset_is_kept_unless_overwrite(prepared, tmp_path):
@@ -199,6 +220,14 @@ def test_existing_dataset_is_kept_unless_overwrite(prepared, tmp_path):
   with pytest.raises(DataError, match="already holds a prepared dataset"):
     prepare_data.prepare(prepared["images"], prepared["out"], resolution=R, workers=1)
   assert open(info).read() == before
+  # overwrite=True replaces it (in a copy: the other tests of this file read the original)
+  out = str(tmp_path / "copy")
+  shutil.copytree(prepared["out"], out)
+  others = str(tmp_path / "others")
+  make_image_folder(others, num_good=3, corrupt=False)
+  summary = prepare_data.prepare(others, out, resolution=R, workers=1, overwrite=True)
+  assert summary.written == {"train": 3}
+  assert len(tfds.data_source("celeba", data_dir=out)["train"]) == 3
 
 
 def test_interrupted_preparation_is_detected_and_rebuilt(tmp_path):
@@ -389,10 +418,14 @@ def test_full_size_images_go_through_the_seeds_transform():
     def __getitems__(self, idx):
       return [{"image": raw[i]} for i in idx]
 
+  # greyscale ones too, (H, W) or (H, W, 1), as PIL's convert("RGB") makes them
+  grey = np.asarray(_smooth_image(rng, 178, 218).convert("L"))
+  raw += [grey, grey[..., None]]
   source = datasets.TfdsSource(FakeSource(), R, "fake")
-  got = source.get([2, 0])
-  for g, i in zip(got, [2, 0]):
-    np.testing.assert_array_equal(g, preprocess.resize_and_crop(Image.fromarray(raw[i]), R))
+  got = source.get([2, 0, 3, 4])
+  for g, i in zip(got, [2, 0, 3, 4]):
+    pil = Image.fromarray(raw[i] if raw[i].ndim == 2 or raw[i].shape[-1] == 3 else raw[i][..., 0])
+    np.testing.assert_array_equal(g, preprocess.resize_and_crop(pil, R))
 
 
 def test_to_unit_range_is_torchvision_normalize():
@@ -417,6 +450,39 @@ def _indexed_source(n):
 def _ids(batch):
   batch = np.asarray(batch)
   return batch[..., 0, 0, 0].astype(np.int64) * 256 + batch[..., 0, 0, 1]
+
+
+def test_read_all_reads_every_chunk_in_order():
+  source = _indexed_source(10)
+  indices = np.array([9, 0, 4, 7, 1, 8, 2])
+  np.testing.assert_array_equal(_ids(datasets.read_all(source, indices, chunk=3)), indices)
+
+
+def test_each_process_holds_its_own_devices_shards(monkeypatch):
+  """Process 1 of two, four devices each: global shards 4-7 (process 0 holds 0-3)."""
+  monkeypatch.setattr(jax, "process_index", lambda: 1)
+  monkeypatch.setattr(jax, "local_device_count", lambda: 4)
+  monkeypatch.setattr(jax, "device_count", lambda: 8)
+  lay = input_pipeline.make_layout(203, 32)
+  assert (lay.num_shards, lay.first_shard, lay.local_shards) == (8, 4, 4)
+  np.testing.assert_array_equal(lay.local_shard_ids(), [4, 5, 6, 7])
+
+
+def test_the_configs_data_seeds_are_the_ones_used(tiny_config):
+  """data.synthetic_seed draws the faces and data.shuffle_seed orders every epoch; both are 0
+  in every shipped config, as train.seed is, so a mix-up would not show there."""
+  config = tiny_config("data.pipeline=streaming", "data.shuffle_seed=7", "data.synthetic_seed=3")
+  inp = input_pipeline.make_input(config)
+  lay = inp.layout
+  faces = synthetic.cartoon_faces(config.data.num_examples, R, seed=3)
+  positions = lambda seed, step: np.asarray(input_pipeline.batch_positions(
+      seed, step, 0, shard_size=lay.shard_size, per_device_batch=lay.per_device_batch,
+      steps_per_epoch=lay.steps_per_epoch))
+  for step in (0, lay.steps_per_epoch + 1):
+    np.testing.assert_array_equal(inp.host_batch(step)[0],
+                                  faces[lay.shard_indices(0)[positions(7, step)]])
+    assert not np.array_equal(positions(7, step), positions(0, step))
+  assert not np.array_equal(faces, synthetic.cartoon_faces(config.data.num_examples, R, seed=0))
 
 
 def test_layout_and_its_errors():

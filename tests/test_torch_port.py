@@ -1,5 +1,7 @@
 """Checkpoint conversion: exact round trips, DataParallel prefix, clear errors."""
 
+import os
+
 import flax.linen as nn
 import jax
 import numpy as np
@@ -32,7 +34,13 @@ def test_bit_identical_round_trip(tiny_config, block, kind):
   for net, template, role in zip(nets, train.variable_shapes(config), ("netG", "netD")):
     sd = torch_port.module_state_dict(net)
     assert [e.torch_key for e in torch_port.conversion_table(template)] == list(sd)
-    back = torch_port.flax_to_torch(torch_port.torch_to_flax(sd, template), config.model, role)
+    variables = torch_port.torch_to_flax(sd, template)
+    # Each leaf in the template's dtype and shape (num_batches_tracked stays an integer: as
+    # float32 a count past 2**24 would round, and flax_to_torch's cast back would hide it)
+    kinds = jax.tree_util.tree_map(lambda a, t: (np.asarray(a).dtype, np.shape(a)) == (
+        np.dtype(t.dtype), tuple(t.shape)), variables, template)
+    assert all(jax.tree_util.tree_leaves(kinds)), kinds
+    back = torch_port.flax_to_torch(variables, config.model, role)
     assert list(back) == list(sd)
     for k in sd:
       assert back[k].dtype == sd[k].dtype and back[k].shape == sd[k].shape, k
@@ -114,6 +122,26 @@ def test_wrong_architecture_names_the_keys(tiny_config):
   assert "missing 6: main.0.right.2.weight" in msg
   assert "unexpected 36: main.0.right.1.bias" in msg
   assert "mis-shaped 6: main.0.right.3.weight (32, 32, 4, 4) != (32, 32, 1, 1)" in msg
+
+
+class _RunsCodeWhenUnpickled:
+  """A pickled object whose unpickling creates the folder it names (a stand-in for any code)."""
+
+  def __init__(self, path):
+    self.path = path
+
+  def __reduce__(self):
+    return (os.makedirs, (self.path,))
+
+
+def test_a_file_holding_code_is_refused_without_running_it(tmp_path):
+  """torch.load(weights_only=True): a .pt file is a pickle, and a state_dict needs no code."""
+  ran = tmp_path / "code_ran"
+  evil = tmp_path / "G.pt"
+  torch.save({"netG": _RunsCodeWhenUnpickled(str(ran))}, evil)
+  with pytest.raises(CheckpointError, match="not a readable PyTorch checkpoint"):
+    torch_port.load_torch_state_dict(str(evil), "netG")
+  assert not ran.exists()
 
 
 def test_truncated_and_foreign_files(tmp_path, tiny_config):

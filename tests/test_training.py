@@ -267,6 +267,9 @@ def test_resuming_on_another_number_of_devices_is_said(tmp_path, capsys):
           "steps are counted as steps of 16 images, so the epoch and the position in it change"
           ) in err
   assert checkpoint.read_layout(workdir, 6) == {"devices": 1, "processes": 1}
+  # the grids of every sample_every (4) steps and of the last step, though not a multiple of it
+  assert sorted(os.listdir(os.path.join(workdir, trainer.SAMPLES_DIR))) == [
+      "fixed_noise_00000004.png", "fixed_noise_00000006.png"]
 
 
 def _two_cli_processes(workdir, extra=((), ()), env=({}, {})):
@@ -516,11 +519,14 @@ def test_a_full_disk_under_the_logs_is_one_line(tmp_path, capsys, monkeypatch):
      "train.xla_options: INVALID_ARGUMENT: No such compile option: 'xla_gpu_enable_pdll'"),
     (["--config.train.batch_size=6", "--config.data.num_examples=4"], "fewer than one batch"),
     (["--config.model.nc=1"], "model.nc must be 3 (the data are RGB images), got 1"),
+    (["--config.model.resolution=48"], "model.resolution must be a power of two >= 32, got 48"),
+    (["--config.train.seed=True"], "config field 'train.seed' is int, got 'True'"),
     (["--config.train.epochs=40"], "train.epochs has no effect: tiny.py sets train.num_steps=8, "
                                    "which wins; add --config.train.num_steps=0"),
     # config files of the user's (below): a field of another type, a field missing
     (["@config.train.num_steps = None"], "config field train.num_steps must be int, got None"),
     (["@del config.train.seed"], "config lacks the field train.seed"),
+    (["@config.train.seed = True"], "config field train.seed must be int, got True"),
 ])
 def test_train_config_errors_are_one_line(tmp_path, capsys, args, message):
   config = TINY
@@ -569,6 +575,27 @@ def test_a_config_kept_outside_the_checkout_loads(tmp_path):
   expected = tiny.shrink(exp2.get_config())
   assert (expected.model.block, expected.model.resolution) == ("leaky_bn", 32)
   assert json.loads(proc.stdout) == json.loads(expected.to_json())
+
+
+def test_overrides_take_the_fields_types():
+  """An int for a float field is that float (`device_budget_gb=2`); a string field takes the
+  text as written, even where it reads as a number (a dataset named `1`)."""
+  config = config_lib.load_config(TINY, ["--config.data.device_budget_gb=2",
+                                         "--config.model.bn_momentum=0", "--config.data.name=1"])
+  assert (config.data.device_budget_gb, config.model.bn_momentum, config.data.name) == (
+      2.0, 0.0, "1")
+  assert isinstance(config.data.device_budget_gb, float)
+  assert isinstance(config.model.bn_momentum, float)
+
+
+def test_a_fresh_start_drops_the_metrics_a_run_killed_before_its_first_checkpoint_left(
+    tmp_path):
+  """Started at step 0 (no checkpoint), the run logs its steps again: rows of the killed run
+  would appear twice."""
+  with open(tmp_path / trainer.METRICS_FILE, "w") as f:
+    f.write(json.dumps({"step": 2, "Loss_D": 1.0}) + "\n" + json.dumps({"step": 4}) + "\n")
+  trainer.RunLog(str(tmp_path), True, 0).close()
+  assert trainer.logged_metrics(str(tmp_path)) == []
 
 
 def test_field_types_are_the_baselines():
