@@ -90,6 +90,24 @@ def test_transposed_matmul_form_rounds_once_in_bfloat16():
   assert np.mean(conv == mm) > 0.999
   assert rel(mm, exact) < 1.02 * rel(conv, exact)
   # The backward pass stays in bf16 (its matmuls take the bf16 cotangent).
-  dx, dk = jax.vjp(lambda a, b: conv_matmul.conv_transpose(a, b, 2, 1), x, kernel)[1](
-      jnp.ones((8, 64, 64, 3), jnp.bfloat16))
+  pullback = lambda a, b, ct: jax.vjp(lambda a, b: conv_matmul.conv_transpose(a, b, 2, 1),
+                                      a, b)[1](ct)
+  ct = jnp.ones((8, 64, 64, 3), jnp.bfloat16)
+  dx, dk = pullback(x, kernel, ct)
   assert dx.dtype == dk.dtype == jnp.bfloat16
+  # Every matmul of forward and backward takes bf16 operands: a float32 one would be a float32
+  # matmul on a GPU, the cost this form is there to avoid (not visible in the values on a CPU)
+  operands = [[v.aval.dtype for v in e.invars] for e in _equations(
+      jax.make_jaxpr(pullback)(x, kernel, ct).jaxpr) if e.primitive.name == "dot_general"]
+  assert len(operands) >= 3 and all(d == [jnp.bfloat16] * 2 for d in operands), operands
+
+
+def _equations(jaxpr):
+  """Every equation of a jaxpr, those of the jaxprs inside its equations included."""
+  for e in jaxpr.eqns:
+    yield e
+    for value in e.params.values():
+      for sub in value if isinstance(value, (tuple, list)) else (value,):
+        inner = getattr(sub, "jaxpr", sub)
+        if hasattr(inner, "eqns"):
+          yield from _equations(inner)
