@@ -138,10 +138,13 @@ class RunLog:
     with open(os.path.join(self.workdir, METRICS_FILE), "a") as f:
       f.write(json.dumps(record) + "\n")
 
-  def samples(self, step: int, grid: np.ndarray) -> str:
+  def samples(self, step: int, samples: np.ndarray) -> str:
+    """G(fixed_noise) as a PNG grid and in TensorBoard, with how alike its tiles are."""
+    grid = images.make_grid(samples)
     path = os.path.join(self.workdir, SAMPLES_DIR, f"fixed_noise_{step:08d}.png")
     images.save_png(grid, path)
     self.writer.add_image("samples/fixed_noise", images.to_uint8(grid), step, dataformats="HWC")
+    self.writer.add_scalar("samples/tile_spread", images.tile_spread(samples), step)
     return path
 
   def close(self):
@@ -506,7 +509,7 @@ def _out_of_memory(config, compiled_step, data, error) -> str:
 
 
 def _write_grid(log, step, samples) -> None:  # on the output thread: waits for G's samples
-  log.samples(step, images.make_grid(np.asarray(samples)))
+  log.samples(step, np.asarray(samples))
 
 
 def _save(mngr, p_state, config, output) -> None:

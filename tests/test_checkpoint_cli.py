@@ -213,6 +213,19 @@ def test_make_grid_matches_torchvision_semantics():
   np.testing.assert_allclose(one, (x[0] - x[0].min()) / (x[0].max() - x[0].min()), rtol=1e-6)
 
 
+def test_tile_spread_tells_a_collapsed_generator_from_varied_samples():
+  from cspgan_jax import synthetic  # pylint: disable=import-outside-toplevel
+  rs = np.random.RandomState(0)
+  noise = rs.randn(64, 16, 16, 3)
+  assert 0.95 < images.tile_spread(noise) <= 1.0  # 0.99: std over 64 draws, ddof 0
+  faces = synthetic.cartoon_faces(64, 32, seed=0)
+  assert 0.8 < images.tile_spread(faces) < 0.95  # 0.88, docs/PARITY.md
+  one = np.repeat(faces[:1], 64, axis=0)
+  assert images.tile_spread(one) == 0.0
+  assert images.tile_spread(one + 1e-3 * noise[:, :1, :1, :1]) < 0.01  # nearly one image
+  assert images.tile_spread(np.zeros((4, 2, 2, 3))) == 0.0  # no pixel varies at all
+
+
 @pytest.fixture
 def torch_files(tmp_path, tiny_config):
   config = tiny_config("model.block=leaky_bn")

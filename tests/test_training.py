@@ -397,7 +397,10 @@ def test_train_command_leaves_samples_events_checkpoints_and_info(tmp_path, caps
   assert len(events) == 1 and events[0].startswith("events.out.tfevents")
   tags = {v.tag for event in _events(workdir) for v in event.summary.value}
   assert {"iter/Loss_D", "iter/Loss_G", "iter/D_x", "iter/D_G_z1", "iter/D_G_z2",
-          "perf/images_per_sec", "samples/fixed_noise"} <= tags
+          "perf/images_per_sec", "samples/fixed_noise", "samples/tile_spread"} <= tags
+  spreads = {e.step: v.simple_value for e in _events(workdir) for v in e.summary.value
+             if v.tag == "samples/tile_spread"}
+  assert sorted(spreads) == [4, 8] and all(0 < v <= 1.2 for v in spreads.values()), spreads
   assert checkpoint.all_steps(workdir) == [4, 8]
   metrics = [json.loads(l) for l in open(os.path.join(workdir, trainer.METRICS_FILE))]
   assert [m["step"] for m in metrics] == [2, 4, 6, 8] and all(np.isfinite(m["Loss_D"]) for m in metrics)
