@@ -279,6 +279,15 @@ def test_cli_convert_both_ways_sample_and_errors(torch_files, config_path, capsy
   assert np.linalg.norm(got_ra - ref_ra) / np.linalg.norm(ref_ra) <= 1e-5
   assert cli.main(["sample", "--workdir", wd, "--n", "9", "--seed", "1",
                    "--out", str(tmp / "grid.png")]) == 0
+  # --seed draws the latents, train.sample_latents(PRNGKey(seed), n, nz)
+  for seed in (1, 2):
+    assert cli.main(["sample", "--workdir", wd, "--n", "4", "--seed", str(seed),
+                     "--out", str(tmp / f"seed{seed}.npy")]) == 0
+  z2 = np.asarray(train.sample_latents(jax.random.PRNGKey(2), 4, 16))
+  ref2 = net_g.train()(torch.from_numpy(z2)[:, :, None, None]).detach().numpy()
+  got2 = np.load(tmp / "seed2.npy")
+  assert np.linalg.norm(got2 - ref2.transpose(0, 2, 3, 1)) / np.linalg.norm(ref2) <= 1e-5
+  assert not np.allclose(np.load(tmp / "seed1.npy"), got2)
   (tmp / "s.NPY.npy").write_text("the user's")  # what np.save("s.NPY") would have replaced
   assert cli.main(["sample", "--workdir", wd, "--latents", str(tmp / "z.npy"),
                    "--out", str(tmp / "s.NPY")]) == 0
@@ -343,3 +352,21 @@ def test_cli_parity_prints_table_and_max_rel_err(config_path, capsys):
   assert float(lines[-1].split("=")[1]) < 1e-5
   assert any(l.startswith("forward G") and "main.0.right.3" in l for l in lines)
   assert any(l.startswith("adam_nu D") for l in lines)
+  # without the float64 run: the floor columns empty, no tie search
+  assert cli.main(["parity", "--config", config_path("tiny"), "--steps", "1", "--no-floor"]) == 0
+  lines = capsys.readouterr().out.strip().splitlines()
+  assert lines[1].split()[-1] == "0.00e+00" and lines[-1].startswith("max_rel_err=")
+
+
+def test_cli_parity_passes_its_options_on(config_path, monkeypatch):
+  from cspgan_jax import parity  # pylint: disable=import-outside-toplevel
+  seen = {}
+  monkeypatch.setattr(parity, "run_parity", lambda config, g, d, **kw: seen.update(
+      kw, dtype=config.train.dtype, g=g, d=d) or parity.Rows())
+  assert cli.main(["parity", "--config", config_path("tiny"), "--seed", "3", "--images", "noise",
+                   "--no-ties", "--no-floor", "--steps", "2", "--dtype", "bfloat16",
+                   "--netG", "G.pt", "--netD", "D.pt"]) == 0
+  assert {k: seen[k] for k in ("seed", "images_kind", "find_ties", "with_floor", "steps", "dtype",
+                               "g", "d")} == {
+      "seed": 3, "images_kind": "noise", "find_ties": False, "with_floor": False, "steps": 2,
+      "dtype": "bfloat16", "g": "G.pt", "d": "D.pt"}

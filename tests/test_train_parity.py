@@ -17,6 +17,7 @@ the other branch there, and D's first two layers' gradients move by 1e-4 (docs/P
 """
 
 import jax
+import numpy as np
 import pytest
 import torch
 
@@ -192,7 +193,7 @@ def plant_tie(config, tmp_path, ours_positive: bool):
   (as in the quickstart's ties, docs/PARITY.md). Planted through that channel's BatchNorm bias:
   minus the output, then moved so that zero lies between ours and PyTorch's (both float32 carry
   about the same rounding there, from bias - mean * alpha); searched over the channels. Returns
-  the paths and the tied element (NCHW)."""
+  the paths, the tied element (NCHW) and its float64 and PyTorch float32 values."""
   import copy
   import numpy as np
   net_g, net_d = torch_reference.build_reference(config.model, seed=0)
@@ -226,7 +227,7 @@ def plant_tie(config, tmp_path, ours_positive: bool):
       torch.save(net_g.state_dict(), tmp_path / "netG.pt")
       torch.save(net_d.state_dict(), tmp_path / "netD.pt")
       return (str(tmp_path / "netG.pt"), str(tmp_path / "netD.pt"),
-              tuple(int(i) for i in (at[0], c, at[1], at[2])))
+              tuple(int(i) for i in (at[0], c, at[1], at[2])), (float(v64), float(v32)))
     with torch.no_grad():
       bias[c] = 0.0
   raise AssertionError("no tie planted")
@@ -238,13 +239,14 @@ def test_planted_tie_is_found_and_aligned(tiny_config, tmp_path, ours_positive):
   it follows); parity finds it, and against the float64 run forced onto our branch there every
   row is within the bound, whichever side of zero our float32 took (<= 0: the negative branch)."""
   config = tiny_config()
-  net_g, net_d, index = plant_tie(config, tmp_path, ours_positive)
+  net_g, net_d, index, (v64, v32) = plant_tie(config, tmp_path, ours_positive)
   rows = parity.run_parity(config, net_g, net_d, steps=1, seed=0, images_kind="noise")
   assert [(t.step, t.call, t.site, t.index) for t in rows.ties] == [
       (1, "D(real)", "D main.4", index)]
   tie = rows.ties[0]
   assert abs(tie.fp64) < 1e-6 and (tie.jax > 0) == ours_positive != (tie.fp64 > 0)
   assert (tie.torch32 > 0) == (tie.fp64 > 0)
+  assert tie.fp64 == pytest.approx(v64, rel=1e-9) and tie.torch32 == v32  # each its own
   assert any(not parity.within_floor(r, REL_TOL) for r in rows)  # the tie's doing
   for r in rows:
     if r.group.startswith(("step", "params", "adam", "bn_stats")):
@@ -255,6 +257,13 @@ def test_planted_tie_is_found_and_aligned(tiny_config, tmp_path, ours_positive):
   assert lines[-3].startswith("tie step 1 D(real): D main.4 input at NCHW ")
   assert lines[-2].startswith(f"rows above max(1e-05, 4x fp32_floor): 0 of {len(rows)} ")
   assert lines[-1].startswith("max_rel_err=")
+  if ours_positive:
+    # Two steps: step 1's tie stays listed, and step 2's aligned run goes on from step 1's
+    # aligned state (from the unaligned one, D's first Adam moments landed beyond the bound)
+    two = parity.run_parity(config, net_g, net_d, steps=2, seed=0, images_kind="noise")
+    assert (1, "D(real)", "D main.4", index) in [(t.step, t.call, t.site, t.index)
+                                                 for t in two.ties]
+    assert not [r for r in two if parity.beyond_bound(r, REL_TOL)]
   if ours_positive:  # `--no-ties`: the comparison as it was, the tie counted against us
     plain = parity.run_parity(config, net_g, net_d, steps=1, seed=0, images_kind="noise",
                               find_ties=False)
@@ -262,6 +271,32 @@ def test_planted_tie_is_found_and_aligned(tiny_config, tmp_path, ours_positive):
     assert [r.rel for r in plain] == [r.rel for r in rows]
     assert not parity.format_table(plain).splitlines()[-2].startswith(
         "rows above max(1e-05, 4x fp32_floor): 0 ")
+
+
+def test_the_summary_lines_count_and_pick_the_right_rows():
+  """A forward row has no aligned value (no tie search there): beyond the bound, it counts
+  even when ties gave other rows one. max_rel_err is the largest. A zero reference with a
+  nonzero value is infinitely far, not equal."""
+  bad = parity.Row("forward D", "main.0", 1.0, 1e-3, floor=1e-8, floor_abs=1e-8, exact=1e-3)
+  good = parity.Row("step 1", "Loss_D", 0.0, 2e-6, floor=1e-8, floor_abs=1e-8, exact=0.0,
+                    aligned=0.0)
+  assert parity.beyond_bound(bad) and not parity.beyond_bound(good)
+  lines = parity.format_table(parity.Rows([bad, good])).splitlines()
+  assert lines[-2].startswith("rows above max(1e-05, 4x fp32_floor): 1 of 2 ")
+  assert lines[-1] == "max_rel_err=1.000e-03"
+  assert parity.errors(np.ones(3), np.zeros(3)) == (1.0, float("inf"))
+  assert parity.errors(np.zeros(3), np.zeros(3)) == (0.0, 0.0)
+
+
+def test_a_tie_is_within_rounding_of_the_tensors_scale_not_of_one():
+  """TIE_TOL is relative to the tensor's RMS: 5e-6 against values of 1e-3 is a sign error worth
+  reporting, 5e-9 a tie."""
+  x64 = np.full(100, 1e-3)
+  x64[0], x64[1] = 5e-6, 5e-9
+  ours = -x64
+  ties = parity._sign_ties({("D", "main.1", 0): ours},  # pylint: disable=protected-access
+                           {("D", "main.1"): [torch.from_numpy(x64)]})
+  assert list(ties[("D", "main.1", 0)][0]) == [1]
 
 
 def test_one_forced_branch_spoils_upstream_gradients(tiny_config, monkeypatch):

@@ -38,6 +38,8 @@ def test_four_device_steps_match_references():
   # Per-device BatchNorm: PyTorch's iteration per chunk with averaged gradients and statistics.
   assert r["a_replicas_identical"]
   assert r["a_params"][0] <= 1e-5 and r["a_batch_stats"][0] <= 1e-5 and r["a_metrics"] <= 1e-5
+  # ... with BatchNorm in G too: its statistics averaged over the devices as well
+  assert r["a_leaky_bn_replicas_identical"] and r["a_leaky_bn_g_batch_stats"][0] <= 1e-5, r
   # sync_bn: the single-device step on the whole batch.
   for block in ("relu", "leaky_bn"):
     assert r[f"b_{block}_replicas_identical"]
@@ -46,6 +48,8 @@ def test_four_device_steps_match_references():
     assert r[f"b_{block}_adam"][0] <= 2e-5, r  # Adam's nu is g^2: twice the gradient's error
   # The trainer's step: noise fold_in(fold_in(rng, step), device), the streamed uint8 batch.
   assert r["c_equal"]
+  # The device-resident input: each device its own shard's batch, as the streaming input feeds it.
+  assert r["d_equal"]
 
 
 def _train(workdir, *overrides):

@@ -1,9 +1,11 @@
 """Run with 4 CPU devices (XLA_FLAGS=--xla_force_host_platform_device_count=4); prints RESULT json.
 
 (a) per-device BatchNorm: the step mapped as the trainer maps it vs PyTorch's per-chunk iteration
-    (averaged gradients);
+    (averaged gradients), with BatchNorm in D, then in G too (leaky_bn);
 (b) sync_bn: the mapped step vs the single-device step on the whole batch;
-(c) the trainer's step: noise fold_in(fold_in(rng, step), device), batches from the data.
+(c) the trainer's step: noise fold_in(fold_in(rng, step), device), batches from the data;
+(d) the device-resident input: each device gathers its own shard's batch, the one the streaming
+    input would have fed it.
 """
 import functools
 import json
@@ -90,6 +92,24 @@ result["a_batch_stats"] = tree_errors(ours.d.batch_stats, d_ref["batch_stats"])
 m = {k: float(v) for k, v in first(metrics).items()}
 result["a_metrics"] = max(abs(m[k] - ref_m[k]) / abs(ref_m[k]) for k in ref_m)
 
+# (a, leaky_bn) BatchNorm in G too: its running statistics averaged over the devices as D's are
+# (per-chunk PyTorch). G's parameters are left out, as in (b) below: conv biases feeding
+# training-mode BatchNorm move by Adam-normalised rounding noise.
+config = config_lib.load_config(config_path, ["--config.model.block=leaky_bn",
+                                              "--config.train.batch_size=16"])
+images, latents = parity.parity_data(config, 1, 0, "noise")
+net_g, net_d, state = start(config)
+new, _ = mapped_step(config)(state, split(images[0]), split(latents[0]))
+result["a_leaky_bn_replicas_identical"] = replicas_identical(new)
+opt_g, opt_d = torch_reference.make_optimizers(net_g, net_d, config.train)
+torch_reference.train_iteration_per_chunk(
+    net_g, net_d, opt_g, opt_d, torch.from_numpy(images[0].transpose(0, 3, 1, 2).copy()),
+    torch.from_numpy(latents[0])[:, :, None, None], N)
+ours = first(new)
+g_ref = torch_port.torch_to_flax(torch_port.module_state_dict(net_g),
+                                 {"params": ours.g.params, "batch_stats": ours.g.batch_stats}, "G")
+result["a_leaky_bn_g_batch_stats"] = tree_errors(ours.g.batch_stats, g_ref["batch_stats"])
+
 # (b) cross-device statistics: equal to one device on the whole batch. Two variants: relu G with
 # avgpool D (BatchNorm in D), where every leaf is compared; leaky_bn G (BatchNorm in G too),
 # where G's parameters and Adam moments are left out: conv biases feeding training-mode BatchNorm
@@ -132,5 +152,24 @@ z = np.stack([np.asarray(train.sample_latents(
     jax.random.fold_in(jax.random.fold_in(rng, 5), d), 4, config.model.nz)) for d in range(N)])
 want, _ = mapped_step(config)(state5, np.asarray(input_pipeline.to_unit_range(data)), z)
 result["c_equal"] = all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(
+    jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)))
+
+# (d) the device-resident input: device s gathers shard s's positions of this step's batch
+shard = 32
+data = np.random.default_rng(1).integers(0, 256, (N, shard, 32, 32, 3), dtype=np.uint8)
+order = dict(seed=config.data.shuffle_seed, per_device_batch=4, steps_per_epoch=shard // 4)
+batch_fn = functools.partial(input_pipeline.gather_batch, **order)
+step_fn, placed = parallel.compile_step(
+    lambda fmt: parallel.make_step(config, "device", batch_fn, state_format=fmt),
+    parallel.replicate(state5), input_pipeline.put_sharded(list(data)), shard_ids, rng)
+got, _ = step_fn(placed, input_pipeline.put_sharded(list(data)), shard_ids, rng)
+batches = np.stack([data[s][np.asarray(input_pipeline.batch_positions(
+    order["seed"], 5, s, shard_size=shard, per_device_batch=4,
+    steps_per_epoch=order["steps_per_epoch"]))] for s in range(N)])
+step_fn, placed = parallel.compile_step(
+    lambda fmt: parallel.make_step(config, "streaming", state_format=fmt),
+    parallel.replicate(state5), input_pipeline.put_sharded(list(batches)), shard_ids, rng)
+want, _ = step_fn(placed, input_pipeline.put_sharded(list(batches)), shard_ids, rng)
+result["d_equal"] = all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(
     jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)))
 print("RESULT" + json.dumps(result))
