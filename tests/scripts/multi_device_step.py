@@ -70,23 +70,32 @@ def start(config, seed=0):
   return net_g, net_d, train.create_state(config, g, d)
 
 
+def per_chunk_step(overrides):
+  """One mapped step and PyTorch's per-chunk iteration from the same weights and data, with
+  per-device BatchNorm: (our state after it, our metrics, PyTorch's, its net_g and net_d)."""
+  config = config_lib.load_config(config_path, overrides + ["--config.train.batch_size=16"])
+  images, latents = parity.parity_data(config, 1, 0, "noise")
+  net_g, net_d, state = start(config)
+  new, metrics = mapped_step(config)(state, split(images[0]), split(latents[0]))
+  opt_g, opt_d = torch_reference.make_optimizers(net_g, net_d, config.train)
+  ref_m = torch_reference.train_iteration_per_chunk(
+      net_g, net_d, opt_g, opt_d, torch.from_numpy(images[0].transpose(0, 3, 1, 2).copy()),
+      torch.from_numpy(latents[0])[:, :, None, None], N)
+  return new, metrics, ref_m, net_g, net_d
+
+
+def as_flax(net, ours, role):
+  """PyTorch `net`'s variables in the layout of our network state `ours`."""
+  return torch_port.torch_to_flax(torch_port.module_state_dict(net),
+                                  {"params": ours.params, "batch_stats": ours.batch_stats}, role)
+
+
 result = {}
 # (a) per-device statistics against PyTorch, chunk by chunk
-config = config_lib.load_config(config_path, ["--config.model.discriminator=avgpool",
-                                              "--config.train.batch_size=16"])
-images, latents = parity.parity_data(config, 1, 0, "noise")
-net_g, net_d, state = start(config)
-new, metrics = mapped_step(config)(state, split(images[0]), split(latents[0]))
+new, metrics, ref_m, net_g, net_d = per_chunk_step(["--config.model.discriminator=avgpool"])
 result["a_replicas_identical"] = replicas_identical(new)
-opt_g, opt_d = torch_reference.make_optimizers(net_g, net_d, config.train)
-ref_m = torch_reference.train_iteration_per_chunk(
-    net_g, net_d, opt_g, opt_d, torch.from_numpy(images[0].transpose(0, 3, 1, 2).copy()),
-    torch.from_numpy(latents[0])[:, :, None, None], N)
 ours = first(new)
-g_ref = torch_port.torch_to_flax(torch_port.module_state_dict(net_g),
-                                 {"params": ours.g.params, "batch_stats": ours.g.batch_stats}, "G")
-d_ref = torch_port.torch_to_flax(torch_port.module_state_dict(net_d),
-                                 {"params": ours.d.params, "batch_stats": ours.d.batch_stats}, "D")
+g_ref, d_ref = as_flax(net_g, ours.g, "G"), as_flax(net_d, ours.d, "D")
 result["a_params"] = tree_errors((ours.g.params, ours.d.params), (g_ref["params"], d_ref["params"]))
 result["a_batch_stats"] = tree_errors(ours.d.batch_stats, d_ref["batch_stats"])
 m = {k: float(v) for k, v in first(metrics).items()}
@@ -95,20 +104,11 @@ result["a_metrics"] = max(abs(m[k] - ref_m[k]) / abs(ref_m[k]) for k in ref_m)
 # (a, leaky_bn) BatchNorm in G too: its running statistics averaged over the devices as D's are
 # (per-chunk PyTorch). G's parameters are left out, as in (b) below: conv biases feeding
 # training-mode BatchNorm move by Adam-normalised rounding noise.
-config = config_lib.load_config(config_path, ["--config.model.block=leaky_bn",
-                                              "--config.train.batch_size=16"])
-images, latents = parity.parity_data(config, 1, 0, "noise")
-net_g, net_d, state = start(config)
-new, _ = mapped_step(config)(state, split(images[0]), split(latents[0]))
+new, _, _, net_g, _ = per_chunk_step(["--config.model.block=leaky_bn"])
 result["a_leaky_bn_replicas_identical"] = replicas_identical(new)
-opt_g, opt_d = torch_reference.make_optimizers(net_g, net_d, config.train)
-torch_reference.train_iteration_per_chunk(
-    net_g, net_d, opt_g, opt_d, torch.from_numpy(images[0].transpose(0, 3, 1, 2).copy()),
-    torch.from_numpy(latents[0])[:, :, None, None], N)
 ours = first(new)
-g_ref = torch_port.torch_to_flax(torch_port.module_state_dict(net_g),
-                                 {"params": ours.g.params, "batch_stats": ours.g.batch_stats}, "G")
-result["a_leaky_bn_g_batch_stats"] = tree_errors(ours.g.batch_stats, g_ref["batch_stats"])
+result["a_leaky_bn_g_batch_stats"] = tree_errors(ours.g.batch_stats,
+                                                 as_flax(net_g, ours.g, "G")["batch_stats"])
 
 # (b) cross-device statistics: equal to one device on the whole batch. Two variants: relu G with
 # avgpool D (BatchNorm in D), where every leaf is compared; leaky_bn G (BatchNorm in G too),
