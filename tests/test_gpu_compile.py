@@ -6,6 +6,7 @@ convolution a cuDNN call on NHWC activations, the state in the layouts the compi
 state, no loop of data-dependent length. Needs jax's CUDA plugin in its cache folder, which the
 README's test command puts there (`cspgan compile --install-plugin`).
 """
+import argparse
 import json
 import os
 import subprocess
@@ -194,3 +195,28 @@ def test_a_target_the_plugin_refuses_is_one_line_with_the_reason(tmp_path):
   err = proc.stderr.strip().splitlines()
   assert proc.returncode == 2 and len(err) == 1, proc.stderr
   assert "refused target" in err[0] and "bogus_field" in err[0], err
+
+
+class _Seen(Exception):
+  pass
+
+
+def test_compile_passes_dtype_batch_and_scan_to_the_step(monkeypatch, tmp_path):
+  """`cspgan compile --dtype bfloat16` compiles the bf16 program, at the batch, scan, layout and
+  device count asked (stopped before XLA runs)."""
+  seen = {}
+  monkeypatch.setattr(gpu_compile, "compile_only_devices", lambda t, p, n: ["dev"] * n)
+
+  def compile_step(config, devices, layout, steps):
+    seen.update(dtype=config.train.dtype, batch=config.train.batch_size, steps=steps,
+                spd=config.train.steps_per_dispatch, layout=layout, n=len(devices))
+    raise _Seen
+  monkeypatch.setattr(gpu_compile, "compile_step", compile_step)
+  parser = argparse.ArgumentParser()
+  gpu_compile.add_arguments(parser)
+  args = parser.parse_args(["--config", TINY, "--dtype", "bfloat16", "--batch", "16", "--scan",
+                            "2", "--devices", "2", "--state-layout", "default", "--plugin-dir",
+                            str(tmp_path)])
+  with pytest.raises(_Seen):
+    gpu_compile.run(args, [])
+  assert seen == dict(dtype="bfloat16", batch=16, steps=2, spd=2, layout="default", n=2)

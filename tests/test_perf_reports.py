@@ -456,3 +456,46 @@ def test_trace_report_reads_torch_gpu_kernels():
 def test_trace_report_refuses_an_empty_folder(tmp_path, capsys):
   assert trace_report.main([str(tmp_path)]) == 2
   assert "no *.trace.json" in capsys.readouterr().err
+
+
+GRAPH_HLO = """HloModule jit_step, is_scheduled=true
+
+ENTRY %main (a: bf16[8,4,4,16], w: bf16[16,3,3,16]) -> bf16[8,4,4,16] {
+  %a = bf16[8,4,4,16]{3,2,1,0} parameter(0)
+  %w = bf16[16,3,3,16]{3,2,1,0} parameter(1)
+  %cudnn-graph = (bf16[8,4,4,16]{3,2,1,0}, u8[0]{0}) custom-call(%a, %w), custom_call_target="__cudnn$convForwardGraph"
+  ROOT %g = bf16[8,4,4,16]{3,2,1,0} get-tuple-element(%cudnn-graph), index=0
+}
+"""
+
+
+def test_an_unlisted_cudnn_conv_target_is_a_convolution():
+  (k,) = hlo_report.HloReport(GRAPH_HLO).kernels
+  assert (k.category, k.detail) == ("convolution", "__cudnn$convForwardGraph")
+
+
+def _trace_event(tid, name, ts, dur, **args):
+  return {"ph": "X", "pid": 2, "tid": tid, "name": name, "ts": ts, "dur": dur, "args": args}
+
+
+GPU_PROCESS = [{"ph": "M", "pid": 2, "name": "process_name", "args": {"name": "/device:GPU:0"}}]
+
+
+def test_overlapping_kernels_on_two_streams_count_once():
+  """Kernels on several streams overlap on a GPU: busy time is the union of their intervals,
+  idle gaps lie outside it, and the markdown's figures are per iteration."""
+  # iteration: a 0-40 on stream 7, b 20-60 on stream 8 (overlaps a), c 30-35 inside both, d 70-80
+  events = []
+  for it in range(2):
+    t0 = 100.0 * it
+    events += [_trace_event(7, "conv_a", t0, 40), _trace_event(8, "gemm_b", t0 + 20, 40),
+               _trace_event(7, "add_c", t0 + 30, 5),
+               _trace_event(7, "add_d", t0 + 70, 10)]
+  r = trace_report.TraceReport({"traceEvents": GPU_PROCESS + events}, iterations=2)
+  assert r.busy_us == 2 * 70.0 and r.span_us == 180.0
+  assert r.gaps == [10.0, 20.0, 10.0]  # 60-70, 80-100, 160-170: none inside the 0-60 block
+  text = r.markdown()
+  assert "busy 0.070 ms of a 0.090 ms span per iteration (78%)" in text
+  # shares of all kernel time (2 * 95 us): the kind column's ms and share agree
+  assert "| convolution | 0.040 | 42.1% |" in text
+  assert "| matmul | 0.040 | 42.1% |" in text

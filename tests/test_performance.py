@@ -7,6 +7,8 @@ import json
 import os
 import subprocess
 import sys
+import time
+import types
 
 import jax
 import jax.numpy as jnp
@@ -454,3 +456,110 @@ def test_the_gpu_calls_arguments_are_valid(tmp_path, dry):
       assert {"jax-fp32", "jax-bf16", "torch-fp32"} <= {s for s, b in at.items() if b == batches}
   for test in tests.split():
     assert os.path.isfile(os.path.join(REPO, test)), test
+
+
+def _bench_args(tmp_path, **kw):
+  from cspgan_jax import bench  # pylint: disable=import-outside-toplevel
+  parser = argparse.ArgumentParser()
+  bench.add_arguments(parser)
+  a = parser.parse_args(["--config", TINY, "--batches", "64", "--variants",
+                         "jax-fp32,jax-bf16-scan,torch-fp32,torch-bf16", "--iters", "20",
+                         "--scan", "8", "--warmup", "2", "--repeats", "3",
+                         "--peak-tflops", "100", "--out", str(tmp_path / "b.md")])
+  for k, v in kw.items():
+    setattr(a, k, v)
+  return a
+
+
+def test_measuring_loop_arithmetic(tmp_path, monkeypatch):
+  """bench.run with a fake clock and fake variants of known seconds an iteration, at the GPU
+  call's settings (--iters 20 --scan 8): whole dispatches, variants alternating round by
+  round, warm-ups left out, the median, memory reset before the last round, and every column
+  derived from them."""
+  from cspgan_jax import bench  # pylint: disable=import-outside-toplevel
+  clock = [0.0]
+  log = []  # (event, slug, iters)
+  # seconds per iteration of each variant, by timed round; warm-up rounds cost 1000 s extra
+  per_iter = {"jax-fp32": [0.010, 0.020, 0.100], "jax-bf16-scan": [0.004, 0.005, 0.050],
+              "torch-fp32": [0.040, 0.050, 0.060], "torch-bf16": [0.020, 0.025, 0.030]}
+  calls = {s: 0 for s in per_iter}
+
+  def make(slug, args, batch, overrides):
+    unit = args.scan if slug.endswith("-scan") else 1
+
+    def run(iters):
+      n = calls[slug]
+      calls[slug] += 1
+      log.append(("run", slug, iters))
+      clock[0] += (1000.0 if n < args.warmup else 0.0) + iters * per_iter[slug][
+          max(n - args.warmup, 0)]
+
+    v = dict(name=slug, run=run, memory=lambda: 1000 * calls[slug], unit=unit,
+             framework=bench.VARIANTS[slug][0])
+    if slug.startswith("torch"):
+      v["reset_memory"] = lambda: log.append(("reset", slug, calls[slug]))
+    return v
+
+  monkeypatch.setattr(bench, "_build", make)
+  monkeypatch.setattr(bench, "count_flops", lambda *a: 2e12)
+  monkeypatch.setattr(bench, "time", types.SimpleNamespace(
+      perf_counter=lambda: clock[0], strftime=time.strftime))
+  report = bench.run(_bench_args(tmp_path), [])
+  rows = {r["slug"]: r for r in report["rows"]}
+  # iterations per round: --iters 20 rounded down to whole 8-step dispatches, the same for all
+  assert {it for ev, _, it in log if ev == "run"} == {16}
+  # rounds alternate variant by variant
+  runs = [s for ev, s, _ in log if ev == "run"]
+  assert runs == list(per_iter) * 5
+  # the memory figure: reset right before the last round, read after it
+  for s in ("torch-fp32", "torch-bf16"):
+    assert ("reset", s, 4) in log
+  assert all(r["device_memory"] == 5000 for r in rows.values())
+  for s, r in rows.items():
+    sec = sorted(per_iter[s])[1]  # median of the timed rounds, warm-ups out
+    assert r["ms_per_iter"] == pytest.approx(1e3 * sec)
+    assert r["images_per_s"] == pytest.approx(64 / sec)
+    assert r["tflops"] == pytest.approx(2 / sec)
+    assert r["share_of_peak"] == pytest.approx(2 / sec / 100)
+    assert r["vs_torch_fp32"] == pytest.approx(0.050 / sec)
+    assert r["warmup_s"] == pytest.approx(2000 + 16 * per_iter[s][0] * 2)
+
+
+def test_peak_by_device_kind():
+  from cspgan_jax import bench  # pylint: disable=import-outside-toplevel
+  assert bench.peak_tflops("NVIDIA H200", 0.0) == 790.0
+  assert bench.peak_tflops("NVIDIA H100 80GB HBM3", 0.0) == 790.0
+  assert bench.peak_tflops("NVIDIA A100-SXM4-80GB", 0.0) == 312.0
+  assert bench.peak_tflops("NVIDIA H200", 500.0) == 500.0
+  assert bench.peak_tflops("cpu", 0.0) is None
+
+
+def test_jax_variant_runs_whole_dispatches_and_waits(monkeypatch):
+  """A scanned variant runs iters / scan dispatches, and a round ends when the device is done."""
+  from cspgan_jax import bench  # pylint: disable=import-outside-toplevel
+  real = parallel.compile_training_step
+  dispatches, waited = [0], []
+
+  def counting(*a, **k):
+    step, state = real(*a, **k)
+
+    def wrapped(*x):
+      dispatches[0] += 1
+      return step(*x)
+    wrapped.as_text = step.as_text
+    return wrapped, state
+  monkeypatch.setattr(parallel, "compile_training_step", counting)
+  monkeypatch.setattr(parallel, "step_memory_bytes", lambda step: 1)
+  v = bench.jax_variant(TINY, 8, "float32", 2, [], unroll=1)
+  orig = jax.block_until_ready
+  monkeypatch.setattr(jax, "block_until_ready", lambda x: waited.append(1) or orig(x))
+  v["run"](4)
+  assert dispatches[0] == 2 and v["unit"] == 2
+  assert waited  # the round ends when the device is done
+
+
+def test_a_target_exactly_at_its_bound_is_met():
+  from cspgan_jax import bench  # pylint: disable=import-outside-toplevel
+  rows = [dict(batch=256, slug="jax-bf16", variant="v", vs_torch_fp32=None, share_of_peak=0.35)]
+  assert "- batch 256, JAX bf16, share of the bf16 peak >= 35.00%: met, 35.00% (v)" in \
+      bench.target_lines(dict(rows=rows))

@@ -50,3 +50,19 @@ def test_a_run_ending_inside_the_window_closes_its_trace(tmp_path, capsys):
                    "--config.train.num_steps=8", "--config.train.profile_start=2",
                    "--config.train.profile_steps=3"]) == 0
   assert "traced steps" not in capsys.readouterr().err
+
+
+def test_the_window_waits_for_earlier_work_before_it_starts(monkeypatch, tmp_path):
+  """The trace starts once the steps before the window are done (else their kernels land in
+  it) and stops once the window's are."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from cspgan_jax import profiling  # pylint: disable=import-outside-toplevel
+  order = []
+  monkeypatch.setattr(jax, "block_until_ready", lambda x: order.append(("wait", x)))
+  monkeypatch.setattr(jax.profiler, "start_trace", lambda *a, **k: order.append("start"))
+  monkeypatch.setattr(jax.profiler, "stop_trace", lambda: order.append("stop"))
+  t = profiling.StepTrace(str(tmp_path), start=2, steps=3, enabled=True, say=lambda m: None)
+  for step in range(0, 8):
+    t.before(step, f"state{step}")
+    t.after(step + 1, f"out{step}", None)
+  assert order == [("wait", "state2"), "start", ("wait", "out4"), "stop"]
