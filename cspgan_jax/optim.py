@@ -5,8 +5,9 @@ parameter; in the GAN game, D's step feeds G's gradient directly. `torch_adam` r
 PyTorch's single-tensor CPU Adam operation by operation (lerp for the first moment, the second
 moment's `addcmul_` as the fused multiply-add PyTorch's vectorized CPU kernel computes, scalar
 bias corrections computed in float64 and applied in float32): on the CPU, given the same
-gradients, its moments and parameters are PyTorch's bit for bit, step after step
-(`tests/test_optim.py`). Both share optax's `ScaleByAdamState`.
+gradients, its moments are PyTorch's bit for bit, step after step, and so is its update wherever
+PyTorch's float32 sqrt is correctly rounded (its AVX512 kernel is an ulp off for about a fifth of
+the values; `tests/test_optim.py`). Both share optax's `ScaleByAdamState`.
 """
 
 from __future__ import annotations

@@ -460,8 +460,9 @@ def _finite_metrics(metrics, step: int, checked: int, start: int,
   logged, drawn or saved, so the checkpoints written before stay the latest (with
   `keep_checkpoints`, saving the diverged state would delete them one by one)."""
   m = {name: float(v) for name, v in parallel.unreplicate(metrics).items()}
-  bad = {name: m[name] for name in sorted(m, key=list(METRIC_TAGS).index)
-         if not np.isfinite(m[name])}
+  order = lambda name: (list(METRIC_TAGS).index(name) if name in METRIC_TAGS else len(METRIC_TAGS),
+                        name)  # the logged ones in their order, then any a step adds
+  bad = {name: m[name] for name in sorted(m, key=order) if not np.isfinite(m[name])}
   if not bad:
     return m
   kept = (f"the checkpoint at step {last_saved} is the latest" if last_saved is not None
