@@ -3,7 +3,7 @@
 `make_step` maps `train.train_step` over one mesh axis spanning every device (jit of
 shard_map, pmap's semantics); `compile_step` compiles it with the state in the memory layouts
 XLA picks (on a GPU, the ones cuDNN reads), and `replicate` / `place_for` put the state there.
-`maybe_initialize_distributed` joins the processes of a multi-host run first.
+`distributed_plan` and `initialize_distributed` join the processes of a multi-host run first.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import socket
 import sys
 import threading
 import time
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import jax
 import numpy as np
@@ -45,15 +45,20 @@ def dist_settings(config) -> tuple:
     raise ConfigError(f"JAX_NUM_PROCESSES and JAX_PROCESS_ID must be integers ({e})") from None
 
 
-def maybe_initialize_distributed(config) -> None:
-  """Joins the processes of a multi-host run, from `config.dist` or the usual environment.
+class DistributedPlan(NamedTuple):
+  """The checked settings of one process of a multi-host run."""
+  address: str
+  host: str
+  port: int
+  num_processes: int
+  process_id: int
+  timeout: float
 
-  jax ends a process that cannot join in its C++ runtime, not with an exception: an abort after
-  its timeout, with a message that blames another process, where the coordinator cannot be
-  reached or some process never comes, and a segmentation fault where process 0's port is taken.
-  So process 0 checks its port first, and a watchdog thread (jax releases the GIL while it
-  waits) ends the process with one line, naming what it found, before jax's own deadline.
-  """
+
+def distributed_plan(config) -> Optional[DistributedPlan]:
+  """This process's multi-host settings (`config.dist`, else the usual environment), checked,
+  or None for a run of one process. ConfigError for settings that cannot work, and for process
+  0's port where something holds it already (jax crashed there), before anything is done."""
   address, num_processes, process_id = dist_settings(config)
   dist = config.get("dist", None)
   if not address:
@@ -61,7 +66,7 @@ def maybe_initialize_distributed(config) -> None:
       raise ConfigError(f"a run of {num_processes} processes (dist.num_processes or "
                         "JAX_NUM_PROCESSES) needs dist.coordinator_address (or "
                         "JAX_COORDINATOR_ADDRESS): process 0's HOST:PORT")
-    return
+    return None
   if num_processes < 1 or not 0 <= process_id < num_processes:
     raise ConfigError(f"multi-host run at {address} needs dist.num_processes >= 1 and "
                       f"0 <= dist.process_id < num_processes, got {num_processes}, {process_id}")
@@ -74,16 +79,37 @@ def maybe_initialize_distributed(config) -> None:
     if taken:
       raise ConfigError(f"process 0 cannot run the coordinator on port {port} of this machine "
                         f"({taken}): free it, or choose another dist.coordinator_address port")
+  return DistributedPlan(address, host, port, num_processes, process_id, timeout)
+
+
+def initialize_distributed(plan: DistributedPlan, on_abandon=None) -> None:
+  """Joins the processes of a multi-host run (`distributed_plan`'s).
+
+  jax ends a process that cannot join in its C++ runtime, not with an exception: an abort after
+  its timeout, with a message that blames another process, where the coordinator cannot be
+  reached or some process never comes, and a segmentation fault where process 0's port is taken
+  (`distributed_plan` checks it). So a watchdog thread (jax releases the GIL while it waits)
+  ends the process with one line, naming what it found, before jax's own deadline; it calls
+  `on_abandon()` first (what the process made for the run and would leave behind).
+  """
   # Collectives between CPU processes (tests, CPU clusters); GPUs use NCCL regardless.
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
-  watchdog = _JoinWatchdog(host, port, num_processes, process_id, timeout)
+  watchdog = _JoinWatchdog(plan, on_abandon)
   watchdog.start()
   try:
-    jax.distributed.initialize(coordinator_address=address, num_processes=num_processes,
-                               process_id=process_id,
-                               initialization_timeout=timeout + _JAX_DEADLINE_AFTER_OURS_S)
+    jax.distributed.initialize(coordinator_address=plan.address,
+                               num_processes=plan.num_processes, process_id=plan.process_id,
+                               initialization_timeout=plan.timeout + _JAX_DEADLINE_AFTER_OURS_S)
   finally:
     watchdog.joined.set()
+
+
+def maybe_initialize_distributed(config) -> None:
+  """Joins the processes of a multi-host run where `config.dist` (or the environment) names
+  one; nothing for a run of one process."""
+  plan = distributed_plan(config)
+  if plan is not None:
+    initialize_distributed(plan)
 
 
 # jax's own deadline comes this much after the watchdog's, so that the watchdog speaks first
@@ -124,12 +150,13 @@ class _JoinWatchdog(threading.Thread):
   other than 0 tries the coordinator's port meanwhile, each second until it answers once, so
   that the line says whether it was ever reached, whatever process 0 did since."""
 
-  def __init__(self, host, port, num_processes, process_id, timeout):
+  def __init__(self, plan: DistributedPlan, on_abandon=None):
     super().__init__(name="cspgan-join-watchdog", daemon=True)
-    self.host, self.port, self.timeout = host, port, timeout
-    self.num_processes, self.process_id = num_processes, process_id
+    self.host, self.port, self.timeout = plan.host, plan.port, plan.timeout
+    self.num_processes, self.process_id = plan.num_processes, plan.process_id
+    self.on_abandon = on_abandon
     self.joined = threading.Event()
-    self.reached, self.refusal = process_id == 0, "no answer yet"
+    self.reached, self.refusal = plan.process_id == 0, "no answer yet"
 
   def run(self):
     deadline = time.monotonic() + self.timeout
@@ -142,6 +169,11 @@ class _JoinWatchdog(threading.Thread):
         self.joined.wait(min(1.0, max(0.0, deadline - time.monotonic())))
     if self.joined.wait(max(0.0, deadline - time.monotonic())):
       return
+    if self.on_abandon is not None:
+      try:
+        self.on_abandon()
+      except Exception:  # pylint: disable=broad-except  # the line below matters more
+        pass
     sys.stdout.flush()
     sys.stderr.write(f"cspgan: error: {self.reason()}\n")
     sys.stderr.flush()

@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import signal
+import socket
 import sys
 import time
 from typing import Optional
@@ -35,6 +36,7 @@ TENSORBOARD_DIR = "tensorboard"
 SAMPLES_DIR = "samples"
 METRICS_FILE = "metrics.jsonl"
 LOCK_FILE = ".cspgan-train.lock"
+PROCESS_LOCK_FILE = ".cspgan-train.process-{}.lock"  # process i > 0 of a multi-host run
 METRIC_TAGS = {"Loss_D": "iter/Loss_D", "Loss_G": "iter/Loss_G", "D_x": "iter/D_x",
                "D_G_z1": "iter/D_G_z1", "D_G_z2": "iter/D_G_z2"}
 
@@ -215,14 +217,77 @@ def workdir_lock(workdir: str, take: bool = True):
         fcntl.flock(f, fcntl.LOCK_UN)
 
 
+@contextlib.contextmanager
+def process_claim(workdir: str, plan: Optional[parallel.DistributedPlan]):
+  """Before a process of a multi-host run joins the others: the workdir made (an unusable one
+  found here, not after the join), and for a process other than 0 the lock of its
+  dist.process_id taken. jax's coordinator ends every process of a run, with an abort, when a
+  second process registers under a taken id; refused here, that process stops with one line
+  and the run goes on. (Process 0's lock is the run's, `workdir_lock`, taken once all joined: a
+  second process 0 cannot run the coordinator on the first one's port.)
+
+  Yields `abandon()`, which removes what this made (the workdir, where this made it and it
+  holds nothing else, and the lock file in it): called here on any error in the block, and by
+  the join's watchdog before it ends the process. None for a run of one process."""
+  if plan is None:
+    yield None
+    return
+  made = not os.path.exists(workdir)
+  prepare_workdir(workdir)
+  path = (None if plan.process_id == 0 else
+          os.path.join(workdir, PROCESS_LOCK_FILE.format(plan.process_id)))
+
+  def abandon():
+    if not made:
+      return
+    for remove, target in ((os.remove, path), (os.rmdir, workdir)):
+      try:
+        if target is not None:
+          remove(target)
+      except OSError:  # another process's files there now: theirs to keep
+        pass
+
+  with contextlib.ExitStack() as held:
+    if path is not None:
+      f = held.enter_context(open(path, "a+"))
+      try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+      except OSError as e:
+        if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+          f = None  # a file system without locks (some network ones): run unguarded
+        else:
+          f.seek(0)
+          holder = f.read().strip() or "unknown"
+          raise CspganError(
+              f"dist.process_id {plan.process_id} is in use on workdir {workdir}: a process of "
+              f"a run there holds its lock (pid {holder}); give each process its own "
+              "dist.process_id (a second one would have ended that run), or use another "
+              "--workdir") from None
+      if f is not None:
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()} on {socket.gethostname()}")
+        f.flush()
+        held.callback(f.truncate, 0)  # then closed: the lock ends with the file
+    try:
+      yield abandon
+    except BaseException:
+      held.close()
+      abandon()
+      raise
+
+
 def train_and_evaluate(config, workdir: str, progress: bool = True) -> train.GANState:
   """Trains to `config.train.num_steps` (or `epochs`), resuming from the latest checkpoint."""
-  parallel.maybe_initialize_distributed(config)
-  parallel.check_xla_options(config.train)
-  prepare_workdir(workdir)
-  with workdir_lock(workdir, take=jax.process_index() == 0) as refusal:
-    _check_start(config, workdir, refusal)
-    return _train_and_evaluate(config, workdir, progress)
+  plan = parallel.distributed_plan(config)
+  with process_claim(workdir, plan) as abandon:
+    if plan is not None:
+      parallel.initialize_distributed(plan, on_abandon=abandon)
+    parallel.check_xla_options(config.train)
+    prepare_workdir(workdir)
+    with workdir_lock(workdir, take=jax.process_index() == 0) as refusal:
+      _check_start(config, workdir, refusal)
+      return _train_and_evaluate(config, workdir, progress)
 
 
 def _per_process(values) -> np.ndarray:

@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 
 import jax
 import numpy as np
@@ -330,13 +331,13 @@ def test_processes_that_cannot_train_together_say_so_alike(tmp_path):
   assert lines[1][0].startswith(f"cspgan: error: data_dir not found: {tmp_path / 'none'}")
 
 
-def _train_as_process(workdir, port, num_processes, process_id, timeout=2):
+def _train_as_process(workdir, port, num_processes, process_id, timeout=2, extra=()):
   """A `cspgan train` process of a multi-host run: its exit code and stderr lines."""
   proc = subprocess.run(
       [sys.executable, "-m", "cspgan_jax.cli", "train", "--config", TINY, "--workdir",
        str(workdir), "--no-progress", f"--config.dist.coordinator_address=localhost:{port}",
        f"--config.dist.num_processes={num_processes}", f"--config.dist.process_id={process_id}",
-       f"--config.dist.initialization_timeout={timeout}"],
+       f"--config.dist.initialization_timeout={timeout}", *extra],
       env=_env(1), capture_output=True, text=True, timeout=120)
   return proc.returncode, proc.stderr.strip().splitlines()
 
@@ -366,7 +367,46 @@ def test_a_process_that_cannot_join_the_others_says_why_in_one_line(tmp_path):
         f"cspgan: error: process 1 reached the coordinator at localhost:{port}, but not all of "
         "the 2 processes joined it within 2 s: start each with its own dist.process_id and "
         "process 0's dist.num_processes"])
-  assert not workdir.exists()
+  # Joined (a run of one), then stopped by a setting checked only once jax runs
+  assert _train_as_process(workdir, _free_port(), 1, 0,
+                           extra=["--config.train.xla_options=xla_no_such_option=1"]) == (2, [
+      "cspgan: error: train.xla_options: INVALID_ARGUMENT: No such compile option: "
+      "'xla_no_such_option'"])
+  assert not workdir.exists()  # made before the join for its lock, and taken away
+
+
+def test_a_second_process_given_a_taken_process_id_stops_alone(tmp_path):
+  """jax's coordinator ended every process of the run, with an abort, when a second process
+  registered under a taken id. The second one now stops before it joins, with one line."""
+  workdir, port = tmp_path / "run", _free_port()
+
+  def process(process_id, timeout):
+    return subprocess.Popen(
+        [sys.executable, "-m", "cspgan_jax.cli", "train", "--config", TINY, "--workdir",
+         str(workdir), "--no-progress", "--config.train.num_steps=2",
+         f"--config.dist.coordinator_address=localhost:{port}", "--config.dist.num_processes=2",
+         f"--config.dist.process_id={process_id}",
+         f"--config.dist.initialization_timeout={timeout}"],
+        env=_env(1), stderr=subprocess.PIPE, text=True)
+
+  first = process(1, 120)  # waits for process 0, its id's lock held
+  lock = workdir / trainer.PROCESS_LOCK_FILE.format(1)
+  deadline = time.monotonic() + 60
+  while not (lock.exists() and lock.read_text()) and time.monotonic() < deadline:
+    time.sleep(0.1)
+  holder = lock.read_text()
+  assert holder == f"{first.pid} on {socket.gethostname()}"
+  second = process(1, 2)  # were it to join, it would wait for process 0 and say so after 2 s
+  err = second.communicate(timeout=120)[1]
+  assert (second.returncode, [l for l in err.splitlines() if l.startswith("cspgan")]) == (2, [
+      f"cspgan: error: dist.process_id 1 is in use on workdir {workdir}: a process of a run "
+      f"there holds its lock (pid {holder}); give each process its own dist.process_id (a "
+      "second one would have ended that run), or use another --workdir"])
+  zero = process(0, 120)  # the run the second process would have ended trains to its end
+  errs = [p.communicate(timeout=300)[1] for p in (zero, first)]
+  assert [zero.returncode, first.returncode] == [0, 0], "\n".join(e[-2000:] for e in errs)
+  assert checkpoint.latest_step(str(workdir)) == 2
+  assert lock.read_text() == ""  # released: the id is free for the next run
 
 
 _PROCESS_1_OF_2 = ("--config.dist.coordinator_address=localhost:1", "--config.dist.num_processes=2",
