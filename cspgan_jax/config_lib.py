@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import importlib.util
+import math
 import os
 import sys
 from typing import Iterable
@@ -61,6 +62,21 @@ def check_fields(config) -> None:
                           f"{node[name]!r}")
 
 
+def check_known(config) -> None:
+  """Raises ConfigError for a group or field of a config file that `FIELD_TYPES` lacks: nothing
+  reads it, so a misspelt field (`train.lr_G`) would leave the baseline's value in force."""
+  for group in config.keys():
+    fields = FIELD_TYPES.get(group)
+    if fields is None:
+      raise ConfigError(f"config has a group {group!r} that nothing reads (groups: "
+                        f"{', '.join(FIELD_TYPES)})")
+    node = config[group]
+    for name in (node.keys() if isinstance(node, ml_collections.ConfigDict) else ()):
+      if name not in fields:
+        raise ConfigError(f"config field {group}.{name} is not one that cspgan reads (a typo? a "
+                          "new field goes into configs/baseline.py and config_lib.FIELD_TYPES)")
+
+
 # The folder holding this package and, in a checkout or an editable install, `configs/`
 _CHECKOUT = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
 
@@ -83,6 +99,8 @@ def load_config(path: str, overrides: Iterable[str] = ()) -> ml_collections.Conf
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     config = module.get_config()
+    if isinstance(config, ml_collections.FrozenConfigDict):  # overrides change it: a copy
+      config = ml_collections.ConfigDict(config)
   except Exception as e:  # a broken config file is the user's input: one line, not a traceback
     raise ConfigError(f"cannot load config {path}: {type(e).__name__}: {e}") from e
   finally:
@@ -90,6 +108,7 @@ def load_config(path: str, overrides: Iterable[str] = ()) -> ml_collections.Conf
   overrides = list(overrides)
   apply_overrides(config, overrides)
   validate_config(config)
+  check_known(config)
   named = {_override_key(item) for item in overrides}
   if "train.epochs" in named and "train.num_steps" not in named and config.train.num_steps:
     # The file sets num_steps (the quickstart, tiny), which wins: the override would do nothing.
@@ -154,9 +173,15 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         (0 <= m.bn_momentum <= 1, f"model.bn_momentum must be in [0, 1], got {m.bn_momentum}"),
         (m.bn_epsilon > 0, f"model.bn_epsilon must be positive, got {m.bn_epsilon}"),
         (t.batch_size >= 2, f"train.batch_size must be >= 2 (BatchNorm), got {t.batch_size}"),
-        (t.lr_g > 0, f"train.lr_g must be positive, got {t.lr_g}"),
-        (t.lr_d > 0, f"train.lr_d must be positive, got {t.lr_d}"),
+        (0 < t.lr_g < math.inf, f"train.lr_g must be positive and finite, got {t.lr_g}"),
+        (0 < t.lr_d < math.inf, f"train.lr_d must be positive and finite, got {t.lr_d}"),
         (0 <= t.beta1 < 1 and 0 <= t.beta2 < 1, "train.beta1 and beta2 must be in [0, 1)"),
+        (0 <= t.adam_eps < math.inf,  # as torch.optim.Adam requires
+         f"train.adam_eps must be >= 0 and finite, got {t.adam_eps}"),
+        # jax's keys and numpy's generators take them; beyond, a traceback where first used
+        (all(0 <= seed < 2**32 for seed in (t.seed, d.synthetic_seed, d.shuffle_seed)),
+         f"train.seed, data.synthetic_seed and data.shuffle_seed must be in [0, 2**32), got "
+         f"{t.seed}, {d.synthetic_seed} and {d.shuffle_seed}"),
         (t.optimizer in OPTIMIZERS, f"train.optimizer must be one of {OPTIMIZERS}, got {t.optimizer!r}"),
         (t.loss in losses.LOSSES, f"train.loss must be one of {tuple(losses.LOSSES)}, got {t.loss!r}"),
         (t.matmul_precision in PRECISIONS,

@@ -48,9 +48,13 @@ def drop_closed_event_loop_reports() -> None:
 
 
 def first_line(error: BaseException, limit: int = 300) -> str:
-  """An error's message cut to its first line (libraries append pages of context), else its type."""
-  text = str(error).strip()
+  """An error's message cut to its first line (libraries append pages of context), else its
+  type; without terminal colour codes (torch's unpickler bolds names with them)."""
+  text = _COLOUR_CODES.sub("", str(error)).strip()
   return text.splitlines()[0][:limit] if text else type(error).__name__
+
+
+_COLOUR_CODES = re.compile(r"\x1b\[[0-9;]*m")
 
 
 # What a write can meet that the user, not the code, has to fix

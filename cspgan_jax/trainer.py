@@ -120,7 +120,7 @@ class RunLog:
     path = os.path.join(self.workdir, METRICS_FILE)
     if not os.path.exists(path):
       return
-    with open(path) as f:
+    with open(path, encoding="utf-8", errors="replace") as f:  # bytes of no run's writing
       lines = f.readlines()
     kept = [l for l in lines if (_logged_record(l) or {}).get("step", step + 1) <= step]
     if len(kept) < len(lines):  # rewritten whole, then swapped in: never half a file
@@ -155,12 +155,15 @@ class RunLog:
 
 
 def _logged_record(line: str) -> Optional[dict]:
-  """A metrics.jsonl line's record; None for a line a killed run left unfinished."""
+  """A metrics.jsonl line's record: an int step and numbers, as `RunLog.scalars` writes it;
+  None for anything else (a line a killed run left unfinished, or one edited by hand)."""
   try:
     record = json.loads(line)
-    return record if isinstance(record, dict) and isinstance(record.get("step"), int) else None
   except ValueError:
     return None
+  numbers = isinstance(record, dict) and all(
+      isinstance(v, (int, float)) and not isinstance(v, bool) for v in record.values())
+  return record if numbers and isinstance(record.get("step"), int) else None
 
 
 def logged_metrics(workdir: str) -> list:
@@ -168,7 +171,7 @@ def logged_metrics(workdir: str) -> list:
   path = os.path.join(workdir, METRICS_FILE)
   if not os.path.isfile(path):
     return []
-  with open(path) as f:
+  with open(path, encoding="utf-8", errors="replace") as f:
     return [r for r in map(_logged_record, f) if r is not None]
 
 

@@ -568,12 +568,24 @@ def test_a_full_disk_under_the_logs_is_one_line(tmp_path, capsys, monkeypatch):
     (["--config.model.nc=1"], "model.nc must be 3 (the data are RGB images), got 1"),
     (["--config.model.resolution=48"], "model.resolution must be a power of two >= 32, got 48"),
     (["--config.train.seed=True"], "config field 'train.seed' is int, got 'True'"),
+    # each of these ended in a traceback where first used (inf: a diverged run at step 2)
+    (["--config.train.lr_g=1e400"], "train.lr_g must be positive and finite, got inf"),
+    (["--config.train.adam_eps=-1e-8"], "train.adam_eps must be >= 0 and finite, got -1e-08"),
+    (["--config.train.seed=99999999999999999999"],
+     "train.seed, data.synthetic_seed and data.shuffle_seed must be in [0, 2**32), got "
+     "99999999999999999999, 0 and 0"),
+    (["--config.data.synthetic_seed=-1"], "must be in [0, 2**32), got 0, -1 and 0"),
     (["--config.train.epochs=40"], "train.epochs has no effect: tiny.py sets train.num_steps=8, "
                                    "which wins; add --config.train.num_steps=0"),
     # config files of the user's (below): a field of another type, a field missing
     (["@config.train.num_steps = None"], "config field train.num_steps must be int, got None"),
     (["@del config.train.seed"], "config lacks the field train.seed"),
     (["@config.train.seed = True"], "config field train.seed must be int, got True"),
+    # a misspelt field, read by nothing: the baseline's value would have trained unsaid
+    (["@config.train.lr_G = 1e-4"], "config field train.lr_G is not one that cspgan reads (a "
+     "typo? a new field goes into configs/baseline.py and config_lib.FIELD_TYPES)"),
+    (["@config.extra = 5"], "config has a group 'extra' that nothing reads (groups: model, "
+     "train, data, dist)"),
 ])
 def test_train_config_errors_are_one_line(tmp_path, capsys, args, message):
   config = TINY
@@ -587,6 +599,26 @@ def test_train_config_errors_are_one_line(tmp_path, capsys, args, message):
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and err[0].startswith("cspgan: error: ") and message in err[0], err
   assert not os.path.exists(tmp_path / "w" / "checkpoints")
+
+
+def test_an_error_line_has_no_terminal_colour_codes():
+  """torch's unpickler bolds the global it refuses: escape codes in a one-line error."""
+  from cspgan_jax.errors import first_line  # pylint: disable=import-outside-toplevel
+  error = RuntimeError("Unsupported global: GLOBAL \x1b[1mos.system\x1b[0m was not an allowed "
+                       "global by default.\n\nCheck the documentation")
+  assert first_line(error) == ("Unsupported global: GLOBAL os.system was not an allowed global "
+                               "by default.")
+
+
+def test_a_frozen_config_takes_overrides(tmp_path):
+  """A config file may return a FrozenConfigDict; the first override was a traceback."""
+  (tmp_path / "frozen.py").write_text(
+      f"import sys\nsys.path.insert(0, {REPO!r})\nimport ml_collections\n"
+      "from configs import tiny\n\ndef get_config():\n"
+      "  return ml_collections.FrozenConfigDict(tiny.get_config())\n")
+  config = config_lib.load_config(str(tmp_path / "frozen.py"), ["--config.train.lr_g=0.5"])
+  assert config.train.lr_g == 0.5 and config.to_dict() == config_lib.load_config(
+      TINY, ["--config.train.lr_g=0.5"]).to_dict()
 
 
 def test_a_workdir_in_use_is_refused_in_one_line(tmp_path, capsys):
@@ -643,6 +675,20 @@ def test_a_fresh_start_drops_the_metrics_a_run_killed_before_its_first_checkpoin
     f.write(json.dumps({"step": 2, "Loss_D": 1.0}) + "\n" + json.dumps({"step": 4}) + "\n")
   trainer.RunLog(str(tmp_path), True, 0).close()
   assert trainer.logged_metrics(str(tmp_path)) == []
+
+
+def test_metrics_lines_of_no_run_are_left_out_not_a_traceback(tmp_path):
+  """`cspgan info` formatted every value as a number, and a resume decoded the file as UTF-8:
+  a value edited to text or null, or bytes of no encoding, ended each in a traceback."""
+  good = [{"step": 2, "Loss_D": 1.5}, {"step": 4, "Loss_D": 0.5, "images_per_sec": 10}]
+  with open(tmp_path / trainer.METRICS_FILE, "wb") as f:
+    f.write((json.dumps(good[0]) + "\n").encode())
+    f.write(b'{"step": 3, "Loss_D": "abc"}\n{"step": 3, "Loss_D": null}\n\xff\xfe\n')
+    f.write(b'{"step": 3, "Loss_D": true}\n' + (json.dumps(good[1]) + "\n").encode())
+  assert trainer.logged_metrics(str(tmp_path)) == good
+  trainer.RunLog(str(tmp_path), True, 3).close()  # resumed from step 3
+  assert trainer.logged_metrics(str(tmp_path)) == good[:1]
+  assert (tmp_path / trainer.METRICS_FILE).read_text() == json.dumps(good[0]) + "\n"
 
 
 def test_field_types_are_the_baselines():
