@@ -106,6 +106,9 @@ def _is_catalogue_name(name: str) -> bool:
 def prepared_dataset_path(data_dir: str, name: str) -> str:
   """`data_dir/name/1.0.0` after checking it is complete; one-line errors otherwise."""
   path = prepare_data.dataset_path(data_dir, name)
+  if os.path.exists(data_dir) and not os.path.isdir(data_dir):
+    raise DataError(f"data_dir is not a folder: {data_dir}; set --config.data.data_dir (or "
+                    "TFDS_DATA_DIR) to the folder `cspgan prepare-data --out` wrote into")
   if not os.path.isdir(data_dir):
     raise DataError(f"data_dir not found: {data_dir}; prepare CelebA into it with `cspgan "
                     f"prepare-data --input IMAGES --out {data_dir}`, or train on synthetic faces "

@@ -11,8 +11,11 @@ stopped the seed's author, and building it needs TensorFlow. A `GeneratorBasedBu
 Pixels are stored as raw bytes (`Encoding.BYTES`): 49 KB per 128x128 image instead of 77 KB of
 int64 varints, and decoding is a `np.frombuffer`.
 
-TFDS writes into `incomplete.*` folders and renames them only when every split is written, so an
-interrupted preparation never looks finished; `prepare` removes such leftovers and rebuilds.
+Each preparation builds in a folder of its own, `NAME/incomplete.*_1.0.0` (TFDS's name for a
+dataset being written), and moves the result to `NAME/1.0.0` only when every split is written: an
+interrupted preparation never looks finished, and what was at `NAME/1.0.0` (the dataset
+`--overwrite` rebuilds) stays there, readable, until then. `prepare` removes such leftovers and
+rebuilds; a `NAME/1.0.0` holding anything our builder does not write is never removed unasked.
 """
 
 from __future__ import annotations
@@ -20,11 +23,13 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import dataclasses
+import io
 import json
 import multiprocessing
 import os
 import re
 import shutil
+import tempfile
 import time
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -51,6 +56,7 @@ class Summary:
   workers: int
   unlisted: int = 0  # files missing from list_eval_partition.txt (put in train)
   removed_incomplete: List[str] = dataclasses.field(default_factory=list)
+  replaced: str = ""  # what --overwrite replaced, in words ("" if nothing)
 
   @property
   def num_written(self) -> int:
@@ -66,6 +72,8 @@ class Summary:
     out = [f"wrote {self.num_written} images ({splits}) at {r}x{r} to {self.data_path}"]
     for path in self.removed_incomplete:
       out.append(f"removed an interrupted preparation: {path}")
+    if self.replaced:
+      out.append(f"replaced {self.replaced}")
     if self.unlisted:
       out.append(f"{self.unlisted} images not in {PARTITION_FILE}: put in train")
     if self.skipped:
@@ -117,8 +125,16 @@ def find_partition_file(input_dir: str) -> Optional[str]:
 
 def read_partition(path: str) -> Dict[str, str]:
   """`000001.jpg 0` lines -> {file name: split name}."""
+  with open(path, "rb") as f:
+    data = f.read()
+  try:
+    text = data.decode("utf-8")
+  except UnicodeDecodeError as e:  # decoded whole, so that the error can name its line
+    number = data.count(b"\n", 0, e.start) + 1
+    raise DataError(f"{path}:{number}: not UTF-8 text (byte 0x{data[e.start]:02x}); CelebA's "
+                    "list holds '<file name> <0|1|2>' lines") from e
   partition = {}
-  with open(path, encoding="utf-8") as f:
+  with io.StringIO(text, newline=None) as f:  # newline=None: \r\n and \r end lines, as open() does
     for number, line in enumerate(f, 1):
       fields = line.split()
       if not fields:
@@ -199,6 +215,14 @@ def make_builder_class(name: str):
           metadata=tfds.core.MetadataDict(resolution=r, skipped=self._skipped),
       )
 
+    # TFDS prints where it writes: our build folder, not where the dataset ends up. The summary
+    # says that instead.
+    def _log_download_bytes(self):
+      pass
+
+    def _log_download_done(self):
+      pass
+
     def _split_generators(self, dl_manager):
       del dl_manager
       return {split: self._generate_examples(split, files)
@@ -223,17 +247,25 @@ def make_builder_class(name: str):
 
 # ---- output folder states ----
 
+# What our builder writes into NAME/1.0.0: TFDS's three JSON files and the split's shards.
+BUILDER_FILES = ("dataset_info.json", "features.json", "metadata.json")
+SHARD_PATTERN = r"^{name}-[a-z_]+\.array_record-\d{{5}}-of-\d{{5}}$"
+# A dataset being written: TFDS's `incomplete.XXXXXX_1.0.0`, and our build folders, named alike.
+INCOMPLETE_PATTERN = re.compile(r"^incomplete\.[A-Za-z0-9_]+_" + re.escape(DATASET_VERSION) + "$")
+
+
 def dataset_path(out_dir: str, name: str) -> str:
   return os.path.join(out_dir, name, DATASET_VERSION)
 
 
 def incomplete_paths(out_dir: str, name: str) -> List[str]:
-  """Leftovers of interrupted preparations of this dataset (TFDS's `incomplete.*` folders)."""
+  """Leftovers of interrupted preparations of this dataset (`incomplete.*_1.0.0` folders)."""
   parent = os.path.join(out_dir, name)
   if not os.path.isdir(parent):
     return []
   return sorted(os.path.join(parent, d) for d in os.listdir(parent)
-                if d.startswith("incomplete.") and d.endswith("_" + DATASET_VERSION))
+                if INCOMPLETE_PATTERN.match(d) and os.path.isdir(os.path.join(parent, d))
+                and not os.path.islink(os.path.join(parent, d)))
 
 
 def prepared_problem(path: str) -> Optional[str]:
@@ -258,12 +290,72 @@ def prepared_problem(path: str) -> Optional[str]:
   return None
 
 
-def _remove_empty_tree(path: str) -> None:
-  for root, _, _ in sorted(os.walk(path, topdown=False), reverse=True):
+def foreign_entry(path: str, name: str) -> Optional[str]:
+  """None if `path` holds only files our builder writes (a damaged or half-removed dataset of
+  ours, or nothing), so that removing it loses nothing of the user's; else what it holds that is
+  not ours."""
+  if os.path.islink(path) or not os.path.isdir(path):
+    return "it is not a folder"
+  shard = re.compile(SHARD_PATTERN.format(name=re.escape(name)))
+  for entry in sorted(os.scandir(path), key=lambda e: e.name):
+    if not entry.is_file(follow_symlinks=False):
+      return f"it holds {entry.name}, not a file our builder writes"
+    if entry.name not in BUILDER_FILES and not shard.match(entry.name):
+      return f"it holds {entry.name}, a file our builder does not write"
+  return None
+
+
+def check_existing(path: str, name: str, overwrite: bool) -> str:
+  """What a successful build replaces at `path`, in words ("" if nothing), or a DataError where
+  what is there must stay: a complete dataset without --overwrite, anything not ours without it."""
+  if not os.path.lexists(path):
+    return ""
+  if os.path.isdir(path) and prepared_problem(path) is None:
+    if not overwrite:
+      raise DataError(f"{path} already holds a prepared dataset; pass --overwrite to rebuild it "
+                      "or choose another --out or --name")
+    return f"the dataset prepared before in {path}"
+  foreign = foreign_entry(path, name)
+  if foreign is None:
+    return ""  # a broken output of ours: rebuilt without asking, listed as removed
+  if not overwrite:
+    raise DataError(f"{path} is not a dataset prepared by `cspgan prepare-data` ({foreign}): left "
+                    "as it is; move it away, pass --overwrite to replace it, or choose another "
+                    "--out or --name")
+  return f"{path}, which was not a prepared dataset ({foreign})"
+
+
+def _make_folders(path: str) -> List[str]:
+  """`os.makedirs(path)`; returns the folders it made, deepest first, to take away on failure."""
+  made = []
+  at = os.path.abspath(path)
+  while not os.path.exists(at):
+    made.append(at)
+    at = os.path.dirname(at)
+  os.makedirs(path, exist_ok=True)
+  return made
+
+
+def _remove_made_folders(made: Sequence[str]) -> None:
+  for folder in made:
     try:
-      os.rmdir(root)
-    except OSError:  # not empty: leave it
+      os.rmdir(folder)
+    except OSError:  # not empty (someone else's files since): leave it
       pass
+
+
+def swap_in(built: str, path: str, aside: str) -> None:
+  """Moves `built` to `path`, what was at `path` to `aside` first. A Ctrl-C between the two
+  renames puts the old one back: `path` is never left empty by this run."""
+  had = os.path.lexists(path)
+  if had:
+    os.rename(path, aside)
+  try:
+    os.rename(built, path)
+  except BaseException:
+    if had and not os.path.lexists(path):
+      os.rename(aside, path)
+    raise
 
 
 # ---- the command ----
@@ -293,7 +385,11 @@ def check_arguments(input_dir: str, out_dir: str, resolution: int, name: str) ->
 
 def prepare(input_dir: str, out_dir: str, resolution: int = 128, name: str = "celeba",
             workers: Optional[int] = None, overwrite: bool = False) -> Summary:
-  """Builds `out_dir/name/1.0.0` from the images under `input_dir`; returns the summary."""
+  """Builds `out_dir/name/1.0.0` from the images under `input_dir`; returns the summary.
+
+  The dataset is built in `out_dir/name/incomplete.*_1.0.0` and moved into place only once
+  complete: whatever stops it (no readable image, a full disk, Ctrl-C), `out_dir/name/1.0.0` is
+  as it was."""
   check_arguments(input_dir, out_dir, resolution, name)
   files = find_images(input_dir)
   if not files:
@@ -302,61 +398,70 @@ def prepare(input_dir: str, out_dir: str, resolution: int = 128, name: str = "ce
   partition = read_partition(partition_path) if partition_path else None
   splits, unlisted = assign_splits(files, partition)
 
-  path = dataset_path(out_dir, name)
-  removed = []
-  if os.path.isdir(path):
-    problem = prepared_problem(path)
-    if problem is None and not overwrite:
-      raise DataError(f"{path} already holds a prepared dataset; pass --overwrite to rebuild it "
-                      "or choose another --out or --name")
-    if problem is not None:  # a broken output of ours: rebuild rather than read it
-      shutil.rmtree(path)
-      removed.append(path)
-  for stale in incomplete_paths(out_dir, name):
+  parent, path = os.path.join(out_dir, name), dataset_path(out_dir, name)
+  if os.path.lexists(parent) and not os.path.isdir(parent):
+    raise DataError(f"{parent} is not a folder: the dataset {name!r} needs one there; move it "
+                    "away or choose another --out or --name")
+  replaced = check_existing(path, name, overwrite)
+  damaged = os.path.lexists(path) and not replaced  # ours, but broken: rebuilt
+  removed = incomplete_paths(out_dir, name)
+  for stale in removed:
     shutil.rmtree(stale, ignore_errors=True)
-    removed.append(stale)
+  made = _make_folders(parent)
+  build_dir = None
+  skipped: List[Tuple[str, str]] = []
+  workers = workers or os.cpu_count() or 1
+  try:
+    build_dir = tempfile.mkdtemp(prefix="incomplete.", suffix="_" + DATASET_VERSION, dir=parent)
+    start = time.perf_counter()
+    builder = _build(build_dir, input_dir, splits, resolution, name, workers, skipped)
+    seconds = time.perf_counter() - start
+    swap_in(dataset_path(build_dir, name), path, os.path.join(build_dir, "replaced"))
+  except BaseException as e:  # pylint: disable=broad-except
+    # Whatever stopped it (a full disk, no readable image, Ctrl-C): this run's files go, and the
+    # folders it made; nothing else is touched.
+    if build_dir is not None:
+      shutil.rmtree(build_dir, ignore_errors=True)
+    _remove_made_folders(made)
+    error = _build_error(e, input_dir, out_dir, files, splits, skipped)
+    if error is e:  # KeyboardInterrupt, SystemExit, a DataError, or not the user's to fix
+      raise
+    raise error from e
+  shutil.rmtree(build_dir)  # what was replaced, and TFDS's empty download folder
+  if damaged:
+    removed.append(path)
+  written = {s: int(builder.info.splits[s].num_examples) for s in splits}
+  return Summary(data_path=path, resolution=resolution, written=written, skipped=skipped,
+                 seconds=seconds, workers=workers, unlisted=unlisted, removed_incomplete=removed,
+                 replaced=replaced)
 
-  downloads = os.path.join(out_dir, "downloads")
-  had_downloads = os.path.exists(downloads)
+
+def _build(data_dir: str, input_dir: str, splits, resolution: int, name: str, workers: int,
+           skipped: List[Tuple[str, str]]):
+  """Writes `data_dir/name/1.0.0` with our builder; returns the builder."""
   import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
   tfds.disable_progress_bar()  # ours (per split, with a total) replaces TFDS's
-  workers = workers or os.cpu_count() or 1
-  skipped: List[Tuple[str, str]] = []
-  start = time.perf_counter()
   # "spawn": workers need only numpy and PIL; forking a process that may hold JAX's threads is unsafe.
   with concurrent.futures.ProcessPoolExecutor(
       workers, mp_context=multiprocessing.get_context("spawn")) as executor:
     builder = make_builder_class(name)(
         input_dir=input_dir, splits=splits, resolution=resolution, executor=executor,
-        workers=workers, skipped=skipped, data_dir=out_dir, file_format="array_record")
-    mode = (tfds.download.GenerateMode.FORCE_REDOWNLOAD if overwrite
-            else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS)
-    try:
-      builder.download_and_prepare(
-          download_config=tfds.download.DownloadConfig(download_mode=mode))
-    except BaseException as e:  # pylint: disable=broad-except
-      # Whatever stopped it (a full disk, no readable image, Ctrl-C): this run's partial files
-      # go, and the folders it made if they are empty; nothing else is touched.
-      for partial in incomplete_paths(out_dir, name):
-        shutil.rmtree(partial, ignore_errors=True)
-      _remove_empty_tree(os.path.join(out_dir, name))
-      if not had_downloads:
-        _remove_empty_tree(downloads)
-      if not isinstance(e, Exception):  # KeyboardInterrupt, SystemExit
-        raise
-      reason = io_reason(e)
-      if reason is not None:
-        raise DataError(f"cannot write the dataset in {out_dir}: {reason}") from e
-      if "No examples were yielded" not in str(e):
-        raise
-      empty = [s for s, fs in splits.items() if len(fs) == sum(n in set(fs) for n, _ in skipped)]
-      split = empty[0] if empty else "?"
-      raise DataError(f"none of the {len(splits.get(split, files))} image files of split {split!r} "
-                      f"under {input_dir} could be read (first: {skipped[0][0]}: "
-                      f"{skipped[0][1]})") from e
-  seconds = time.perf_counter() - start
-  if not had_downloads:  # TFDS makes an empty download folder we never use
-    _remove_empty_tree(downloads)
-  written = {s: int(builder.info.splits[s].num_examples) for s in splits}
-  return Summary(data_path=path, resolution=resolution, written=written, skipped=skipped,
-                 seconds=seconds, workers=workers, unlisted=unlisted, removed_incomplete=removed)
+        workers=workers, skipped=skipped, data_dir=data_dir, file_format="array_record")
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+        download_mode=tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS))
+  return builder
+
+
+def _build_error(e: BaseException, input_dir: str, out_dir: str, files, splits, skipped):
+  """The one-line DataError for a failed build; `e` itself where it is not the user's to fix."""
+  if not isinstance(e, Exception) or isinstance(e, DataError):
+    return e
+  reason = io_reason(e)
+  if reason is not None:
+    return DataError(f"cannot write the dataset in {out_dir}: {reason}")
+  if "No examples were yielded" not in str(e) or not skipped:
+    return e
+  empty = [s for s, fs in splits.items() if len(fs) == sum(n in set(fs) for n, _ in skipped)]
+  split = empty[0] if empty else "?"
+  return DataError(f"none of the {len(splits.get(split, files))} image files of split {split!r} "
+                   f"under {input_dir} could be read (first: {skipped[0][0]}: {skipped[0][1]})")

@@ -200,6 +200,19 @@ def test_bad_partition_line_is_one_clear_error(tmp_path, line):
     prepare_data.prepare(str(images), str(tmp_path / "out"), resolution=R, workers=1)
 
 
+def test_a_partition_file_that_is_not_utf8_is_one_clear_error(tmp_path):
+  images = tmp_path / "imgs"
+  make_image_folder(str(images), num_good=2, corrupt=False)
+  (images / "list_eval_partition.txt").write_bytes(b"000000.jpg 0\r\n000001.jpg 0\r\n\xff.jpg 1\r\n")
+  with pytest.raises(DataError, match=r"list_eval_partition.txt:3: not UTF-8 text \(byte 0xff\)"):
+    prepare_data.prepare(str(images), str(tmp_path / "out"), resolution=R, workers=1)
+  assert not (tmp_path / "out").exists()
+  # Read as text still, in whichever newlines it was written.
+  (images / "list_eval_partition.txt").write_bytes(b"000000.jpg 0\r\n000001.jpg 2\r000002.jpg 1")
+  assert prepare_data.read_partition(str(images / "list_eval_partition.txt")) == {
+      "000000.jpg": "train", "000001.jpg": "test", "000002.jpg": "validation"}
+
+
 def test_the_partition_file_is_found_where_celeba_keeps_it(tmp_path):
   """Inside the image folder, beside it, or in `Eval/` beside it or one level up (the
   archive's CelebA/Eval beside CelebA/Img/img_align_celeba), nearest first."""
@@ -252,6 +265,112 @@ def test_interrupted_preparation_is_detected_and_rebuilt(tmp_path):
   summary = prepare_data.prepare(str(images), str(out), resolution=R, workers=1)
   assert summary.removed_incomplete == [summary.data_path]
   assert len(datasets.load_source(config, R)) == 5
+
+
+def _files(folder):
+  """{relative path: content} of every file under `folder`."""
+  return {os.path.relpath(os.path.join(root, f), folder): open(os.path.join(root, f), "rb").read()
+          for root, _, files in os.walk(folder) for f in files}
+
+
+def _interrupted_writer(cls, path, iterator):
+  """array_record's writer, stopped by Ctrl-C half way through a shard."""
+  del cls, iterator
+  with open(os.fspath(path), "wb") as f:
+    f.write(b"half a shard")
+  raise KeyboardInterrupt
+
+
+def test_a_failed_overwrite_leaves_the_old_dataset_as_it_was(tmp_path, capsys, monkeypatch):
+  """--overwrite keeps the old dataset until the new one is complete: a rebuild that finds no
+  readable image, or is interrupted, leaves it readable and unchanged; one that completes
+  replaces it."""
+  from tensorflow_datasets.core import file_adapters  # pylint: disable=import-outside-toplevel
+  good, bad, out = tmp_path / "good", tmp_path / "bad", tmp_path / "out"
+  make_image_folder(str(good), num_good=3, corrupt=False)
+  bad.mkdir()
+  (bad / "x.jpg").write_text("not an image")
+  prepare_data.prepare(str(good), str(out), resolution=R, name="keep", workers=1)
+  before = _files(out)
+  assert cli.main(["prepare-data", "--input", str(bad), "--out", str(out), "--resolution", str(R),
+                   "--workers", "1", "--name", "keep", "--overwrite"]) == 2
+  assert "cspgan: error: none of the 1 image files" in capsys.readouterr().err
+  assert _files(out) == before and os.listdir(out / "keep") == ["1.0.0"]
+  assert len(tfds.data_source("keep", data_dir=str(out))["train"]) == 3
+  with monkeypatch.context() as m:
+    m.setattr(file_adapters.ArrayRecordFileAdapter, "write_examples",
+              classmethod(_interrupted_writer))
+    with pytest.raises(KeyboardInterrupt):
+      prepare_data.prepare(str(good), str(out), resolution=R, name="keep", workers=1,
+                           overwrite=True)
+  assert _files(out) == before and os.listdir(out / "keep") == ["1.0.0"]
+  make_image_folder(str(tmp_path / "two"), num_good=2, corrupt=False)
+  summary = prepare_data.prepare(str(tmp_path / "two"), str(out), resolution=R, name="keep",
+                                 workers=1, overwrite=True)
+  assert f"replaced the dataset prepared before in {summary.data_path}" in summary.lines()
+  assert len(tfds.data_source("keep", data_dir=str(out))["train"]) == 2
+  assert os.listdir(out / "keep") == ["1.0.0"]  # no build folder left, nor the old dataset
+
+
+def test_a_ctrl_c_between_the_swaps_renames_puts_the_old_dataset_back(tmp_path, monkeypatch):
+  old, build = tmp_path / "keep" / "1.0.0", tmp_path / "keep" / "incomplete.x_1.0.0"
+  (build / "keep" / "1.0.0").mkdir(parents=True)
+  (build / "keep" / "1.0.0" / "metadata.json").write_text("new")
+  old.mkdir()
+  (old / "metadata.json").write_text("old")
+  renames, rename = [], os.rename
+
+  def interrupted_second(src, dst):
+    renames.append(src)
+    if len(renames) == 2:
+      raise KeyboardInterrupt
+    rename(src, dst)
+
+  monkeypatch.setattr(os, "rename", interrupted_second)
+  with pytest.raises(KeyboardInterrupt):
+    prepare_data.swap_in(str(build / "keep" / "1.0.0"), str(old), str(build / "replaced"))
+  assert (old / "metadata.json").read_text() == "old"
+
+
+def test_a_folder_prepare_data_did_not_write_is_never_removed(tmp_path, capsys):
+  """Only what is provably ours (TFDS's incomplete.* folders, a 1.0.0 holding nothing but our
+  builder's files) is rebuilt unasked; anything else stays, until --overwrite replaces it with a
+  complete dataset."""
+  images, out = tmp_path / "imgs", tmp_path / "out"
+  make_image_folder(str(images), num_good=2, corrupt=False)
+  (tmp_path / "bad").mkdir()
+  (tmp_path / "bad" / "x.jpg").write_text("not an image")
+  mine = out / "mine" / "1.0.0"
+  mine.mkdir(parents=True)
+  (mine / "important.txt").write_text("precious")
+  argv = ["prepare-data", "--out", str(out), "--resolution", str(R), "--workers", "1",
+          "--name", "mine"]
+  assert cli.main(argv + ["--input", str(images)]) == 2
+  err = [l for l in capsys.readouterr().err.splitlines() if "error" in l]
+  assert err == [f"cspgan: error: {mine} is not a dataset prepared by `cspgan prepare-data` (it "
+                 "holds important.txt, a file our builder does not write): left as it is; move "
+                 "it away, pass --overwrite to replace it, or choose another --out or --name"]
+  assert _files(out) == {os.path.join("mine", "1.0.0", "important.txt"): b"precious"}
+  # --overwrite replaces it, but only with a complete dataset
+  assert cli.main(argv + ["--input", str(tmp_path / "bad"), "--overwrite"]) == 2
+  assert _files(out) == {os.path.join("mine", "1.0.0", "important.txt"): b"precious"}
+  capsys.readouterr()
+  assert cli.main(argv + ["--input", str(images), "--overwrite"]) == 0
+  assert f"replaced {mine}, which was not a prepared dataset (it holds important.txt" in (
+      capsys.readouterr().out)
+  assert len(tfds.data_source("mine", data_dir=str(out))["train"]) == 2
+  # A file where the dataset's folder goes is not ours either.
+  shutil.rmtree(mine)
+  mine.write_text("precious")
+  with pytest.raises(DataError, match=r"mine/1.0.0 is not a dataset prepared by .* \(it is not a "
+                     r"folder\): left as it is"):
+    prepare_data.prepare(str(images), str(out), resolution=R, name="mine", workers=1)
+  assert mine.read_text() == "precious"
+  (out / "other").write_text("precious")  # or where its NAME folder goes
+  with pytest.raises(DataError, match=r"out/other is not a folder: the dataset 'other' needs one"):
+    prepare_data.prepare(str(images), str(out), resolution=R, name="other", workers=1,
+                         overwrite=True)
+  assert (out / "other").read_text() == "precious"
 
 
 def test_a_full_disk_is_one_line_and_leaves_no_partial_dataset(tmp_path, capsys, monkeypatch):
@@ -358,6 +477,17 @@ def test_reader_errors_name_the_problem(prepared, tmp_path):
     datasets.load_source(data_config(data_dir=str(tmp_path / "nowhere")), R)
   with pytest.raises(DataError, match="has no split 'test'"):
     datasets.load_source(data_config(data_dir=prepared["out"], split="test"), R)
+
+
+def test_a_data_dir_that_is_a_file_is_named_so(tmp_path, monkeypatch):
+  (tmp_path / "file").write_text("")
+  message = (r"data_dir is not a folder: .*file; set --config.data.data_dir \(or TFDS_DATA_DIR\) "
+             "to the folder")
+  with pytest.raises(DataError, match=message):
+    datasets.load_source(data_config(data_dir=str(tmp_path / "file")), R)
+  monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path / "file"))
+  with pytest.raises(DataError, match=message):
+    datasets.load_source(data_config(data_dir=""), R)
 
 
 def test_damaged_dataset_files_are_one_clear_error(prepared, tmp_path):
