@@ -128,7 +128,7 @@ def read_partition(path: str) -> Dict[str, str]:
   with open(path, "rb") as f:
     data = f.read()
   try:
-    text = data.decode("utf-8")
+    text = data.decode("utf-8-sig")  # a BOM (Windows editors) would start the first name
   except UnicodeDecodeError as e:  # decoded whole, so that the error can name its line
     number = data.count(b"\n", 0, e.start) + 1
     raise DataError(f"{path}:{number}: not UTF-8 text (byte 0x{data[e.start]:02x}); CelebA's "

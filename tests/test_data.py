@@ -208,7 +208,8 @@ def test_a_partition_file_that_is_not_utf8_is_one_clear_error(tmp_path):
     prepare_data.prepare(str(images), str(tmp_path / "out"), resolution=R, workers=1)
   assert not (tmp_path / "out").exists()
   # Read as text still, in whichever newlines it was written.
-  (images / "list_eval_partition.txt").write_bytes(b"000000.jpg 0\r\n000001.jpg 2\r000002.jpg 1")
+  (images / "list_eval_partition.txt").write_bytes(
+      b"\xef\xbb\xbf000000.jpg 0\r\n000001.jpg 2\r000002.jpg 1")  # with a BOM, as Notepad saves
   assert prepare_data.read_partition(str(images / "list_eval_partition.txt")) == {
       "000000.jpg": "train", "000001.jpg": "test", "000002.jpg": "validation"}
 
