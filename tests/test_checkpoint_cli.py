@@ -342,7 +342,7 @@ def test_usage_errors_are_one_line(config_path, capsys):
     assert capsys.readouterr().err.splitlines() == [f"cspgan: error: {line}"]
   assert cli.main(["parity", "--config", tiny, "--config.train.lr_d", "-0.1"]) == 2
   assert capsys.readouterr().err.splitlines() == [
-      "cspgan: error: train.lr_d must be positive, got -0.1"]
+      "cspgan: error: train.lr_d must be positive and finite, got -0.1"]
 
 
 def test_cli_parity_prints_table_and_max_rel_err(config_path, capsys):
