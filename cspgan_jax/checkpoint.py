@@ -16,7 +16,7 @@ import jax
 import numpy as np
 import ml_collections
 import orbax.checkpoint as ocp
-from flax import serialization
+from flax import serialization, traverse_util
 
 from cspgan_jax import config_lib, train
 from cspgan_jax.errors import CheckpointError, ConfigError, first_line, io_reason
@@ -237,5 +237,25 @@ def restore(workdir: str, config: Optional[ml_collections.ConfigDict] = None,
                           f"{checkpoint_dir(workdir)}: {first_line(e)}") from e
   finally:
     mngr.close()
+  _check_shapes(_state_dict(template), restored["state"],
+                os.path.join(checkpoint_dir(workdir), str(step)))
   state = _from_state_dict(template, restored["state"])
   return state.with_compute_params(train.compute_dtype(config)), config
+
+
+def _check_shapes(expected: dict, restored: dict, where: str) -> None:
+  """Raises CheckpointError unless every restored array has its template's shape. orbax
+  restores each array at the shape it was stored with (and casts it to the template's dtype,
+  so dtypes always agree), whatever the template says: arrays edited or copied in from a run of
+  another width would otherwise fail deep inside flax, tens of lines later."""
+  got = traverse_util.flatten_dict(restored)
+  wrong = [(path, np.shape(got[path]) if path in got else None, tuple(leaf.shape))
+           for path, leaf in traverse_util.flatten_dict(expected).items()
+           if path not in got or np.shape(got[path]) != tuple(leaf.shape)]
+  if wrong:
+    path, have, want = wrong[0]
+    have = "missing" if have is None else have
+    more = f" (and {len(wrong) - 1} more)" if len(wrong) > 1 else ""
+    raise CheckpointError(f"{where}: the checkpoint's arrays do not fit its stored config: "
+                          f"{'/'.join(path)} is {have} there, the config's model needs "
+                          f"{want}{more}")

@@ -6,7 +6,9 @@ ConvTranspose2d (I, O, kh, kw) alike) transposes (2, 3, 1, 0) into Flax's (kh, k
 table is built from the model's own variables, and conversion asserts that the key sets are
 equal and every shape matches, so nothing is silently dropped. A module name not of that form,
 flax's automatic `BatchNorm_0` included (a forgotten `name=`), is a CheckpointError naming the
-parameter. Arrays here are numpy; only the file functions and the reference check import torch.
+parameter. So is a value the model cannot hold (a sparse, meta, complex or non-finite tensor,
+a float count), named with its file where it came from one. Arrays here are numpy; only the
+file functions and the reference check import torch.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from __future__ import annotations
 import os
 import re
 import tempfile
-from typing import Dict, List, Mapping, NamedTuple, Tuple
+from typing import Dict, List, Mapping, NamedTuple, Optional, Tuple
 
 import numpy as np
 from flax import traverse_util
@@ -139,6 +141,9 @@ def torch_to_flax(state_dict: Mapping, template: Mapping, what: str = "state_dic
   out = {}
   for e in table:
     value = np.asarray(state_dict[e.torch_key])
+    why = unusable_value(e.torch_key, value)
+    if why:
+      raise CheckpointError(f"{what}: {e.torch_key} {why}")
     if e.path[-1] == "num_batches_tracked":
       if not 0 <= int(value) < 2 ** 31:
         raise CheckpointError(f"{what}: {e.torch_key}={int(value)} does not fit int32")
@@ -149,6 +154,34 @@ def torch_to_flax(state_dict: Mapping, template: Mapping, what: str = "state_dic
         value = np.transpose(value, _TO_FLAX)
     out[(e.collection,) + e.path] = value
   return traverse_util.unflatten_dict(out)
+
+
+def unusable_value(key: str, value: np.ndarray) -> Optional[str]:
+  """Why a parameter or buffer's values cannot become the model's, else None: a count that is
+  not an integer, a parameter or statistic that is not real floating point (a cast would drop
+  a complex one's imaginary part, or floor a NaN count to int64's minimum), or one holding NaN
+  or inf (PyTorch's BCELoss would fail on the NaN output many lines later) or values float32
+  cannot hold (float64's, which the cast would make inf)."""
+  leaf = key.rsplit(".", 1)[-1]
+  why = _unusable_dtype(leaf, value.dtype.name, value.dtype.kind == "f",
+                        value.dtype.kind in "iu")
+  if why or leaf not in _TORCH_LEAF_ORDER or leaf == "num_batches_tracked":
+    return why
+  finite = np.isfinite(value)
+  if not finite.all():
+    return f"holds NaN or inf values ({finite.size - finite.sum()} of {finite.size})"
+  if value.size and np.abs(value).max() > np.finfo(np.float32).max:
+    return f"holds values beyond float32's range (largest magnitude {np.abs(value).max():.3g})"
+  return None
+
+
+def _unusable_dtype(leaf: str, dtype: str, floating: bool, integer: bool) -> Optional[str]:
+  """Why a dtype (numpy's or torch's, named without `torch.`) does not suit a leaf, else None."""
+  if leaf not in _TORCH_LEAF_ORDER:  # no model has it: `check_keys` lists it with the others
+    return None
+  if leaf == "num_batches_tracked":
+    return None if integer else f"is {dtype}, not an integer count"
+  return None if floating else f"is {dtype}, not a real floating-point tensor"
 
 
 def flax_to_torch(variables: Mapping, model_config=None, role: str = "") -> Dict[str, np.ndarray]:
@@ -174,7 +207,9 @@ def flax_to_torch(variables: Mapping, model_config=None, role: str = "") -> Dict
 def load_torch_state_dict(path: str, role: str) -> Dict[str, np.ndarray]:
   """Reads a PyTorch checkpoint file: a state_dict, or a dict holding one under `role`.
 
-  `role` is "netG" or "netD". Loads with `weights_only=True`: no code in the file runs.
+  `role` is "netG" or "netD". Loads with `weights_only=True`: no code in the file runs. A
+  tensor that is sparse, on the meta device, of the wrong kind (a complex or integer weight, a
+  float count) or not finite is a CheckpointError naming the file and the tensor.
   """
   import torch  # pylint: disable=import-outside-toplevel
 
@@ -191,9 +226,35 @@ def load_torch_state_dict(path: str, role: str) -> Dict[str, np.ndarray]:
       isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
     raise CheckpointError(f"{path}: expected a {role} state_dict (a dict of tensors by name), "
                           f"or a dict with a '{role}' entry")
-  # numpy has no bfloat16: a bf16 (or float16) tensor becomes float32, exactly.
-  return {k: (v.float() if v.is_floating_point() and v.dtype != torch.float64 else v)
-          .detach().cpu().numpy() for k, v in obj.items()}
+  out = {}
+  for k, v in obj.items():
+    why = _unusable_tensor(k, v)
+    if why is None:
+      # numpy has no bfloat16: a bf16 (or float16) tensor becomes float32, exactly. A tensor
+      # saved as a negated or conjugated view keeps that bit, which numpy() refuses.
+      v = (v.float() if v.is_floating_point() and v.dtype != torch.float64 else v)
+      out[k] = v.detach().resolve_neg().resolve_conj().cpu().numpy()
+      why = unusable_value(k, out[k])
+    if why:  # convert and parity both read the file here: one line, before any work
+      raise CheckpointError(f"{path}: {role}'s {k} {why}")
+  return out
+
+
+def _unusable_tensor(key: str, tensor) -> Optional[str]:
+  """Why a loaded tensor cannot become a numpy array of its kind (see `unusable_value`), judged
+  before the float32 cast that would hide a bf16 count's dtype; else None."""
+  import torch  # pylint: disable=import-outside-toplevel
+
+  if tensor.layout != torch.strided:
+    return f"is a {tensor.layout} tensor, not a dense one (save it with .to_dense())"
+  if tensor.is_meta:
+    return "is on the meta device: it has a shape but no values"
+  dtype = str(tensor.dtype).replace("torch.", "")
+  if tensor.is_quantized:
+    return f"is quantized ({dtype}), not a floating-point tensor"
+  floating = tensor.is_floating_point()
+  integer = not (floating or tensor.is_complex() or tensor.dtype == torch.bool)
+  return _unusable_dtype(key.rsplit(".", 1)[-1], dtype, floating, integer)
 
 
 def module_state_dict(module) -> Dict[str, np.ndarray]:

@@ -1,5 +1,6 @@
 """Checkpoint conversion: exact round trips, DataParallel prefix, clear errors."""
 
+import json
 import os
 
 import flax.linen as nn
@@ -8,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from cspgan_jax import config_lib, layers, models, torch_port, torch_reference, train
+from cspgan_jax import (checkpoint, cli, config_lib, layers, models, torch_port,
+                        torch_reference, train)
 from cspgan_jax.errors import CheckpointError
 
 
@@ -171,3 +173,140 @@ def test_truncated_and_foreign_files(tmp_path, tiny_config):
   g_t, _ = train.init_variables(tiny_config(), jax.random.PRNGKey(0))
   with pytest.raises(CheckpointError, match=r"missing 1: main\.3\.weight"):
     torch_port.torch_to_flax(sd, g_t)
+
+
+def _with_one_value(tensor, value):
+  """A copy of `tensor` (in float64 where `value` needs it) whose first element is `value`."""
+  out = tensor.double() if abs(value) > 1e38 else tensor.clone()
+  out.view(-1)[0] = value
+  return out
+
+
+# (role, key, what the tensor becomes, why it is refused). netG's main.3.weight is (8, 3, 4, 4)
+_UNUSABLE = [
+    ("netD", "main.3.num_batches_tracked", lambda t: torch.tensor(float("nan")),
+     "is float32, not an integer count"),
+    ("netD", "main.3.num_batches_tracked", lambda t: torch.tensor(3, dtype=torch.bfloat16),
+     "is bfloat16, not an integer count"),
+    ("netD", "main.3.num_batches_tracked", lambda t: torch.tensor(1 + 2j),
+     "is complex64, not an integer count"),
+    ("netG", "main.3.weight", lambda t: t.to(torch.complex64),
+     "is complex64, not a real floating-point tensor"),
+    ("netG", "main.3.weight", lambda t: t.to(torch.int32),
+     "is int32, not a real floating-point tensor"),
+    ("netG", "main.3.weight", lambda t: t.to_sparse(),
+     "is a torch.sparse_coo tensor, not a dense one (save it with .to_dense())"),
+    ("netG", "main.3.weight", lambda t: torch.empty(t.shape, device="meta"),
+     "is on the meta device: it has a shape but no values"),
+    ("netG", "main.3.weight", lambda t: _with_one_value(t, float("nan")),
+     "holds NaN or inf values (1 of 384)"),
+    ("netD", "main.3.running_var", lambda t: _with_one_value(t, float("inf")),
+     "holds NaN or inf values (1 of 16)"),
+    ("netG", "main.3.weight", lambda t: _with_one_value(t, 1e300),
+     "holds values beyond float32's range (largest magnitude 1e+300)"),
+]
+
+
+@pytest.mark.parametrize("role,key,change,why", _UNUSABLE, ids=[
+    "nan-count", "bf16-count", "complex-count", "complex-weight", "int-weight", "sparse-weight",
+    "meta-weight", "nan-weight", "inf-running-var", "float64-weight-beyond-float32"])
+def test_unusable_tensors_are_one_line_naming_file_and_tensor(tmp_path, tiny_config, role, key,
+                                                              change, why):
+  """Each once ended in a traceback (NaN count: ValueError; sparse: TypeError; meta:
+  NotImplementedError), was read as another value (a complex weight's real part, with a
+  ComplexWarning; an int weight as float), or converted silently (NaN, inf, float64 beyond
+  float32's range), for PyTorch's BCELoss to fail on many lines later in `parity`."""
+  nets = dict(zip(("netG", "netD"), torch_reference.build_reference(tiny_config().model)))
+  sd = nets[role].state_dict()
+  path = tmp_path / f"{role}.pt"
+  torch.save({**sd, key: change(sd[key])}, path)
+  with pytest.raises(CheckpointError) as e:
+    torch_port.load_torch_state_dict(str(path), role)
+  assert str(e.value) == f"{path}: {role}'s {key} {why}"
+
+
+@pytest.mark.parametrize("command", ["convert torch2flax", "parity"])
+def test_both_commands_refuse_a_nan_weight_in_one_line(tmp_path, tiny_config, config_path,
+                                                       capsys, command):
+  """`parity` once ran a whole step on the NaN and died in a 43-line traceback from BCELoss;
+  `convert torch2flax` wrote the NaN into a checkpoint."""
+  net_g, net_d = torch_reference.build_reference(tiny_config().model)
+  sd = net_g.state_dict()
+  torch.save({**sd, "main.3.weight": _with_one_value(sd["main.3.weight"], float("nan"))},
+             tmp_path / "G.pt")
+  torch.save(net_d.state_dict(), tmp_path / "D.pt")
+  files = ["--netG", str(tmp_path / "G.pt"), "--netD", str(tmp_path / "D.pt")]
+  workdir = tmp_path / "wd"
+  rest = (["--workdir", str(workdir)] if command.startswith("convert")
+          else ["--steps", "1", "--no-floor", "--no-ties"])
+  assert cli.main(command.split() + files + ["--config", config_path("tiny")] + rest) == 2
+  assert capsys.readouterr().err.splitlines() == [
+      f"cspgan: error: {tmp_path / 'G.pt'}: netG's main.3.weight holds NaN or inf values "
+      "(1 of 384)"]
+  assert not workdir.exists()
+
+
+def test_parity_names_the_file_of_a_count_past_int32(tmp_path, tiny_config, config_path,
+                                                     capsys):
+  """As `convert torch2flax` does (parity once said only "netD")."""
+  _, net_d = torch_reference.build_reference(tiny_config().model)
+  torch.save({**net_d.state_dict(), "main.3.num_batches_tracked": torch.tensor(2 ** 40)},
+             tmp_path / "D.pt")
+  assert cli.main(["parity", "--config", config_path("tiny"), "--steps", "1", "--no-floor",
+                   "--netD", str(tmp_path / "D.pt")]) == 2
+  assert capsys.readouterr().err.splitlines() == [
+      f"cspgan: error: netD ({tmp_path / 'D.pt'}): main.3.num_batches_tracked=1099511627776 "
+      "does not fit int32"]
+
+
+def test_torch_to_flax_refuses_what_the_model_cannot_hold(tiny_config):
+  """Arrays given to the conversion directly (not from a file) are judged the same way."""
+  net_g, net_d = torch_reference.build_reference(tiny_config().model)
+  g_t, d_t = train.variable_shapes(tiny_config())
+  sd = torch_port.module_state_dict(net_g)
+  sd["main.3.weight"].flat[5] = -np.inf
+  with pytest.raises(CheckpointError, match=r"^netG: main\.3\.weight holds NaN or inf values "
+                                            r"\(1 of 384\)$"):
+    torch_port.torch_to_flax(sd, g_t, "netG")
+  sd = dict(torch_port.module_state_dict(net_d), **{"main.6.num_batches_tracked": np.nan})
+  with pytest.raises(CheckpointError, match=r"^netD: main\.6\.num_batches_tracked is float64, "
+                                            "not an integer count$"):
+    torch_port.torch_to_flax(sd, d_t, "netD")
+
+
+def test_a_tensor_saved_as_a_negated_view_converts(tmp_path, tiny_config):
+  """torch.save keeps a view's negative bit, which numpy() refuses (a RuntimeError once)."""
+  net_g, _ = torch_reference.build_reference(tiny_config().model)
+  sd = net_g.state_dict()
+  negated = torch._neg_view(-sd["main.3.weight"])  # pylint: disable=protected-access
+  assert negated.is_neg()
+  torch.save({**sd, "main.3.weight": negated}, tmp_path / "G.pt")
+  loaded = torch_port.load_torch_state_dict(str(tmp_path / "G.pt"), "netG")
+  np.testing.assert_array_equal(loaded["main.3.weight"], sd["main.3.weight"].numpy())
+
+
+def test_a_checkpoint_whose_arrays_do_not_fit_its_config_is_one_line(tmp_path, tiny_config,
+                                                                     capsys):
+  """orbax restores arrays at their stored shapes whatever the template: a stored config edited
+  (or a state/ folder copied in from a run of another width) once ended in flax's
+  ScopeParamShapeError, 37 lines from `sample` and 59 from a resumed `train`."""
+  config = tiny_config()
+  workdir = tmp_path / "run"
+  checkpoint.save(str(workdir), train.init_state(config, jax.random.PRNGKey(0)), config)
+  metadata = workdir / "checkpoints" / "0" / "config" / "metadata"
+  stored = json.loads(metadata.read_text())
+  stored["model"]["ngf"] = 16
+  metadata.write_text(json.dumps(stored))
+  message = (f"{workdir / 'checkpoints' / '0'}: the checkpoint's arrays do not fit its stored "
+             "config: g/params/main_0/left_0/kernel is (4, 4, 32, 8) there, the config's model "
+             "needs (4, 4, 64, 8) (and 74 more)")
+  for given in (None, tiny_config("model.ngf=16")):  # `sample`'s restore, a resumed `train`'s
+    with pytest.raises(CheckpointError) as e:
+      checkpoint.restore(str(workdir), given)
+    assert str(e.value) == message
+  out = tmp_path / "out"
+  for argv in (["sample", "--workdir", str(workdir), "--out", str(out / "x.png")],
+               ["convert", "flax2torch", "--workdir", str(workdir), "--out-dir", str(out)]):
+    assert cli.main(argv) == 2
+    assert capsys.readouterr().err.splitlines() == [f"cspgan: error: {message}"]
+  assert not out.exists()
