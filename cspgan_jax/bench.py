@@ -38,6 +38,7 @@ import functools
 import glob
 import gzip
 import json
+import math
 import os
 import platform
 import shutil
@@ -101,7 +102,7 @@ def variant_options(slug: str) -> List[str]:
   return [f"--config.{key}={value}" for key, value in values.items()]
 
 
-def peak_tflops(device_kind: str, override: float):
+def peak_tflops(device_kind: str, override: Optional[float]):
   if override:
     return override
   for key, value in PEAK_BF16_TFLOPS.items():
@@ -429,7 +430,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="steps per dispatch of the *-scan variants (default 8)")
   parser.add_argument("--unroll", type=int, default=1,
                       help="lax.scan unroll for --scan (XLA:CPU runs a rolled scan 15x slower)")
-  parser.add_argument("--peak-tflops", type=float, default=0.0, help="override the chip's peak")
+  parser.add_argument("--peak-tflops", type=float, default=None,
+                      help="the chip's dense bf16 peak, TFLOP/s (default: looked up by its kind)")
   parser.add_argument("--out", default=None, help="write the table here (and .json beside it)")
   parser.add_argument("--overwrite", action="store_true",
                       help="replace the files of an earlier run at --out, --hlo, --profile")
@@ -507,7 +509,12 @@ def _make_dir(path: str, option: str) -> None:
   try:
     os.makedirs(path, exist_ok=True)
   except OSError as e:
-    raise CspganError(f"{option} {path}: cannot create the folder: {e.strerror or e}") from e
+    blocking = os.path.abspath(path)
+    while not os.path.lexists(blocking):  # makedirs says "File exists" of a file in the way
+      blocking = os.path.dirname(blocking)
+    why = (f"{blocking} is a file, not a directory" if not os.path.isdir(blocking) else
+           f"cannot create the folder: {e.strerror or e}")
+    raise CspganError(f"{option} {path}: {why}") from e
 
 
 def _validate(args):
@@ -525,8 +532,9 @@ def _validate(args):
   scanned = [v for v in variants if v.endswith("-scan")]
   if scanned and args.scan < 2:
     raise CspganError(f"--scan must be >= 2 for {scanned[0]}, got {args.scan}")
-  if args.peak_tflops < 0:
-    raise CspganError(f"--peak-tflops must be >= 0, got {args.peak_tflops}")
+  peak = args.peak_tflops
+  if peak is not None and not (math.isfinite(peak) and peak > 0):  # the share's divisor
+    raise CspganError(f"--peak-tflops must be a positive number, got {peak}")
   if 0 < args.e2e < 4:
     raise CspganError(f"--e2e needs >= 4 steps (a sampler warm-up before the timed half), "
                       f"got {args.e2e}")
@@ -843,11 +851,19 @@ def format_table(report: dict) -> str:
 
 
 def write_files(report: dict, out: str) -> None:
-  """The table (markdown) to `out` and the JSON beside it."""
-  with open(out, "w") as f:
-    f.write(format_table(report) + "\n")
-  with open(os.path.splitext(out)[0] + ".json", "w") as f:
-    json.dump(report, f, indent=1)
+  """The table (markdown) to `out` and the JSON beside it, each whole or as it was (a full disk
+  or a stopped run leaves the last batch's pair, not half a file)."""
+  from cspgan_jax.cli import write_outputs  # pylint: disable=import-outside-toplevel
+  table, data = format_table(report) + "\n", json.dumps(report, indent=1)
+  write_outputs([(out, _text_writer(table)), (os.path.splitext(out)[0] + ".json",
+                                              _text_writer(data))])
+
+
+def _text_writer(text: str):
+  def write(path):
+    with open(path, "w") as f:
+      f.write(text)
+  return write
 
 
 def emit(report: dict, out: Optional[str] = None) -> None:

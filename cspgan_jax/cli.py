@@ -1,7 +1,8 @@
 """`cspgan` command line: train, info, prepare-data, convert, sample, parity, bench, compile.
 
 User errors (bad config, file, checkpoint) print one line `cspgan: error: ...` and exit 2;
-nothing existing is overwritten unless `--overwrite` says so.
+nothing existing is overwritten unless `--overwrite` says so, and an output file is written
+whole under a temporary name, then renamed (`write_outputs`), or not at all.
 """
 
 from __future__ import annotations
@@ -9,14 +10,15 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import secrets
 import sys
 import traceback
-from typing import List, Optional
+from typing import Callable, List, Optional, Sequence
 
 import numpy as np
 
-from cspgan_jax.errors import (CheckpointError, ConfigError, CspganError,
-                               drop_closed_event_loop_reports, io_reason)
+from cspgan_jax.errors import (CheckpointError, ConfigError, CspganError, DataError,
+                               drop_closed_event_loop_reports, first_line, io_reason)
 
 
 def _split_overrides(argv: List[str]):
@@ -48,6 +50,118 @@ def _load_config(path, overrides):
   return config_lib.load_config(path, overrides)
 
 
+SEED_MAX = 2 ** 32 - 1  # numpy's RandomState takes no more; jax's key wraps larger ones round
+
+
+def _seed(text: str) -> int:
+  """--seed's type: an int that every generator seeded with it takes as it is (jax's PRNGKey
+  would give 2**32 the key of 0, and negatives the keys of large seeds)."""
+  try:
+    value = int(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(
+        f"must be an integer from 0 to {SEED_MAX}, got {text!r}") from None
+  if not 0 <= value <= SEED_MAX:
+    raise argparse.ArgumentTypeError(f"must be from 0 to {SEED_MAX}, got {value}")
+  return value
+
+
+# ---- files ----
+
+def _existing_workdir(workdir: str) -> str:
+  """A workdir to read: a file there is said to be one (the checkpoint reader says "not found")."""
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise CheckpointError(f"workdir {workdir} is a file, not a directory")
+  return workdir
+
+
+def _check_folder(folder: str, what: str) -> None:
+  """Refuses a folder that cannot be made because a file is in its way (os.makedirs would say
+  only "File exists" or "Not a directory"), before any work is done."""
+  path = os.path.abspath(folder)
+  while not os.path.lexists(path):  # its nearest existing ancestor
+    path = os.path.dirname(path)
+  if not os.path.isdir(path):
+    raise CspganError(f"{what}: {path} is a file, not a directory")
+
+
+def _check_output(path: str, option: str, overwrite: bool) -> None:
+  """An output file that may be written: its folder possible, nothing there the user keeps."""
+  _check_folder(os.path.dirname(os.path.abspath(path)), f"{option} {path}")
+  if os.path.isdir(path):
+    raise CspganError(f"{option}: {path} is a folder, not a file")
+  if os.path.lexists(path) and not overwrite:
+    raise CspganError(f"{path} exists; not overwriting it (pass --overwrite to replace it)")
+
+
+# Below this, a write that failed without saying why failed for want of space (numpy says
+# "196608 requested and 992 written", torch "unexpected pos", neither the system's reason).
+_NEARLY_FULL_BYTES = 1 << 20
+
+
+def _write_failure(error: BaseException, directory: str) -> str:
+  """Why a write into `directory` failed: the system's reason where the error carries one."""
+  if isinstance(error, OSError) and error.strerror:
+    return error.strerror  # without the temporary file's name, which is gone by then
+  reason = io_reason(error)
+  if reason:
+    return reason
+  try:
+    stats = os.statvfs(directory)
+    if stats.f_bavail * stats.f_frsize < _NEARLY_FULL_BYTES:
+      return f"No space left on device ({first_line(error)})"
+  except OSError:
+    pass
+  return first_line(error)
+
+
+def _write_temporary(path: str, write: Callable[[str], None]) -> str:
+  """`write(name)` into a new file beside `path`, synced; returns that file's name. On any
+  failure the file is removed and, for a write the system refused (torch says so with a
+  RuntimeError), the error is one line naming `path` and the reason."""
+  directory = os.path.dirname(os.path.abspath(path))
+  os.makedirs(directory, exist_ok=True)
+  temporary = os.path.join(directory, f".{os.path.basename(path)}.{secrets.token_hex(4)}.tmp")
+  try:
+    os.close(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # umask's mode
+    write(temporary)
+    fd = os.open(temporary, os.O_RDONLY)  # on the disk before it takes the output's name
+    try:
+      os.fsync(fd)
+    finally:
+      os.close(fd)
+  except BaseException as e:
+    reason = _write_failure(e, directory) if isinstance(e, (OSError, RuntimeError)) else None
+    _remove(temporary)
+    if reason is None:
+      raise
+    raise CspganError(f"cannot write {path}: {reason}") from e
+  return temporary
+
+
+def _remove(path: str) -> None:
+  try:
+    os.remove(path)
+  except FileNotFoundError:
+    pass
+
+
+def write_outputs(outputs: Sequence[tuple]) -> None:
+  """Writes each (path, write) to a temporary file, all of them before any takes its name: a
+  failure (a full disk) leaves every output as it was, and nothing half-written to block a
+  rerun."""
+  written = []
+  try:
+    for path, write in outputs:
+      written.append((_write_temporary(path, write), path))
+  except BaseException:
+    for temporary, _ in written:
+      _remove(temporary)
+    raise
+  for temporary, path in written:
+    os.replace(temporary, path)
+
+
 # ---- train, info ----
 
 def cmd_train(args, overrides):
@@ -59,6 +173,7 @@ def cmd_train(args, overrides):
 def cmd_info(args, overrides):
   del overrides
   from cspgan_jax import checkpoint, trainer  # pylint: disable=import-outside-toplevel
+  _existing_workdir(args.workdir)
   step = checkpoint._resolve_step(args.workdir, None)  # pylint: disable=protected-access
   config = checkpoint.read_config(args.workdir, step)
   print(f"workdir: {os.path.abspath(args.workdir)}")
@@ -81,6 +196,7 @@ def cmd_prepare_data(args, overrides):
   from cspgan_jax import prepare_data  # pylint: disable=import-outside-toplevel
   if args.workers is not None and args.workers < 1:
     raise CspganError(f"--workers must be >= 1, got {args.workers}")
+  _check_folder(args.out, f"--out {args.out}")
   summary = prepare_data.prepare(args.input, args.out, resolution=args.resolution, name=args.name,
                                  workers=args.workers, overwrite=args.overwrite)
   for line in summary.lines():
@@ -93,8 +209,11 @@ def cmd_prepare_data(args, overrides):
 # ---- convert ----
 
 def cmd_torch2flax(args, overrides):
-  from cspgan_jax import checkpoint, torch_port, train  # pylint: disable=import-outside-toplevel
+  # pylint: disable-next=import-outside-toplevel
+  from cspgan_jax import checkpoint, torch_port, train, trainer
   config = _load_config(args.config, overrides)
+  if os.path.exists(args.workdir):  # a file there, or as its checkpoints folder: said first
+    trainer.prepare_workdir(args.workdir)
   if checkpoint.latest_step(args.workdir) is not None:
     raise CheckpointError(f"{args.workdir} already holds a checkpoint; choose an empty workdir")
   g_template, d_template = train.variable_shapes(config)
@@ -103,45 +222,69 @@ def cmd_torch2flax(args, overrides):
   d_vars = torch_port.torch_to_flax(torch_port.load_torch_state_dict(args.netD, "netD"),
                                     d_template, f"netD ({args.netD})")
   state = train.create_state(config, g_vars, d_vars)
-  step = checkpoint.save(args.workdir, state, config)
+  trainer.prepare_workdir(args.workdir)  # made only now that both files converted
+  # A `cspgan train` there would write its checkpoints among this one (and take this step 0
+  # for its own); the lock also keeps one from starting until this is written.
+  with trainer.workdir_lock(args.workdir) as refusal:
+    if refusal:
+      raise CheckpointError(refusal)
+    if checkpoint.latest_step(args.workdir) is not None:  # written while this converted
+      raise CheckpointError(f"{args.workdir} already holds a checkpoint; choose an empty workdir")
+    step = checkpoint.save(args.workdir, state, config)
   print(f"wrote checkpoint step {step} to {checkpoint.checkpoint_dir(args.workdir)}")
+
+
+def _torch_writer(state_dict):
+  def write(path):
+    import torch  # pylint: disable=import-outside-toplevel
+    torch.save({k: torch.from_numpy(np.array(v)) for k, v in state_dict.items()}, path)
+  return write
 
 
 def cmd_flax2torch(args, overrides):
   del overrides
   from cspgan_jax import checkpoint, torch_port  # pylint: disable=import-outside-toplevel
-  state, config = checkpoint.restore(args.workdir, step=args.step)
+  _check_folder(args.out_dir, f"--out-dir {args.out_dir}")
   paths = [os.path.join(args.out_dir, n) for n in ("netG.pt", "netD.pt")]
-  for p in paths:  # check both before writing either
-    if os.path.exists(p) and not args.overwrite:
-      raise CheckpointError(f"{p} exists; not overwriting it (pass --overwrite to replace it)")
+  for p in paths:  # both checked before anything is read or written
+    _check_output(p, "--out-dir", args.overwrite)
+  state, config = checkpoint.restore(_existing_workdir(args.workdir), step=args.step)
   # Both converted, each checked against the PyTorch reference's keys, before either is written
   converted = [torch_port.flax_to_torch({"params": s.params, "batch_stats": s.batch_stats},
                                         config.model, role)
                for s, role in ((state.g, "netG"), (state.d, "netD"))]
+  write_outputs([(p, _torch_writer(sd)) for p, sd in zip(paths, converted)])
   for p, sd in zip(paths, converted):
-    torch_port.save_torch_state_dict(sd, p, overwrite=args.overwrite)
     print(f"wrote {p} ({len(sd)} tensors)")
 
 
 # ---- sample ----
 
 def read_latents(path: str, nz: int) -> np.ndarray:
-  """z.npy shaped (N, nz) or (N, nz, 1, 1) -> float32 (N, nz)."""
+  """z.npy shaped (N, nz) or (N, nz, 1, 1), of real numbers -> float32 (N, nz), finite."""
   if not os.path.isfile(path):
-    raise CspganError(f"latents file not found: {path}")
+    raise DataError(f"latents file not found: {path}")
   try:
     z = np.load(path, allow_pickle=False)
   except Exception as e:  # pylint: disable=broad-except
-    raise CspganError(f"{path}: not a readable .npy file ({type(e).__name__})") from e
+    raise DataError(f"{path}: not a readable .npy file ({type(e).__name__})") from e
+  if not isinstance(z, np.ndarray):  # np.load opens an .npz archive (np.savez) as a mapping
+    z.close()
+    raise DataError(f"{path}: an .npz archive; latents are one array saved with np.save (.npy)")
+  if z.dtype.kind not in "fiu":  # complex would lose its imaginary part; text, records: no
+    raise DataError(f"{path}: latents must be real numbers (a float or integer dtype), got "
+                    f"dtype {z.dtype}")
   if z.ndim == 4 and z.shape[2:] == (1, 1):
     z = z[:, :, 0, 0]
   if z.ndim != 2 or z.shape[1] != nz or z.shape[0] < 1:
-    raise CspganError(f"{path}: latents must be shaped (N, {nz}) or (N, {nz}, 1, 1), "
-                      f"got {z.shape}")
+    raise DataError(f"{path}: latents must be shaped (N, {nz}) or (N, {nz}, 1, 1), "
+                    f"got {z.shape}")
+  with np.errstate(over="ignore"):  # beyond float32's range: inf, refused below
+    z = z.astype(np.float32)
   if not np.all(np.isfinite(z)):
-    raise CspganError(f"{path}: latents contain NaN or inf")
-  return z.astype(np.float32)
+    raise DataError(f"{path}: latents contain NaN or inf, or values beyond float32's range "
+                    f"(+-{np.finfo(np.float32).max:.3g})")
+  return z
 
 
 SAMPLE_CHUNK = 256  # latents a call of G in `sample`, where images do not depend on each other
@@ -150,13 +293,12 @@ SAMPLE_CHUNK = 256  # latents a call of G in `sample`, where images do not depen
 def cmd_sample(args, overrides):
   del overrides
   import jax  # pylint: disable=import-outside-toplevel
-  from cspgan_jax import checkpoint, images, train  # pylint: disable=import-outside-toplevel
+  from cspgan_jax import checkpoint, train  # pylint: disable=import-outside-toplevel
   ext = os.path.splitext(args.out)[1].lower()
   if ext not in (".npy", ".png"):
     raise CspganError(f"--out must end in .npy or .png, got {args.out}")
-  if os.path.exists(args.out) and not args.overwrite:
-    raise CspganError(f"{args.out} exists; not overwriting it (pass --overwrite to replace it)")
-  state, config = checkpoint.restore(args.workdir, step=args.step)
+  _check_output(args.out, "--out", args.overwrite)
+  state, config = checkpoint.restore(_existing_workdir(args.workdir), step=args.step)
   if args.latents:
     z = read_latents(args.latents, config.model.nz)
   else:
@@ -173,13 +315,23 @@ def cmd_sample(args, overrides):
   chunk = len(z) if state.g.batch_stats and not use_ra else SAMPLE_CHUNK
   out = np.concatenate([np.asarray(generate(state.g.params, state.g.batch_stats, z[i:i + chunk]))
                         for i in range(0, len(z), chunk)])
-  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-  if ext == ".npy":
-    with open(args.out, "wb") as f:  # np.save(path) would append ".npy" to "X.NPY"
-      np.save(f, out.astype(np.float32))
-  else:
-    images.save_png(images.make_grid(out), args.out)
+  write_outputs([(args.out, _npy_writer(out) if ext == ".npy" else _png_writer(out))])
   print(f"wrote {out.shape[0]} images to {args.out}")
+
+
+def _npy_writer(out):
+  def write(path):
+    with open(path, "wb") as f:  # np.save(path) would append ".npy" to "X.NPY"
+      np.save(f, out.astype(np.float32))
+  return write
+
+
+def _png_writer(out):
+  def write(path):
+    from PIL import Image  # pylint: disable=import-outside-toplevel
+    from cspgan_jax import images  # pylint: disable=import-outside-toplevel
+    Image.fromarray(images.to_uint8(images.make_grid(out))).save(path, format="PNG")
+  return write
 
 
 # ---- parity ----
@@ -269,7 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
   src = smp.add_mutually_exclusive_group()
   src.add_argument("--latents", help=".npy of shape (N, nz) or (N, nz, 1, 1)")
   src.add_argument("--n", type=int, default=64, help="number of images (with --seed)")
-  smp.add_argument("--seed", type=int, default=0)
+  smp.add_argument("--seed", type=_seed, default=0, help=f"0 to {SEED_MAX} (default 0)")
   smp.add_argument("--out", required=True, help=".npy (float32 NHWC in [-1, 1]) or .png grid")
   smp.add_argument("--step", type=int, default=None)
   smp.add_argument("--running-average", action="store_true",
@@ -282,7 +434,8 @@ def build_parser() -> argparse.ArgumentParser:
   par.add_argument("--netG", default=None, help="start from this generator state_dict")
   par.add_argument("--netD", default=None, help="start from this discriminator state_dict")
   par.add_argument("--steps", type=int, default=3, help="training iterations to compare")
-  par.add_argument("--seed", type=int, default=0, help="weights (if not given), data, noise")
+  par.add_argument("--seed", type=_seed, default=0,
+                   help=f"weights (if not given), data, noise: 0 to {SEED_MAX} (default 0)")
   par.add_argument("--images", choices=("faces", "noise"), default="faces",
                    help="real-like synthetic faces (default) or tanh(N(0, 1)) noise")
   par.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
@@ -330,10 +483,32 @@ class _OrbaxFailureReports(logging.Filter):
     return not any(f"{os.sep}orbax{os.sep}" in frame.filename for frame in frames)
 
 
+class _AbandonedWriteReports(logging.Filter):
+  """Once a checkpoint's write failed (a full disk), orbax leaves its other writes' futures
+  unread; asyncio reports each as it is collected, "Future (or Task) exception was never
+  retrieved" and the write's traceback (up to 27 lines, after the one line the command printed).
+  Those reports, of writes the system refused, are dropped once `main` has said a checkpoint
+  failed (`failure_reported`); asyncio's other reports are not."""
+
+  failure_reported = False
+
+  def filter(self, record):
+    if not type(self).failure_reported or record.levelno < logging.ERROR or not record.exc_info:
+      return True
+    if not str(record.msg).startswith(("Future exception was never retrieved",
+                                       "Task exception was never retrieved")):
+      return True
+    error = record.exc_info[1]
+    return error is None or (io_reason(error) is None
+                             and "RESOURCE_EXHAUSTED" not in first_line(error))
+
+
 def _quiet_orbax_failure_reports() -> None:
-  absl_logger = logging.getLogger("absl")  # orbax logs through absl's logger
-  if not any(isinstance(f, _OrbaxFailureReports) for f in absl_logger.filters):
-    absl_logger.addFilter(_OrbaxFailureReports())
+  for name, kind in (("absl", _OrbaxFailureReports),  # orbax logs through absl's logger
+                     ("asyncio", _AbandonedWriteReports)):
+    logger = logging.getLogger(name)
+    if not any(isinstance(f, kind) for f in logger.filters):
+      logger.addFilter(kind())
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -352,6 +527,8 @@ def main(argv: Optional[List[str]] = None) -> int:
   try:
     args.func(args, overrides)
   except CspganError as e:
+    if isinstance(e, CheckpointError):  # what orbax then reports of its other writes is dropped
+      _AbandonedWriteReports.failure_reported = True
     print(f"cspgan: error: {e}", file=sys.stderr)
     return 2
   except KeyboardInterrupt:  # a second Ctrl-C in `train`, or one anywhere else
