@@ -49,6 +49,7 @@ from typing import List, Optional
 
 import numpy as np
 
+from cspgan_jax import output_files
 from cspgan_jax.errors import CspganError
 
 # jax and torch are imported inside the functions: `cspgan --help` and the argument checks
@@ -853,10 +854,9 @@ def format_table(report: dict) -> str:
 def write_files(report: dict, out: str) -> None:
   """The table (markdown) to `out` and the JSON beside it, each whole or as it was (a full disk
   or a stopped run leaves the last batch's pair, not half a file)."""
-  from cspgan_jax.cli import write_outputs  # pylint: disable=import-outside-toplevel
   table, data = format_table(report) + "\n", json.dumps(report, indent=1)
-  write_outputs([(out, _text_writer(table)), (os.path.splitext(out)[0] + ".json",
-                                              _text_writer(data))])
+  output_files.write_outputs([(out, _text_writer(table)),
+                             (os.path.splitext(out)[0] + ".json", _text_writer(data))])
 
 
 def _text_writer(text: str):

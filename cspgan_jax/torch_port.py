@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 from typing import Dict, List, Mapping, NamedTuple, Optional, Tuple
 
 import numpy as np
@@ -260,26 +259,6 @@ def _unusable_tensor(key: str, tensor) -> Optional[str]:
 def module_state_dict(module) -> Dict[str, np.ndarray]:
   """A torch module's state_dict as numpy arrays."""
   return {k: v.detach().cpu().numpy().copy() for k, v in module.state_dict().items()}
-
-
-def save_torch_state_dict(state_dict: Mapping[str, np.ndarray], path: str,
-                          overwrite: bool = False) -> None:
-  """Writes a state_dict of torch tensors atomically; refuses to replace a file unless asked."""
-  import torch  # pylint: disable=import-outside-toplevel
-
-  if os.path.exists(path) and not overwrite:
-    raise CheckpointError(f"{path} exists; not overwriting it (pass --overwrite to replace it)")
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  tensors = {k: torch.from_numpy(np.array(v)) for k, v in state_dict.items()}
-  fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
-  os.close(fd)
-  try:
-    torch.save(tensors, tmp)
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
 
 
 def check_against_reference(state_dict: Mapping, model_config, role: str) -> None:
