@@ -191,6 +191,8 @@ def read_config(workdir: str, step: Optional[int] = None) -> ml_collections.Conf
 
 
 def _resolve_step(workdir: str, step: Optional[int]) -> int:
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise CheckpointError(f"workdir {workdir} is a file, not a directory")
   if not os.path.isdir(workdir):
     raise CheckpointError(f"workdir not found: {workdir}")
   latest = latest_step(workdir)

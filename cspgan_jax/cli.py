@@ -68,13 +68,6 @@ def _seed(text: str) -> int:
 
 # ---- files ----
 
-def _existing_workdir(workdir: str) -> str:
-  """A workdir to read: a file there is said to be one (the checkpoint reader says "not found")."""
-  if os.path.exists(workdir) and not os.path.isdir(workdir):
-    raise CheckpointError(f"workdir {workdir} is a file, not a directory")
-  return workdir
-
-
 def _check_folder(folder: str, what: str) -> None:
   """Refuses a folder that cannot be made because a file is in its way (os.makedirs would say
   only "File exists" or "Not a directory"), before any work is done."""
@@ -105,7 +98,6 @@ def cmd_train(args, overrides):
 def cmd_info(args, overrides):
   del overrides
   from cspgan_jax import checkpoint, trainer  # pylint: disable=import-outside-toplevel
-  _existing_workdir(args.workdir)
   step = checkpoint._resolve_step(args.workdir, None)  # pylint: disable=protected-access
   config = checkpoint.read_config(args.workdir, step)
   print(f"workdir: {os.path.abspath(args.workdir)}")
@@ -180,7 +172,7 @@ def cmd_flax2torch(args, overrides):
   paths = [os.path.join(args.out_dir, n) for n in ("netG.pt", "netD.pt")]
   for p in paths:  # both checked before anything is read or written
     _check_output(p, "--out-dir", args.overwrite)
-  state, config = checkpoint.restore(_existing_workdir(args.workdir), step=args.step)
+  state, config = checkpoint.restore(args.workdir, step=args.step)
   # Both converted, each checked against the PyTorch reference's keys, before either is written
   converted = [torch_port.flax_to_torch({"params": s.params, "batch_stats": s.batch_stats},
                                         config.model, role)
@@ -230,7 +222,7 @@ def cmd_sample(args, overrides):
   if ext not in (".npy", ".png"):
     raise CspganError(f"--out must end in .npy or .png, got {args.out}")
   _check_output(args.out, "--out", args.overwrite)
-  state, config = checkpoint.restore(_existing_workdir(args.workdir), step=args.step)
+  state, config = checkpoint.restore(args.workdir, step=args.step)
   if args.latents:
     z = read_latents(args.latents, config.model.nz)
   else:
