@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 import secrets
-from typing import Callable, Sequence
+from typing import Callable, List, Sequence
 
 from cspgan_jax.errors import CspganError, first_line, io_reason
 
@@ -63,10 +63,21 @@ def _remove(path: str) -> None:
     pass
 
 
+def _missing_folders(path: str) -> List[str]:
+  """The folders above `path` that do not exist yet, deepest first."""
+  missing, folder = [], os.path.dirname(os.path.abspath(path))
+  while not os.path.lexists(folder):
+    missing.append(folder)
+    folder = os.path.dirname(folder)
+  return missing
+
+
 def write_outputs(outputs: Sequence[tuple]) -> None:
   """Writes each (path, write) to a temporary file, all of them before any takes its name: a
   failure (a full disk) leaves every output as it was, and nothing half-written to block a
-  rerun."""
+  rerun, nor the folders made for them."""
+  made = sorted({f for path, _ in outputs for f in _missing_folders(path)}, key=len,
+                reverse=True)
   written = []
   try:
     for path, write in outputs:
@@ -74,6 +85,11 @@ def write_outputs(outputs: Sequence[tuple]) -> None:
   except BaseException:
     for temporary, _ in written:
       _remove(temporary)
+    for folder in made:  # deepest first; one that holds something else now stays
+      try:
+        os.rmdir(folder)
+      except OSError:
+        pass
     raise
   for temporary, path in written:
     os.replace(temporary, path)
