@@ -22,7 +22,10 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import contextlib
 import dataclasses
+import errno
+import fcntl
 import io
 import json
 import multiprocessing
@@ -402,15 +405,44 @@ def prepare(input_dir: str, out_dir: str, resolution: int = 128, name: str = "ce
   if os.path.lexists(parent) and not os.path.isdir(parent):
     raise DataError(f"{parent} is not a folder: the dataset {name!r} needs one there; move it "
                     "away or choose another --out or --name")
+  made = _make_folders(parent)
+  try:
+    with _writing(parent):
+      return _prepare_in(parent, path, input_dir, out_dir, name, files, splits, unlisted,
+                         workers or os.cpu_count() or 1, overwrite, resolution)
+  except BaseException:
+    _remove_made_folders(made)  # where it stopped before its dataset was in place
+    raise
+
+
+@contextlib.contextmanager
+def _writing(parent: str):
+  """Holds an flock on the dataset's folder (`out/name`) while one `prepare` writes there: a
+  second one would remove the first's build folder as an interrupted run's leftover. Nothing
+  is written for it, and a file system without locks on folders is written unguarded."""
+  fd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY)
+  try:
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+      if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+        raise DataError(f"another `cspgan prepare-data` is writing {parent}: wait for it to "
+                        "end, or choose another --out or --name") from None
+    yield
+  finally:
+    os.close(fd)
+
+
+def _prepare_in(parent, path, input_dir, out_dir, name, files, splits, unlisted, workers,
+                overwrite, resolution) -> Summary:
+  """`prepare`'s build, its folder made and held."""
   replaced = check_existing(path, name, overwrite)
   damaged = os.path.lexists(path) and not replaced  # ours, but broken: rebuilt
   removed = incomplete_paths(out_dir, name)
   for stale in removed:
     shutil.rmtree(stale, ignore_errors=True)
-  made = _make_folders(parent)
   build_dir = None
   skipped: List[Tuple[str, str]] = []
-  workers = workers or os.cpu_count() or 1
   try:
     build_dir = tempfile.mkdtemp(prefix="incomplete.", suffix="_" + DATASET_VERSION, dir=parent)
     start = time.perf_counter()
@@ -418,11 +450,10 @@ def prepare(input_dir: str, out_dir: str, resolution: int = 128, name: str = "ce
     seconds = time.perf_counter() - start
     swap_in(dataset_path(build_dir, name), path, os.path.join(build_dir, "replaced"))
   except BaseException as e:  # pylint: disable=broad-except
-    # Whatever stopped it (a full disk, no readable image, Ctrl-C): this run's files go, and the
-    # folders it made; nothing else is touched.
+    # Whatever stopped it (a full disk, no readable image, Ctrl-C): this run's files go, and
+    # (in `prepare`) the folders it made; nothing else is touched.
     if build_dir is not None:
       shutil.rmtree(build_dir, ignore_errors=True)
-    _remove_made_folders(made)
     error = _build_error(e, input_dir, out_dir, files, splits, skipped)
     if error is e:  # KeyboardInterrupt, SystemExit, a DataError, or not the user's to fix
       raise

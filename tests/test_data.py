@@ -200,6 +200,28 @@ def test_bad_partition_line_is_one_clear_error(tmp_path, line):
     prepare_data.prepare(str(images), str(tmp_path / "out"), resolution=R, workers=1)
 
 
+def test_a_second_prepare_data_of_a_dataset_being_written_is_refused(tmp_path):
+  """It removed the first one's build folder as an interrupted run's leftover."""
+  import fcntl  # pylint: disable=import-outside-toplevel
+  images = tmp_path / "imgs"
+  make_image_folder(str(images), num_good=2, corrupt=False)
+  parent = tmp_path / "out" / "d"
+  building = parent / "incomplete.abc123_1.0.0"  # the first run's
+  building.mkdir(parents=True)
+  held = os.open(parent, os.O_RDONLY)
+  try:
+    fcntl.flock(held, fcntl.LOCK_EX)  # as the first run holds it
+    with pytest.raises(DataError, match=f"^another `cspgan prepare-data` is writing {parent}: "
+                       "wait for it to end, or choose another --out or --name$"):
+      prepare_data.prepare(str(images), str(tmp_path / "out"), resolution=R, name="d", workers=1)
+    assert building.is_dir()
+  finally:
+    os.close(held)
+  summary = prepare_data.prepare(str(images), str(tmp_path / "out"), resolution=R, name="d",
+                                 workers=1)  # that run gone: its leftover is removed
+  assert summary.removed_incomplete == [str(building)] and not building.exists()
+
+
 def test_a_partition_file_that_is_not_utf8_is_one_clear_error(tmp_path):
   images = tmp_path / "imgs"
   make_image_folder(str(images), num_good=2, corrupt=False)
