@@ -26,12 +26,13 @@ import argparse
 import contextlib
 import importlib.util
 import os
+import re
 import subprocess
 import sys
 import tempfile
 from typing import Optional
 
-from cspgan_jax import compilation_cache
+from cspgan_jax import compilation_cache, output_files
 from cspgan_jax.errors import CspganError
 
 # pylint: disable=import-outside-toplevel  # jax must not start before the plugin is on the path
@@ -63,13 +64,48 @@ def install_plugin(directory: str) -> str:
   return directory
 
 
+# The device figures XLA's GPU compiler divides by or sizes kernels with: the plugin parses a
+# config without them (an empty file, a field left out) and the compiler then dies of SIGFPE,
+# no message, in the middle of the compile (`threads_per_warp` left out did so, jax 0.10).
+REQUIRED_FIELDS = ("threads_per_block_limit", "threads_per_warp", "shared_memory_per_block",
+                   "shared_memory_per_core", "threads_per_core_limit", "core_count",
+                   "fpus_per_core", "block_dim_limit_x", "block_dim_limit_y", "block_dim_limit_z",
+                   "memory_bandwidth", "l2_cache_size", "clock_rate_ghz", "device_memory_size",
+                   "registers_per_core_limit", "registers_per_block_limit")
+
+
 def target_config(target: str) -> str:
   """The text of a GpuTargetConfigProto: a name in TARGETS or a path to a .txtpb file."""
   path = os.path.join(TARGETS_DIR, TARGETS[target]) if target in TARGETS else target
   if not os.path.isfile(path):
     raise CspganError(f"--target {target!r} is neither one of {sorted(TARGETS)} nor a file")
-  with open(path) as f:
-    return f.read()
+  try:
+    with open(path, encoding="utf-8") as f:
+      text = f.read()
+  except UnicodeDecodeError as e:
+    raise CspganError(f"--target {path}: not a text file (byte {e.start} is not UTF-8); a "
+                      "GpuTargetConfigProto in text form is expected") from e
+  except OSError as e:
+    raise CspganError(f"--target {path}: cannot read it ({e.strerror or e})") from e
+  missing = [f for f in REQUIRED_FIELDS if not _positive_field(text, f)]
+  if missing or not _positive_field(text, "major"):  # cuda_compute_capability's
+    raise CspganError(f"--target {path}: not a GPU's target config: no positive "
+                      f"{', '.join(missing or ['cuda_compute_capability major'])} (see "
+                      f"{TARGETS_DIR} for complete ones)")
+  return text
+
+
+def _positive_field(text: str, field: str) -> bool:
+  """Whether `field: N` (text format, outside comments) appears with some N > 0."""
+  for line in text.splitlines():
+    m = re.match(rf"\s*{field}\s*:\s*([-+0-9.eE]+)\s*(#.*)?$", line)
+    if m:
+      try:
+        if float(m.group(1)) > 0:
+          return True
+      except ValueError:
+        pass
+  return False
 
 
 def compile_only_devices(target: str, plugin_dir: str, count: int = 1):
@@ -166,10 +202,8 @@ def run(args, overrides) -> Optional[str]:
   if min(args.batch, args.scan, args.devices) < 1:
     raise CspganError(f"--batch, --scan and --devices must be >= 1, got {args.batch}, "
                       f"{args.scan} and {args.devices}")
-  if args.hlo and os.path.exists(args.hlo) and not args.overwrite:
-    raise CspganError(f"{args.hlo} exists (pass --overwrite to replace it)")
-  if args.hlo and not os.path.isdir(os.path.dirname(os.path.abspath(args.hlo))):
-    raise CspganError(f"--hlo: folder {os.path.dirname(args.hlo)} does not exist")
+  if args.hlo is not None:
+    _check_hlo_output(args.hlo, args.overwrite)
   from cspgan_jax import config_lib
   config = config_lib.load_config(args.config, [
       f"--config.train.batch_size={args.batch}", f"--config.train.dtype={args.dtype}",
@@ -181,15 +215,39 @@ def run(args, overrides) -> Optional[str]:
   devices = compile_only_devices(args.target, plugin_dir, args.devices)
   compiled = compile_step(config, devices, args.state_layout, args.scan)
   text = compiled.as_text()
-  if args.hlo:
-    with open(args.hlo, "w") as f:
-      f.write(text)
+  if args.hlo is not None:  # whole or not at all: a full disk leaves no half-written file
+    output_files.write_outputs([(args.hlo, lambda name: _write_text(name, text))])
   from cspgan_jax import hlo_report
   head = (f"{len(devices)} x {devices[0].device_kind} (compile-only, {args.target}): "
           f"{args.config}, global batch "
           f"{args.batch}, {args.dtype}, {args.scan} step(s) a dispatch, state layout "
           f"{args.state_layout}; jax {_jaxlib_version()}\n\n")
   return head + hlo_report.HloReport(text).markdown() + "\n\n" + memory_line(compiled)
+
+
+def _check_hlo_output(path: str, overwrite: bool) -> None:
+  """Refuses an --hlo the write would fail on, before the compile (minutes at batch 256)."""
+  folder = os.path.dirname(os.path.abspath(path))
+  if not path or path.endswith(os.sep):
+    raise CspganError(f"--hlo {path!r}: a file name is needed")
+  if os.path.isdir(path):
+    raise CspganError(f"--hlo {path}: is a folder, not a file")
+  if os.path.exists(path) and not overwrite:
+    raise CspganError(f"{path} exists (pass --overwrite to replace it)")
+  parent = folder
+  while not os.path.exists(parent):  # the nearest existing folder above it
+    parent = os.path.dirname(parent)
+  if not os.path.isdir(parent):
+    raise CspganError(f"--hlo {path}: {parent} is a file, not a folder")
+  if parent != folder:
+    raise CspganError(f"--hlo: folder {folder} does not exist")
+  if not os.access(folder, os.W_OK | os.X_OK):
+    raise CspganError(f"--hlo {path}: folder {folder} is not writable")
+
+
+def _write_text(name: str, text: str) -> None:
+  with open(name, "w", encoding="utf-8") as f:
+    f.write(text)
 
 
 def memory_line(compiled) -> str:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import os
 import re
 import sys
 from typing import Dict, List, Optional
@@ -100,7 +101,7 @@ def parse_hlo(text: str):
   computations: Dict[str, List[Instruction]] = {}
   for line in text.splitlines():
     if line.startswith("HloModule "):
-      module = line.split()[1].rstrip(",")
+      module = (line.split()[1:] or [""])[0].rstrip(",")  # a bare "HloModule": no name
       continue
     head = _COMPUTATION.match(line)
     if head and "=" not in line.split("(", 1)[0]:
@@ -120,6 +121,8 @@ def parse_hlo(text: str):
                                                m.group("rest"), current))
   if not entry:
     raise ValueError("no ENTRY computation found: not an HLO module's text")
+  if current is not None:  # a file cut short would otherwise report part of the program
+    raise ValueError(f"the text ends inside computation {current} (cut short?)")
   return module, entry, computations
 
 
@@ -165,11 +168,17 @@ class HloReport:
           self.kernels.append(self._classify(inst))
     self.by_name = {k.name: k for k in self.kernels}
 
-  def _body_ops(self, inst: Instruction) -> List[Instruction]:
+  def _body_ops(self, inst: Instruction, seen: Optional[set] = None) -> List[Instruction]:
+    # `seen`: each computation once, so that a (corrupt) fusion that calls itself, directly or
+    # through another, ends instead of recursing without end.
+    seen = set() if seen is None else seen
     body = []
     for comp in _called(inst):
+      if comp in seen:
+        continue
+      seen.add(comp)
       for sub in self.computations.get(comp, []):
-        body += [sub] + (self._body_ops(sub) if sub.op == "fusion" else [])
+        body += [sub] + (self._body_ops(sub, seen) if sub.op == "fusion" else [])
     return body
 
   def _classify(self, inst: Instruction) -> Kernel:
@@ -416,18 +425,36 @@ def _conv_kind(inst: Optional[Instruction]) -> str:
   return "convolution"
 
 
+USAGE = "usage: python -m cspgan_jax.hlo_report FILE.hlo.txt"
+
+
 def main(argv=None) -> int:
   argv = sys.argv[1:] if argv is None else argv
+  if argv in (["-h"], ["--help"]):
+    print(f"{USAGE}\n\n{__doc__.splitlines()[0]}")
+    return 0
   if len(argv) != 1:
-    print("usage: python -m cspgan_jax.hlo_report FILE.hlo.txt", file=sys.stderr)
+    print(USAGE, file=sys.stderr)
     return 2
   try:
-    with open(argv[0]) as f:
+    with open(argv[0], encoding="utf-8") as f:
       report = HloReport(f.read())
-  except (OSError, ValueError) as e:
+  except UnicodeDecodeError as e:  # a binary file (an image, a compressed trace)
+    print(f"hlo_report: error: {argv[0]}: not a text file (byte {e.start} is not UTF-8)",
+          file=sys.stderr)
+    return 2
+  except OSError as e:
+    print(f"hlo_report: error: {argv[0]}: {e.strerror or e}", file=sys.stderr)
+    return 2
+  except ValueError as e:
     print(f"hlo_report: error: {argv[0]}: {e}", file=sys.stderr)
     return 2
-  print(report.markdown())
+  try:
+    print(report.markdown())
+    sys.stdout.flush()
+  except BrokenPipeError:  # the reader left early (`... | head`): not an error, no traceback
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # none at exit either
+    return 141  # 128 + SIGPIPE, as a shell reports it
   return 0
 
 

@@ -54,15 +54,26 @@ class StepTrace:
       return
     first, self.first, self.enabled = self.first, None, False  # one window a run
     jax.block_until_ready(outputs)
-    jax.profiler.stop_trace()
+    try:
+      jax.profiler.stop_trace()
+    except Exception as e:  # pylint: disable=broad-except  # the profile folder is unwritable
+      # (a file where `plugins` belongs, a full disk): the trace is lost, not the run
+      self.say(f"note: the trace of steps {first}-{step} could not be written under "
+               f"{self.log_dir} ({_reason(e)}); training goes on")
+      return
     folders = sorted(glob.glob(os.path.join(self.log_dir, "plugins", "profile", "*")),
                      key=os.path.getmtime)
     if not folders:
       self.say(f"note: the profiler wrote nothing under {self.log_dir}")
       return
     hlo = os.path.join(folders[-1], STEP_HLO_FILE)
-    with open(hlo, "w") as f:
-      f.write(compiled.as_text() or "")
+    try:
+      with open(hlo, "w") as f:
+        f.write(compiled.as_text() or "")
+    except OSError as e:  # a full disk: the trace is there, the run goes on
+      self.say(f"note: the step's HLO could not be written to {hlo} ({_reason(e)}); the trace "
+               f"of steps {first}-{step} is in {folders[-1]}")
+      return
     trace = os.path.join(folders[-1], "perfetto_trace.json.gz")
     self.say(f"traced steps {first}-{step} into {folders[-1]} (TensorBoard's Profile tab); "
              f"python -m cspgan_jax.trace_report {trace} --hlo {hlo} --iters {step - first}")
@@ -71,4 +82,15 @@ class StepTrace:
     """Ends a trace left open by an error."""
     if self.first is not None:
       self.first = None
-      jax.profiler.stop_trace()
+      try:
+        jax.profiler.stop_trace()
+      except Exception:  # pylint: disable=broad-except  # the error that stopped the run is
+        pass  # the one to report, not this trace's
+
+
+def _reason(error: BaseException) -> str:
+  """One line of why: jax's errors carry the system's (`FAILED_PRECONDITION: ... is not a
+  directory`)."""
+  if isinstance(error, OSError) and error.strerror:
+    return error.strerror
+  return f"{type(error).__name__}: {' '.join(str(error).split())[:200]}"

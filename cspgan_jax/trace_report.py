@@ -24,9 +24,11 @@ import collections
 import glob
 import gzip
 import json
+import math
 import os
 import re
 import sys
+import zlib
 from typing import Dict, List, Optional, Tuple
 
 from cspgan_jax import hlo_report
@@ -47,22 +49,77 @@ _KINDS_BY_NAME = (  # kernel or op names -> kind (PyTorch's, and library kernels
 )
 
 
+class InputError(ValueError):
+  """A message that names its own file (an --hlo file's, not the trace's)."""
+
+
 def load_trace(path: str) -> dict:
   opener = gzip.open if path.endswith(".gz") else open
-  with opener(path, "rt") as f:
-    data = json.load(f)
-  return data if isinstance(data, dict) else {"traceEvents": data}
+  try:
+    with opener(path, "rt", encoding="utf-8") as f:
+      data = json.load(f)
+  except UnicodeDecodeError as e:  # a binary file that is not gzip (or gzip of one)
+    raise ValueError(f"not a JSON trace (byte {e.start} is not UTF-8 text)") from e
+  except (EOFError, zlib.error) as e:  # gzip's own errors for a cut or corrupt stream
+    raise ValueError(f"a corrupt or truncated gzip file ({e})") from e
+  # Chrome's trace format: {"traceEvents": [...], ...} or the bare list of events
+  events = data.get("traceEvents") if isinstance(data, dict) else data
+  if not isinstance(events, list):
+    raise ValueError("not a Chrome/perfetto trace (no list of traceEvents)")
+  return {**data, "traceEvents": events} if isinstance(data, dict) else {"traceEvents": events}
+
+
+def _events(trace: dict) -> List[dict]:
+  """The trace's events that are JSON objects (anything else in the list is not an event), each
+  with a text name and scalar pid / tid: what the sums key and match on (a number or a list
+  there was a TypeError)."""
+  events = trace.get("traceEvents", [])
+  if not isinstance(events, list):
+    return []
+  found = []
+  for e in events:
+    if not isinstance(e, dict):
+      continue
+    if not isinstance(e.get("name", ""), str) or any(isinstance(e.get(k), (list, dict))
+                                                     for k in ("pid", "tid")):
+      e = {**e, "name": str(e.get("name", "")),
+           **{k: str(e[k]) for k in ("pid", "tid") if isinstance(e.get(k), (list, dict))}}
+    found.append(e)
+  return found
+
+
+def _args(e: dict) -> dict:
+  args = e.get("args")
+  return args if isinstance(args, dict) else {}
+
+
+def _check_times(events: List[dict]) -> None:
+  """A complete event's `ts` and `dur` must be finite numbers (microseconds): else every sum
+  after them fails or comes out inf / NaN."""
+  for e in events:
+    if e.get("ph") != "X":
+      continue
+    for key in ("ts", "dur"):
+      value = e.get(key, 0 if key == "dur" else None)  # a complete event may omit dur
+      try:
+        ok = not isinstance(value, bool) and math.isfinite(float(value))
+      except (TypeError, ValueError):
+        ok = False
+      if not ok:
+        raise ValueError(f"event {str(e.get('name', '?'))[:80]!r} has {key} {value!r}, not a "
+                         "finite number of microseconds")
 
 
 def _names(events, key) -> Dict:
   return {(e.get("pid"), e.get("tid")) if key == "thread_name" else e.get("pid"):
-          e.get("args", {}).get("name", "")
+          str(_args(e).get("name", ""))
           for e in events if e.get("ph") == "M" and e.get("name") == key}
 
 
 def kernel_events(trace: dict) -> Tuple[str, List[dict]]:
   """(source, complete events that are device work) for a JAX or a PyTorch trace."""
-  events = [e for e in trace.get("traceEvents", []) if isinstance(e, dict)]
+  events = _events(trace)
+  _check_times(events)
   complete = [e for e in events if e.get("ph") == "X" and float(e.get("dur", 0)) > 0
               and not str(e.get("name", "")).startswith("end: ")]
   torch_kernels = [e for e in complete if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")]
@@ -76,7 +133,7 @@ def kernel_events(trace: dict) -> Tuple[str, List[dict]]:
     streams = {k for k in lines if threads.get(k, "").startswith("Stream")}
     keep = streams or {k for k in lines if threads.get(k, "") not in DERIVED_LINES}
     return "device streams", [e for e in on_device if (e.get("pid"), e.get("tid")) in keep]
-  thunks = [e for e in complete if "hlo_op" in e.get("args", {})]
+  thunks = [e for e in complete if "hlo_op" in _args(e)]
   if thunks:
     return "XLA:CPU thunks", thunks
   cpu_ops = sorted((e for e in complete if e.get("cat") == "cpu_op"
@@ -139,7 +196,7 @@ class TraceReport:
       by_hlo_name = {**{_normalise(k): v for k, v in hlo.by_name.items()}, **hlo.by_name}
       control = hlo.control
     if self.source == "XLA:CPU thunks":  # a while loop's thunk event spans the thunks inside it
-      self.events = [e for e in self.events if e.get("args", {}).get("hlo_op") not in control]
+      self.events = [e for e in self.events if _args(e).get("hlo_op") not in control]
     self.rows = collections.defaultdict(lambda: [0.0, 0])  # op -> [us, calls]
     self.info = {}
     kernels = collections.defaultdict(lambda: [0.0, None])  # (op, kernel) -> [us, blocks]
@@ -147,8 +204,9 @@ class TraceReport:
     # grids run, beside the step) carry their own module's name (XLA:GPU): one row each, a kind
     # of their own, so that the step's figures stay the step's.
     step_module = hlo.module if hlo is not None else ""
+    self.matched = 0  # ops the HLO names (none: the HLO is not this trace's program)
     for e in self.events:
-      args = e.get("args", {})
+      args = _args(e)
       module = args.get("hlo_module")
       if step_module and module and module != step_module:
         op = f"{module} (another program)"
@@ -156,7 +214,7 @@ class TraceReport:
         self.rows[op][1] += 1
         self.info[op] = (OTHER_PROGRAM, "-")
         continue
-      op = args.get("hlo_op") or e["name"]
+      op = str(args.get("hlo_op") or e.get("name", "?"))
       # A kernel launched inside a command buffer (a CUDA graph) carries the buffer's name, a
       # control op or (XLA:GPU, jax 0.11) a `command_buffer_N` the compiled HLO's text does not
       # show; its own name is then the fusion's, which the HLO does.
@@ -173,6 +231,7 @@ class TraceReport:
         kernel = by_hlo_name.get(op) or by_hlo_name.get(_normalise(op))
         if kernel is not None:
           self.info[op] = (kernel.category, kernel.layer or "-")
+          self.matched += 1
         else:  # cuDNN's and cuBLAS's kernels are named for what they do
           kind = _kind_by_name(e["name"])
           self.info[op] = ("unmatched HLO op" if "hlo_op" in args and kind == "elementwise/other"
@@ -193,7 +252,7 @@ class TraceReport:
     two Adam steps per iteration, counted on the host: with CUDA, the profiler repeats each
     annotation on the GPU's timeline (`gpu_user_annotation`), which once halved every
     per-iteration figure of the H200 run's PyTorch traces."""
-    steps = sum(1 for e in trace.get("traceEvents", [])
+    steps = sum(1 for e in _events(trace)
                 if e.get("ph") == "X" and str(e.get("name", "")).startswith("Optimizer.step#")
                 and e.get("cat") != "gpu_user_annotation")
     if steps:
@@ -297,33 +356,80 @@ def report_file(path: str, hlo_path: Optional[str] = None, iterations: Optional[
     hlo_path = candidate if candidate != path and os.path.isfile(candidate) else None
   hlo = None
   if hlo_path:
-    with open(hlo_path) as f:
-      hlo = hlo_report.HloReport(f.read())
-  return TraceReport(load_trace(path), hlo, iterations)
+    try:
+      with open(hlo_path, encoding="utf-8") as f:
+        hlo = hlo_report.HloReport(f.read())
+    except UnicodeDecodeError as e:
+      raise InputError(f"{hlo_path}: not a text file (byte {e.start} is not UTF-8)") from e
+    except OSError as e:  # the message names the HLO file, not the trace
+      raise InputError(f"{hlo_path}: {e.strerror or e}") from e
+    except ValueError as e:
+      raise InputError(f"{hlo_path}: {e}") from e
+  report = TraceReport(load_trace(path), hlo, iterations)
+  if not report.rows:  # an empty table would look like a report
+    raise ValueError("no device work in it (no GPU kernels, XLA thunks or aten ops)")
+  if hlo is not None and not report.matched:  # else every kernel "unmatched" or "another program"
+    raise InputError(f"{hlo_path} (module {hlo.module}) names none of the kernels of {path}: "
+                     "not this trace's step")
+  return report
+
+
+def _positive_int(text: str) -> int:
+  try:
+    value = int(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+  if value < 1:
+    raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+  return value
+
+
+class _Parser(argparse.ArgumentParser):
+  """Its errors as one line, in the form of the module's others (not usage, then the error)."""
+
+  def error(self, message):
+    print(f"trace_report: error: {message} (see --help)", file=sys.stderr)
+    sys.exit(2)
 
 
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser = _Parser(prog="python -m cspgan_jax.trace_report",
+                   description=__doc__.splitlines()[0])
   parser.add_argument("path", help="a .trace.json(.gz) file, or a folder of them")
   parser.add_argument("--hlo", default=None, help="the step's optimized HLO text (one file)")
-  parser.add_argument("--iters", type=int, default=None, help="iterations traced (default: "
-                      "inferred)")
+  parser.add_argument("--iters", type=_positive_int, default=None,
+                      help="iterations traced (default: inferred)")
   args = parser.parse_args(argv)
   if os.path.isdir(args.path):
     paths = sorted(glob.glob(os.path.join(args.path, "*.trace.json*")))
     if not paths:
       print(f"trace_report: error: no *.trace.json(.gz) in {args.path}", file=sys.stderr)
       return 2
+    if args.hlo and len(paths) > 1:  # one step's HLO cannot be each trace's: not ignored
+      print(f"trace_report: error: --hlo takes one trace, and {args.path} holds {len(paths)} "
+            "(each reads the .hlo.txt of its own name)", file=sys.stderr)
+      return 2
   else:
     paths = [args.path]
-  for path in paths:
-    try:
-      report = report_file(path, args.hlo if len(paths) == 1 else None, args.iters)
-    except (OSError, ValueError, KeyError) as e:  # json.JSONDecodeError is a ValueError
-      print(f"trace_report: error: {path}: {e}", file=sys.stderr)
-      return 2
-    print(report.markdown(os.path.basename(path).split(".trace")[0]))
-    print()
+  try:
+    for path in paths:
+      try:
+        report = report_file(path, args.hlo, args.iters)
+      except InputError as e:
+        print(f"trace_report: error: {e}", file=sys.stderr)
+        return 2
+      except OSError as e:
+        print(f"trace_report: error: {path}: {e.strerror or e}", file=sys.stderr)
+        return 2
+      except ValueError as e:  # json.JSONDecodeError is a ValueError
+        print(f"trace_report: error: {path}: {e}", file=sys.stderr)
+        return 2
+      print(report.markdown(os.path.basename(path).split(".trace")[0]))
+      print()
+    sys.stdout.flush()
+  except BrokenPipeError:  # the reader left early (`... | head`): not an error, no traceback
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # none at exit either
+    return 141  # 128 + SIGPIPE, as a shell reports it
   return 0
 
 

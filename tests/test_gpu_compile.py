@@ -9,6 +9,7 @@ README's test command puts there (`cspgan compile --install-plugin`).
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -186,8 +187,9 @@ def test_two_gpus_average_the_gradients_in_a_few_asynchronous_all_reduces(compil
 
 def test_a_target_the_plugin_refuses_is_one_line_with_the_reason(tmp_path):
   plugin_dir = gpu_compile.default_plugin_dir()
-  bad = tmp_path / "bad.txtpb"
-  bad.write_text("gpu_device_info {\n  core_count: 132\n  bogus_field: 3\n}\n")
+  bad = tmp_path / "bad.txtpb"  # complete, with a field the plugin's parser does not know
+  bad.write_text(gpu_compile.target_config("h100").replace("gpu_device_info {",
+                                                           "gpu_device_info {\n  bogus_field: 3"))
   proc = subprocess.run([sys.executable, "-m", "cspgan_jax.cli", "compile", "--config", TINY,
                          "--target", str(bad), "--plugin-dir", plugin_dir],
                         env=dict(os.environ, PYTHONPATH=REPO), capture_output=True, text=True,
@@ -195,6 +197,45 @@ def test_a_target_the_plugin_refuses_is_one_line_with_the_reason(tmp_path):
   err = proc.stderr.strip().splitlines()
   assert proc.returncode == 2 and len(err) == 1, proc.stderr
   assert "refused target" in err[0] and "bogus_field" in err[0], err
+
+
+@pytest.mark.parametrize("content, needle", [
+    (b"\x89PNG\r\n\x1a\n\x00", "not a text file"),  # once a UnicodeDecodeError traceback
+    (b"", "no positive threads_per_block_limit"),  # once SIGFPE inside XLA, no message
+    (b"DROP threads_per_warp", "no positive threads_per_warp"),  # likewise (jax 0.10)
+    (b"ZERO core_count", "no positive core_count"),
+], ids=["binary", "empty", "no-threads-per-warp", "zero-cores"])
+def test_a_target_file_that_is_no_gpus_config_is_one_line(tmp_path, capsys, content, needle):
+  h100 = gpu_compile.target_config("h100")
+  if content.startswith(b"DROP "):
+    field = content.split()[1].decode()
+    content = "\n".join(l for l in h100.splitlines() if field not in l).encode()
+  elif content.startswith(b"ZERO "):
+    field = content.split()[1].decode()
+    content = re.sub(rf"{field}: \d+", f"{field}: 0", h100).encode()
+  target = tmp_path / "t.txtpb"
+  target.write_bytes(content)
+  # refused before the plugin loads: with no plugin folder at all, the target is what is named
+  assert cli.main(["compile", "--config", TINY, "--target", str(target), "--plugin-dir",
+                   str(tmp_path / "none")]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and needle in err[0], err
+
+
+@pytest.mark.parametrize("hlo, needle", [
+    ("", "a file name is needed"),  # once ignored: compiled, nothing written
+    ("FOLDER", "is a folder, not a file"),  # once refused only after the compile
+    ("FILE/x.hlo.txt", "is a file, not a folder"),  # once "folder ... does not exist"
+], ids=["empty", "folder", "under-a-file"])
+def test_an_hlo_output_that_cannot_be_written_is_refused_first(tmp_path, capsys, hlo, needle):
+  (tmp_path / "FOLDER").mkdir()
+  (tmp_path / "FILE").write_text("keep me")
+  path = str(tmp_path / hlo) if hlo else ""
+  assert cli.main(["compile", "--config", TINY, "--hlo", path, "--overwrite", "--plugin-dir",
+                   str(tmp_path / "none")]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and needle in err[0], err
+  assert (tmp_path / "FILE").read_text() == "keep me"
 
 
 class _Seen(Exception):

@@ -8,6 +8,8 @@ import glob
 import gzip
 import json
 import os
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -15,8 +17,8 @@ import pytest
 
 from cspgan_jax import config_lib, hlo_report, input_pipeline, parallel, train, trace_report
 
-TINY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
-                    "tiny.py")
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(REPO, "configs", "tiny.py")
 
 GPU_HLO = """HloModule jit_step, is_scheduled=true, entry_computation_layout={()}
 
@@ -499,3 +501,118 @@ def test_overlapping_kernels_on_two_streams_count_once():
   # shares of all kernel time (2 * 95 us): the kind column's ms and share agree
   assert "| convolution | 0.040 | 42.1% |" in text
   assert "| matmul | 0.040 | 42.1% |" in text
+
+
+# ---- bad inputs: one line on stderr and exit 2, no traceback ----
+
+_SELF_CALLING_FUSION = """HloModule m
+
+%fused (p: f32[2]) -> f32[2] {
+  %p = f32[2]{0} parameter(0)
+  ROOT %f = f32[2]{0} fusion(%p), kind=kLoop, calls=%fused
+}
+
+ENTRY %main (p: f32[2]) -> f32[2] {
+  %p = f32[2]{0} parameter(0)
+  ROOT %x = f32[2]{0} fusion(%p), kind=kLoop, calls=%fused
+}
+"""
+
+
+@pytest.mark.parametrize("content, code, needle", [
+    (b"\x89PNG\r\n\x1a\n\x00\x00", 2, "not a text file"),  # an image: no codec's message
+    (GRAPH_HLO[:-4].encode(), 2, "ends inside computation main"),  # cut short: not reported
+    (b"HloModule \n" + GRAPH_HLO.split("\n", 1)[1].encode(), 0, "kernel-level"),  # no name
+    (_SELF_CALLING_FUSION.encode(), 0, "kernel-level"),  # corrupt: once a RecursionError
+], ids=["binary", "truncated", "unnamed-module", "self-calling-fusion"])
+def test_hlo_report_answers_a_bad_file_in_one_line(tmp_path, capsys, content, code, needle):
+  path = tmp_path / "x.hlo.txt"
+  path.write_bytes(content)
+  assert hlo_report.main([str(path)]) == code
+  out, err = capsys.readouterr()
+  if code:
+    assert len(err.strip().splitlines()) == 1 and needle in err, err
+  else:
+    assert needle in out and not err
+
+
+def _write_trace(path, data):
+  with gzip.open(path, "wt") as f:
+    json.dump(data, f)
+  return str(path)
+
+
+_THUNK = {"ph": "X", "pid": 1, "tid": 1, "name": "copy.1", "ts": 0, "dur": 5,
+          "args": {"hlo_op": "copy.1", "hlo_module": "jit_local"}}
+
+
+@pytest.mark.parametrize("data, extra, needle", [
+    ({"traceEvents": 5}, [], "no list of traceEvents"),  # once a TypeError
+    (7, [], "no list of traceEvents"),
+    ({"foo": 1}, [], "no list of traceEvents"),  # once an empty report and exit 0
+    ({"traceEvents": []}, [], "no device work"),
+    ({"traceEvents": [dict(_THUNK, dur="abc")]}, [], "has dur 'abc'"),
+    ({"traceEvents": [dict(_THUNK, dur=None)]}, [], "has dur None"),  # once a TypeError
+    ({"traceEvents": [{k: v for k, v in _THUNK.items() if k != "ts"}]}, [], "has ts None"),
+    ("CUT", [], "truncated gzip"),  # the gzip stream cut short: once an EOFError
+    ({"traceEvents": [_THUNK]}, ["--iters", "0"], "--iters: must be >= 1"),  # once ignored
+    ({"traceEvents": [_THUNK]}, ["--iters", "x"], "not a whole number"),  # once 2 lines
+    ({"traceEvents": [_THUNK]}, ["--hlo", "HLO"], "names none of the kernels"),  # another step's
+    ({"traceEvents": [_THUNK]}, ["--hlo", "BAD"], "bad.hlo.txt: no ENTRY"),  # the HLO named
+], ids=["events-not-a-list", "a-number", "no-events-key", "no-events", "dur-text", "dur-null",
+        "no-ts", "truncated-gzip", "iters-0", "iters-text", "mismatched-hlo", "bad-hlo"])
+def test_trace_report_answers_a_bad_trace_in_one_line(tmp_path, capsys, data, extra, needle):
+  path = _write_trace(tmp_path / "t.trace.json.gz", {"traceEvents": [_THUNK] * 200}
+                      if data == "CUT" else data)
+  if data == "CUT":
+    with open(path, "rb") as f:
+      whole = f.read()
+    with open(path, "wb") as f:
+      f.write(whole[:len(whole) // 2])
+  (tmp_path / "x.hlo.txt").write_text(GRAPH_HLO)
+  (tmp_path / "bad.hlo.txt").write_text("not hlo\n")
+  extra = [{"HLO": str(tmp_path / "x.hlo.txt"), "BAD": str(tmp_path / "bad.hlo.txt")}.get(a, a)
+           for a in extra]
+  try:
+    code = trace_report.main([path, *extra])
+  except SystemExit as e:  # argparse's errors end the process
+    code = e.code
+  assert code == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and err[0].startswith("trace_report: error: ") and needle in err[0], err
+
+
+def test_trace_report_refuses_one_hlo_for_a_folder_of_traces(tmp_path, capsys):
+  for name in ("a", "b"):
+    _write_trace(tmp_path / f"{name}.trace.json.gz", {"traceEvents": [_THUNK]})
+  (tmp_path / "x.hlo.txt").write_text(GRAPH_HLO)
+  # once silently ignored: each trace reported without it
+  assert trace_report.main([str(tmp_path), "--hlo", str(tmp_path / "x.hlo.txt")]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and "--hlo takes one trace" in err[0], err
+
+
+@pytest.mark.parametrize("module", ["hlo_report", "trace_report"])
+def test_a_reader_that_left_is_no_traceback(tmp_path, module):
+  """`python -m cspgan_jax.trace_report T | head -1`: the closed pipe ends the report quietly."""
+  hlo = tmp_path / "x.hlo.txt"
+  hlo.write_text(GRAPH_HLO)
+  path = str(hlo) if module == "hlo_report" else _write_trace(
+      tmp_path / "t.trace.json.gz", {"traceEvents": [_THUNK]})
+  read, write = os.pipe()
+  os.close(read)  # every write to the pipe fails with EPIPE, as once `head` has exited
+  try:
+    proc = subprocess.run([sys.executable, "-m", f"cspgan_jax.{module}", path], stdout=write,
+                          stderr=subprocess.PIPE, text=True, timeout=60,
+                          env=dict(os.environ, PYTHONPATH=REPO))
+  finally:
+    os.close(write)
+  assert proc.returncode == 141 and not proc.stderr, proc.stderr
+
+
+def test_trace_report_reads_events_with_odd_names_and_ids():
+  """A name that is a number, a pid that is a list: once TypeErrors (a regex on an int, an
+  unhashable key); JSON allows them, and the sums need only text and scalars."""
+  events = [dict(_THUNK, name=5, pid=[1]), dict(_THUNK, ts=10, args={"hlo_op": None}, name=None)]
+  r = trace_report.TraceReport({"traceEvents": events}, iterations=1)
+  assert r.total_us() == 10.0 and "| copy.1 |" in r.markdown()

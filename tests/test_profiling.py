@@ -66,3 +66,27 @@ def test_the_window_waits_for_earlier_work_before_it_starts(monkeypatch, tmp_pat
     t.before(step, f"state{step}")
     t.after(step + 1, f"out{step}", None)
   assert order == [("wait", "state2"), "start", ("wait", "out4"), "stop"]
+
+
+def test_a_trace_that_cannot_be_written_is_a_note_not_the_runs_end(monkeypatch, tmp_path):
+  """A file where `tensorboard/plugins` belongs: jax's stop_trace fails (JaxRuntimeError
+  FAILED_PRECONDITION); once a traceback that ended the run, now a note, and the run goes on."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from cspgan_jax import profiling  # pylint: disable=import-outside-toplevel
+  monkeypatch.setattr(jax, "block_until_ready", lambda x: None)
+  monkeypatch.setattr(jax.profiler, "start_trace", lambda *a, **k: None)
+
+  def stop_trace():
+    raise RuntimeError(f"FAILED_PRECONDITION: {tmp_path}/plugins is not a directory")
+  monkeypatch.setattr(jax.profiler, "stop_trace", stop_trace)
+  said = []
+  t = profiling.StepTrace(str(tmp_path), start=2, steps=1, enabled=True, say=said.append)
+  t.before(2, "state")
+  t.after(3, "out", None)
+  assert len(said) == 1 and "could not be written" in said[0] and "is not a directory" in said[0]
+  assert "training goes on" in said[0]
+  t.before(3, "state")  # one window a run: nothing more is tried
+  # a trace left open by a failing step: its own failure to stop hides not the step's error
+  t = profiling.StepTrace(str(tmp_path), start=2, steps=5, enabled=True, say=said.append)
+  t.before(2, "state")
+  t.stop()
