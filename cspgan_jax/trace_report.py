@@ -411,26 +411,32 @@ def main(argv=None) -> int:
       return 2
   else:
     paths = [args.path]
+  failed = 0
   try:
     for path in paths:
+      # One trace that cannot be read (a profiler that lost its device events) is one line, and
+      # a folder's other traces are still reported: the exit status says one failed.
+      error = None
       try:
         report = report_file(path, args.hlo, args.iters)
       except InputError as e:
-        print(f"trace_report: error: {e}", file=sys.stderr)
-        return 2
+        error = str(e)
       except OSError as e:
-        print(f"trace_report: error: {path}: {e.strerror or e}", file=sys.stderr)
-        return 2
+        error = f"{path}: {e.strerror or e}"
       except ValueError as e:  # json.JSONDecodeError is a ValueError
-        print(f"trace_report: error: {path}: {e}", file=sys.stderr)
-        return 2
+        error = f"{path}: {e}"
+      if error is not None:
+        sys.stdout.flush()
+        print(f"trace_report: error: {error}", file=sys.stderr)
+        failed += 1
+        continue
       print(report.markdown(os.path.basename(path).split(".trace")[0]))
       print()
     sys.stdout.flush()
   except BrokenPipeError:  # the reader left early (`... | head`): not an error, no traceback
     os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # none at exit either
     return 141  # 128 + SIGPIPE, as a shell reports it
-  return 0
+  return 2 if failed else 0
 
 
 if __name__ == "__main__":

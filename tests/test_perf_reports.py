@@ -592,6 +592,19 @@ def test_trace_report_refuses_one_hlo_for_a_folder_of_traces(tmp_path, capsys):
   assert len(err) == 1 and "--hlo takes one trace" in err[0], err
 
 
+def test_a_folders_unreadable_trace_leaves_the_others_reported(tmp_path, capsys):
+  """The GPU call reports its whole profile folder at once, and the first H200 run had a trace
+  with no device events (CUPTI lost them): one line for it, the others' tables still."""
+  _write_trace(tmp_path / "a.trace.json.gz", {"traceEvents": []})
+  _write_trace(tmp_path / "b.trace.json.gz", {"traceEvents": [_THUNK]})
+  assert trace_report.main([str(tmp_path)]) == 2
+  out, err = capsys.readouterr()
+  assert err.strip().splitlines() == [
+      f"trace_report: error: {tmp_path / 'a.trace.json.gz'}: no device work in it (no GPU "
+      "kernels, XLA thunks or aten ops)"]
+  assert "## b" in out and "## a" not in out, out
+
+
 @pytest.mark.parametrize("module", ["hlo_report", "trace_report"])
 def test_a_reader_that_left_is_no_traceback(tmp_path, module):
   """`python -m cspgan_jax.trace_report T | head -1`: the closed pipe ends the report quietly."""
