@@ -109,6 +109,7 @@ def load_config(path: str, overrides: Iterable[str] = ()) -> ml_collections.Conf
   apply_overrides(config, overrides)
   validate_config(config)
   check_known(config)
+  check_seeds(config)
   named = {_override_key(item) for item in overrides}
   if "train.epochs" in named and "train.num_steps" not in named and config.train.num_steps:
     # The file sets num_steps (the quickstart, tiny), which wins: the override would do nothing.
@@ -116,6 +117,17 @@ def load_config(path: str, overrides: Iterable[str] = ()) -> ml_collections.Conf
                       f"train.num_steps={config.train.num_steps}, which wins; add "
                       "--config.train.num_steps=0")
   return config
+
+
+def check_seeds(config) -> None:
+  """Seeds in [0, 2**32): jax's key takes a seed's low 32 bits (2**32 is the key of 0, -1 that
+  of 2**32 - 1) and numpy's generators refuse negatives, and past int64 both end in a traceback
+  where first used. Checked on the configs a user gives, not on those stored in checkpoints,
+  which trained as they were."""
+  t, d = config.train, config.data
+  if not all(0 <= seed < 2**32 for seed in (t.seed, d.synthetic_seed, d.shuffle_seed)):
+    raise ConfigError(f"train.seed, data.synthetic_seed and data.shuffle_seed must be in "
+                      f"[0, 2**32), got {t.seed}, {d.synthetic_seed} and {d.shuffle_seed}")
 
 
 def _override_key(item: str) -> str:
@@ -178,10 +190,6 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         (0 <= t.beta1 < 1 and 0 <= t.beta2 < 1, "train.beta1 and beta2 must be in [0, 1)"),
         (0 <= t.adam_eps < math.inf,  # as torch.optim.Adam requires
          f"train.adam_eps must be >= 0 and finite, got {t.adam_eps}"),
-        # jax's keys and numpy's generators take them; beyond, a traceback where first used
-        (all(0 <= seed < 2**32 for seed in (t.seed, d.synthetic_seed, d.shuffle_seed)),
-         f"train.seed, data.synthetic_seed and data.shuffle_seed must be in [0, 2**32), got "
-         f"{t.seed}, {d.synthetic_seed} and {d.shuffle_seed}"),
         (t.optimizer in OPTIMIZERS, f"train.optimizer must be one of {OPTIMIZERS}, got {t.optimizer!r}"),
         (t.loss in losses.LOSSES, f"train.loss must be one of {tuple(losses.LOSSES)}, got {t.loss!r}"),
         (t.matmul_precision in PRECISIONS,

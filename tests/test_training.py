@@ -610,6 +610,18 @@ def test_an_error_line_has_no_terminal_colour_codes():
                                "by default.")
 
 
+def test_a_checkpoint_of_a_seed_now_refused_still_reads(tmp_path):
+  """Seeds outside [0, 2**32) are refused in the configs a user gives; a checkpoint trained
+  with one (-1 worked: jax's key of 2**32 - 1) stays readable for info, sample and convert."""
+  from cspgan_jax import train  # pylint: disable=import-outside-toplevel
+  config = config_lib.load_config(TINY)
+  config.train.seed = -1
+  checkpoint.save(str(tmp_path), train.init_state(config, jax.random.PRNGKey(0)), config)
+  assert checkpoint.read_config(str(tmp_path)).train.seed == -1
+  with pytest.raises(config_lib.ConfigError, match=r"must be in \[0, 2\*\*32\), got -1, 0"):
+    config_lib.check_seeds(config)
+
+
 def test_a_frozen_config_takes_overrides(tmp_path):
   """A config file may return a FrozenConfigDict; the first override was a traceback."""
   (tmp_path / "frozen.py").write_text(
