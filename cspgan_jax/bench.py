@@ -510,10 +510,8 @@ def _make_dir(path: str, option: str) -> None:
   try:
     os.makedirs(path, exist_ok=True)
   except OSError as e:
-    blocking = os.path.abspath(path)
-    while not os.path.lexists(blocking):  # makedirs says "File exists" of a file in the way
-      blocking = os.path.dirname(blocking)
-    why = (f"{blocking} is a file, not a directory" if not os.path.isdir(blocking) else
+    blocking = output_files.file_in_the_way(path)  # makedirs says only "File exists" of it
+    why = (f"{blocking} is a file, not a directory" if blocking else
            f"cannot create the folder: {e.strerror or e}")
     raise CspganError(f"{option} {path}: {why}") from e
 

@@ -18,6 +18,7 @@ import numpy as np
 
 from cspgan_jax.errors import (CheckpointError, ConfigError, CspganError, DataError,
                                drop_closed_event_loop_reports, first_line, io_reason)
+from cspgan_jax import output_files
 from cspgan_jax.output_files import write_outputs
 
 
@@ -71,11 +72,9 @@ def _seed(text: str) -> int:
 def _check_folder(folder: str, what: str) -> None:
   """Refuses a folder that cannot be made because a file is in its way (os.makedirs would say
   only "File exists" or "Not a directory"), before any work is done."""
-  path = os.path.abspath(folder)
-  while not os.path.lexists(path):  # its nearest existing ancestor
-    path = os.path.dirname(path)
-  if not os.path.isdir(path):
-    raise CspganError(f"{what}: {path} is a file, not a directory")
+  blocking = output_files.file_in_the_way(folder)
+  if blocking:
+    raise CspganError(f"{what}: {blocking} is a file, not a directory")
 
 
 def _check_output(path: str, option: str, overwrite: bool) -> None:

@@ -234,12 +234,10 @@ def _check_hlo_output(path: str, overwrite: bool) -> None:
     raise CspganError(f"--hlo {path}: is a folder, not a file")
   if os.path.exists(path) and not overwrite:
     raise CspganError(f"{path} exists (pass --overwrite to replace it)")
-  parent = folder
-  while not os.path.exists(parent):  # the nearest existing folder above it
-    parent = os.path.dirname(parent)
-  if not os.path.isdir(parent):
-    raise CspganError(f"--hlo {path}: {parent} is a file, not a folder")
-  if parent != folder:
+  blocking = output_files.file_in_the_way(folder)
+  if blocking:
+    raise CspganError(f"--hlo {path}: {blocking} is a file, not a folder")
+  if not os.path.isdir(folder):
     raise CspganError(f"--hlo: folder {folder} does not exist")
   if not os.access(folder, os.W_OK | os.X_OK):
     raise CspganError(f"--hlo {path}: folder {folder} is not writable")

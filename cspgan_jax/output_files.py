@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 import secrets
-from typing import Callable, List, Sequence
+from typing import Callable, List, Optional, Sequence
 
 from cspgan_jax.errors import CspganError, first_line, io_reason
 
@@ -63,21 +63,40 @@ def _remove(path: str) -> None:
     pass
 
 
-def _missing_folders(path: str) -> List[str]:
-  """The folders above `path` that do not exist yet, deepest first."""
-  missing, folder = [], os.path.dirname(os.path.abspath(path))
-  while not os.path.lexists(folder):
-    missing.append(folder)
-    folder = os.path.dirname(folder)
+def missing_folders(folder: str) -> List[str]:
+  """`folder` and the folders above it that do not exist yet, deepest first: what
+  `os.makedirs(folder)` makes, and what to take away again where the work then fails."""
+  missing, at = [], os.path.abspath(folder)
+  while not os.path.lexists(at):
+    missing.append(at)
+    at = os.path.dirname(at)
   return missing
+
+
+def file_in_the_way(folder: str) -> Optional[str]:
+  """The file standing where `folder` or a folder above it would be (`os.makedirs` says only
+  "File exists" or "Not a directory" of it), else None."""
+  missing = missing_folders(folder)
+  nearest = os.path.dirname(missing[-1]) if missing else os.path.abspath(folder)
+  return None if os.path.isdir(nearest) else nearest
+
+
+def remove_folders(folders: Sequence[str]) -> None:
+  """rmdir of each (deepest first); one that holds something now stays."""
+  for folder in folders:
+    try:
+      os.rmdir(folder)
+    except OSError:
+      pass
 
 
 def write_outputs(outputs: Sequence[tuple]) -> None:
   """Writes each (path, write) to a temporary file, all of them before any takes its name: a
   failure (a full disk) leaves every output as it was, and nothing half-written to block a
   rerun, nor the folders made for them."""
-  made = sorted({f for path, _ in outputs for f in _missing_folders(path)}, key=len,
-                reverse=True)
+  made = sorted({f for path, _ in outputs
+                 for f in missing_folders(os.path.dirname(os.path.abspath(path)))},
+                key=len, reverse=True)
   written = []
   try:
     for path, write in outputs:
@@ -85,11 +104,7 @@ def write_outputs(outputs: Sequence[tuple]) -> None:
   except BaseException:
     for temporary, _ in written:
       _remove(temporary)
-    for folder in made:  # deepest first; one that holds something else now stays
-      try:
-        os.rmdir(folder)
-      except OSError:
-        pass
+    remove_folders(made)
     raise
   for temporary, path in written:
     os.replace(temporary, path)

@@ -38,7 +38,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from cspgan_jax import preprocess
+from cspgan_jax import output_files, preprocess
 from cspgan_jax.errors import DataError, io_reason
 
 DATASET_VERSION = "1.0.0"
@@ -328,25 +328,6 @@ def check_existing(path: str, name: str, overwrite: bool) -> str:
   return f"{path}, which was not a prepared dataset ({foreign})"
 
 
-def _make_folders(path: str) -> List[str]:
-  """`os.makedirs(path)`; returns the folders it made, deepest first, to take away on failure."""
-  made = []
-  at = os.path.abspath(path)
-  while not os.path.exists(at):
-    made.append(at)
-    at = os.path.dirname(at)
-  os.makedirs(path, exist_ok=True)
-  return made
-
-
-def _remove_made_folders(made: Sequence[str]) -> None:
-  for folder in made:
-    try:
-      os.rmdir(folder)
-    except OSError:  # not empty (someone else's files since): leave it
-      pass
-
-
 def swap_in(built: str, path: str, aside: str) -> None:
   """Moves `built` to `path`, what was at `path` to `aside` first. A Ctrl-C between the two
   renames puts the old one back: `path` is never left empty by this run."""
@@ -405,13 +386,14 @@ def prepare(input_dir: str, out_dir: str, resolution: int = 128, name: str = "ce
   if os.path.lexists(parent) and not os.path.isdir(parent):
     raise DataError(f"{parent} is not a folder: the dataset {name!r} needs one there; move it "
                     "away or choose another --out or --name")
-  made = _make_folders(parent)
+  made = output_files.missing_folders(parent)
+  os.makedirs(parent, exist_ok=True)
   try:
     with _writing(parent):
       return _prepare_in(parent, path, input_dir, out_dir, name, files, splits, unlisted,
                          workers or os.cpu_count() or 1, overwrite, resolution)
   except BaseException:
-    _remove_made_folders(made)  # where it stopped before its dataset was in place
+    output_files.remove_folders(made)  # where it stopped before its dataset was in place
     raise
 
 
