@@ -17,7 +17,8 @@ from typing import List, Optional
 import numpy as np
 
 from cspgan_jax.errors import (CheckpointError, ConfigError, CspganError, DataError,
-                               drop_closed_event_loop_reports, first_line, io_reason)
+                               drop_closed_event_loop_reports, first_line, io_reason,
+                               reader_left)
 from cspgan_jax import output_files
 from cspgan_jax.output_files import write_outputs
 
@@ -457,9 +458,8 @@ def main(argv: Optional[List[str]] = None) -> int:
   except KeyboardInterrupt:  # a second Ctrl-C in `train`, or one anywhere else
     print(f"cspgan: {args.command} interrupted", file=sys.stderr)
     return 130
-  except BrokenPipeError:  # the reader left early (`cspgan info DIR | head -1`): not an error
-    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second one at exit
-    return 141  # 128 + SIGPIPE: what a shell reports for a command whose reader left
+  except BrokenPipeError:  # `cspgan info DIR | head -1`
+    return reader_left()
   except OSError as e:  # the file system's refusal (a full disk, a read-only one): not a bug
     where = getattr(args, "workdir", None) or getattr(args, "out", None)
     print(f"cspgan: error: {io_reason(e) or e}"

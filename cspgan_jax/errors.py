@@ -47,6 +47,14 @@ def drop_closed_event_loop_reports() -> None:
   sys.unraisablehook = hook
 
 
+def reader_left() -> int:
+  """For `except BrokenPipeError` around a command's output: the reader left early (`... |
+  head`), which is not an error. stdout goes to /dev/null so that Python's flush at exit
+  raises no second one; returns 141 (128 + SIGPIPE), what a shell reports for such a command."""
+  os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+  return 141
+
+
 def first_line(error: BaseException, limit: int = 300) -> str:
   """An error's message cut to its first line (libraries append pages of context), else its
   type; without terminal colour codes (torch's unpickler bolds names with them)."""

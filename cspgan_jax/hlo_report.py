@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import os
 import re
 import sys
 from typing import Dict, List, Optional
+
+from cspgan_jax.errors import reader_left
 
 # `%name = type opcode(operands), attributes`; the type may be a tuple with spaces in it.
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?(?P<name>[^\s=]+)\s*=\s*(?P<type>.+?)\s"
@@ -452,9 +453,8 @@ def main(argv=None) -> int:
   try:
     print(report.markdown())
     sys.stdout.flush()
-  except BrokenPipeError:  # the reader left early (`... | head`): not an error, no traceback
-    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # none at exit either
-    return 141  # 128 + SIGPIPE, as a shell reports it
+  except BrokenPipeError:  # `... | head`
+    return reader_left()
   return 0
 
 

@@ -17,6 +17,8 @@ from typing import Callable, Optional
 
 import jax
 
+from cspgan_jax.errors import first_line, io_reason
+
 STEP_HLO_FILE = "train_step.hlo.txt"
 
 
@@ -89,8 +91,6 @@ class StepTrace:
 
 
 def _reason(error: BaseException) -> str:
-  """One line of why: jax's errors carry the system's (`FAILED_PRECONDITION: ... is not a
-  directory`)."""
-  if isinstance(error, OSError) and error.strerror:
-    return error.strerror
-  return f"{type(error).__name__}: {' '.join(str(error).split())[:200]}"
+  """One line of why: the system's where the error carries it, else jax's own first line
+  (`FAILED_PRECONDITION: ... is not a directory`)."""
+  return io_reason(error) or f"{type(error).__name__}: {first_line(error, 200)}"

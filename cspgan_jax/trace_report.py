@@ -32,6 +32,7 @@ import zlib
 from typing import Dict, List, Optional, Tuple
 
 from cspgan_jax import hlo_report
+from cspgan_jax.errors import reader_left
 
 # Lines of a device plane that repeat the kernels' time under other names (xprof's derived lines).
 DERIVED_LINES = {"XLA Modules", "XLA Ops", "XLA TraceMe", "Steps", "Framework Name Scope",
@@ -433,9 +434,8 @@ def main(argv=None) -> int:
       print(report.markdown(os.path.basename(path).split(".trace")[0]))
       print()
     sys.stdout.flush()
-  except BrokenPipeError:  # the reader left early (`... | head`): not an error, no traceback
-    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # none at exit either
-    return 141  # 128 + SIGPIPE, as a shell reports it
+  except BrokenPipeError:  # `... | head`
+    return reader_left()
   return 2 if failed else 0
 
 
