@@ -1,0 +1,81 @@
+"""The suite at the lowest versions pyproject.toml allows: every `name>=X` of the package's
+dependencies and of its `test` extra installed as `name==X` in a fresh virtual environment,
+then the README's test command run there. A floor is a claim that those versions work; this
+checks it (pip has no lowest-version resolution of its own).
+
+  python scripts/check_minimum_versions.py                  # venv in /tmp/cspgan-min-venv
+  python scripts/check_minimum_versions.py --venv DIR -- -x tests/test_models.py
+
+Needs Python >= 3.11 (tomllib), `packaging` (pytest's dependency) and the package registry:
+8 minutes on a 2-core VM (2026-11-28: a minute of installing, 374 passed in 7:00). torch is the
+exception: it stays at the README's CPU wheel, torch==2.13.0 (any other version is a
+multi-GB CUDA download here), so its floor is not what this tests. Exit status: the suite's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tomllib
+from typing import List
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TORCH_PIN = "torch==2.13.0"  # the README's: the CPU wheel, installed first
+
+
+def floor_pins(pyproject: str) -> List[str]:
+  """`name==X` for every `name>=X` of the dependencies and the `test` extra (torch left out)."""
+  from packaging.requirements import Requirement
+
+  with open(pyproject, "rb") as f:
+    project = tomllib.load(f)["project"]
+  pins = []
+  for line in project["dependencies"] + project["optional-dependencies"]["test"]:
+    req = Requirement(line)
+    if req.name == "torch" or (req.marker and not req.marker.evaluate()):
+      continue  # torch: the README's wheel; a marker: not for this Python
+    floors = [s.version for s in req.specifier if s.operator == ">="]
+    if len(floors) != 1:
+      raise SystemExit(f"check_minimum_versions: {line!r} in {pyproject} has no single '>=' floor")
+    extras = f"[{','.join(sorted(req.extras))}]" if req.extras else ""
+    pins.append(f"{req.name}{extras}=={floors[0]}")
+    if req.name == "jax":  # jax names jaxlib's floor loosely; the pair is released together
+      pins.append(f"jaxlib=={floors[0]}")
+  return pins
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--venv", default="/tmp/cspgan-min-venv",
+                      help="where the environment is made (replaced if it exists)")
+  parser.add_argument("pytest_args", nargs="*",
+                      help="after --: pytest's arguments (default: the README's)")
+  args = parser.parse_args(argv)
+  pins = floor_pins(os.path.join(ROOT, "pyproject.toml"))
+  python = os.path.join(args.venv, "bin", "python")
+
+  def step(*cmd: str) -> None:
+    print("+", " ".join(cmd), flush=True)
+    subprocess.run(cmd, cwd=ROOT, check=True)
+
+  try:
+    step(sys.executable, "-m", "venv", "--clear", args.venv)
+    step(python, "-m", "pip", "install", "-q", TORCH_PIN)
+    step(python, "-m", "pip", "install", "-q", *pins)
+    step(python, "-m", "pip", "install", "-q", "--no-deps", "-e", ROOT)
+    # The plugin matching the floor's jaxlib, for the tests that compile for a GPU.
+    step(python, "-m", "cspgan_jax.cli", "compile", "--install-plugin")
+    step(python, "-m", "pip", "list", "--format=freeze")
+  except subprocess.CalledProcessError as e:
+    print(f"check_minimum_versions: {' '.join(e.cmd)} failed (exit {e.returncode})",
+          file=sys.stderr)
+    return 1
+  tests = args.pytest_args or ["-q", "-n", "2", "--dist", "loadfile", "tests"]
+  print("+ pytest", " ".join(tests), flush=True)
+  return subprocess.run([python, "-m", "pytest", *tests], cwd=ROOT).returncode
+
+
+if __name__ == "__main__":
+  sys.exit(main())
