@@ -441,6 +441,7 @@ def _train_and_evaluate(config, workdir: str, progress: bool) -> train.GANState:
   mngr = checkpoint.manager(workdir, keep=t.keep_checkpoints)
   # Grids and (one process) checkpoint writes leave the loop: it goes on dispatching steps.
   output = background.BackgroundWriter()
+  wait_each_step = parallel.steps_must_wait()
   bar = None
   if main_process and progress:
     from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
@@ -457,6 +458,8 @@ def _train_and_evaluate(config, workdir: str, progress: bool) -> train.GANState:
         n = k if step % k == 0 and total - step >= k else 1
         trace.before(step, p_state)
         p_state, metrics = step_fns[n](p_state, batch, shard_ids, noise_rng)
+        if wait_each_step:
+          jax.block_until_ready(metrics)
         step += n
         trace.after(step, (p_state, metrics), step_fns[n], last=step >= total)
         if bar is not None:

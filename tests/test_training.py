@@ -255,6 +255,28 @@ def test_two_processes_train_like_one(tmp_path):
   assert len(open(tmp_path / "multi" / trainer.METRICS_FILE).read().splitlines()) == 3
 
 
+def test_two_processes_of_two_cpu_devices_run_a_hundred_steps_without_a_sync(tmp_path):
+  # Nothing logged, drawn or saved before the end, so only the per-step wait keeps two steps'
+  # gloo collectives from being in flight together: without it, this deadlocked in each of 4
+  # runs (killed after 100-240 s; it takes about 20 s).
+  port = _free_port()
+  every = "--config.train.{}=100"
+  procs = [subprocess.Popen(
+      [sys.executable, "-m", "cspgan_jax.cli", "train", "--config", TINY, "--workdir",
+       str(tmp_path / "run"), "--no-progress", "--config.train.num_steps=100",
+       *(every.format(f) for f in ("log_every", "sample_every", "checkpoint_every")),
+       f"--config.dist.coordinator_address=localhost:{port}", "--config.dist.num_processes=2",
+       f"--config.dist.process_id={i}"],
+      env=_env(2), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+  try:
+    outputs = [p.communicate(timeout=240)[0] for p in procs]
+  finally:
+    for p in procs:
+      p.kill()  # a deadlocked process ignores SIGTERM (it waits in the collective)
+  assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-2000:] for o in outputs)
+  assert checkpoint.latest_step(str(tmp_path / "run")) == 100
+
+
 def test_resuming_on_another_number_of_devices_is_said(tmp_path, capsys):
   workdir = str(tmp_path / "run")
   first = subprocess.run([sys.executable, "-m", "cspgan_jax.cli", "train", "--config", TINY,
