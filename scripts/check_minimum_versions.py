@@ -27,7 +27,10 @@ TORCH_PIN = "torch==2.13.0"  # the README's: the CPU wheel, installed first
 
 def floor_pins(pyproject: str) -> List[str]:
   """`name==X` for every `name>=X` of the dependencies and the `test` extra (torch left out)."""
-  from packaging.requirements import Requirement
+  try:
+    from packaging.requirements import Requirement
+  except ImportError:
+    raise SystemExit("check_minimum_versions: needs `packaging` (pip install packaging)") from None
 
   with open(pyproject, "rb") as f:
     project = tomllib.load(f)["project"]
@@ -49,10 +52,17 @@ def floor_pins(pyproject: str) -> List[str]:
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--venv", default="/tmp/cspgan-min-venv",
-                      help="where the environment is made (replaced if it exists)")
+                      help="where the environment is made (a virtual environment there "
+                      "is replaced; any other folder is refused)")
   parser.add_argument("pytest_args", nargs="*",
                       help="after --: pytest's arguments (default: the README's)")
   args = parser.parse_args(argv)
+  # `venv --clear` empties the folder: only one that is a virtual environment already.
+  if os.path.lexists(args.venv) and not os.path.isfile(os.path.join(args.venv, "pyvenv.cfg")):
+    if not (os.path.isdir(args.venv) and not os.listdir(args.venv)):
+      print(f"check_minimum_versions: --venv {args.venv} exists and is not a virtual "
+            "environment; give a new or an empty folder", file=sys.stderr)
+      return 2
   pins = floor_pins(os.path.join(ROOT, "pyproject.toml"))
   python = os.path.join(args.venv, "bin", "python")
 

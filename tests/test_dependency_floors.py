@@ -39,3 +39,13 @@ def test_the_projects_own_dependencies_all_have_floors():
   names = [p.split("==")[0].split("[")[0] for p in pins]
   assert {"jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "tensorflow-datasets",
           "pytest"} <= set(names)
+
+
+def test_a_venv_folder_that_is_not_a_virtual_environment_is_left_alone(tmp_path, capsys):
+  folder = tmp_path / "work"
+  folder.mkdir()
+  (folder / "notes.txt").write_text("mine")
+  assert check_minimum_versions.main(["--venv", str(folder)]) == 2
+  assert capsys.readouterr().err == (f"check_minimum_versions: --venv {folder} exists and is not "
+                                     "a virtual environment; give a new or an empty folder\n")
+  assert (folder / "notes.txt").read_text() == "mine"
