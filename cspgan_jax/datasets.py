@@ -114,6 +114,12 @@ def prepared_dataset_path(data_dir: str, name: str) -> str:
                     f"prepare-data --input IMAGES --out {data_dir}`, or train on synthetic faces "
                     "(--config.data.source=synthetic)")
   if not os.path.isdir(path):
+    aside = prepare_data.set_aside(data_dir, name)
+    if aside and not os.path.lexists(path):  # said before the build folder it leaves beside it
+      raise DataError(f"{path} is missing: an interrupted `cspgan prepare-data --overwrite` left "
+                      f"what it held in {' and '.join(aside)}; move it back to {path}, or run "
+                      f"`cspgan prepare-data --name {name} --out {data_dir} --input ...`, which "
+                      "puts it back first")
     if prepare_data.incomplete_paths(data_dir, name):
       raise DataError(f"the preparation of {name!r} in {data_dir} was interrupted; "
                       f"run `cspgan prepare-data --name {name} --out {data_dir} --input ...` again")

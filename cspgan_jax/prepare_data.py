@@ -16,6 +16,9 @@ dataset being written), and moves the result to `NAME/1.0.0` only when every spl
 interrupted preparation never looks finished, and what was at `NAME/1.0.0` (the dataset
 `--overwrite` rebuilds) stays there, readable, until then. `prepare` removes such leftovers and
 rebuilds; a `NAME/1.0.0` holding anything our builder does not write is never removed unasked.
+The swap is two renames, the old dataset to `NAME/replaced_1.0.0` and the new one into place: a
+run killed between them leaves the old one there, where training's reader names it and the next
+run moves it back before anything else; one killed after them leaves it for the next swap to remove.
 """
 
 from __future__ import annotations
@@ -255,6 +258,9 @@ BUILDER_FILES = ("dataset_info.json", "features.json", "metadata.json")
 SHARD_PATTERN = r"^{name}-[a-z_]+\.array_record-\d{{5}}-of-\d{{5}}$"
 # A dataset being written: TFDS's `incomplete.XXXXXX_1.0.0`, and our build folders, named alike.
 INCOMPLETE_PATTERN = re.compile(r"^incomplete\.[A-Za-z0-9_]+_" + re.escape(DATASET_VERSION) + "$")
+# Where --overwrite moves the old dataset between its two renames: outside the build folder,
+# whose leftovers the next run removes, and not a version's name, which TFDS would read.
+REPLACED = "replaced_" + DATASET_VERSION
 
 
 def dataset_path(out_dir: str, name: str) -> str:
@@ -269,6 +275,27 @@ def incomplete_paths(out_dir: str, name: str) -> List[str]:
   return sorted(os.path.join(parent, d) for d in os.listdir(parent)
                 if INCOMPLETE_PATTERN.match(d) and os.path.isdir(os.path.join(parent, d))
                 and not os.path.islink(os.path.join(parent, d)))
+
+
+def set_aside(out_dir: str, name: str) -> List[str]:
+  """What interrupted --overwrite runs moved away from NAME/1.0.0: `NAME/replaced_1.0.0`, and
+  `incomplete.*_1.0.0/replaced`, where earlier versions put it."""
+  found = [os.path.join(out_dir, name, REPLACED)]
+  found += [os.path.join(d, "replaced") for d in incomplete_paths(out_dir, name)]
+  return [p for p in found if os.path.lexists(p)]
+
+
+def put_back(out_dir: str, name: str) -> Optional[str]:
+  """Moves what a run killed between the swap's two renames set aside back to NAME/1.0.0, if
+  that is empty; returns where it was (None if nothing was moved)."""
+  path, aside = dataset_path(out_dir, name), set_aside(out_dir, name)
+  if os.path.lexists(path) or not aside:
+    return None
+  if len(aside) > 1:  # not one run's leftover: which to keep is the user's call
+    raise DataError(f"{path} is missing, and interrupted `--overwrite` runs left what it held in "
+                    f"{' and '.join(aside)}: move the one to keep to {path}")
+  os.rename(aside[0], path)
+  return aside[0]
 
 
 def prepared_problem(path: str) -> Optional[str]:
@@ -328,11 +355,12 @@ def check_existing(path: str, name: str, overwrite: bool) -> str:
   return f"{path}, which was not a prepared dataset ({foreign})"
 
 
-def swap_in(built: str, path: str, aside: str) -> None:
-  """Moves `built` to `path`, what was at `path` to `aside` first. A Ctrl-C between the two
-  renames puts the old one back: `path` is never left empty by this run."""
+def swap_in(built: str, path: str, aside: str) -> bool:
+  """Moves `built` to `path`, what was at `path` to `aside` first (True if there was something).
+  A Ctrl-C between the two renames puts the old one back; a kill leaves it for `put_back`."""
   had = os.path.lexists(path)
   if had:
+    _remove(aside)  # what an earlier swap replaced, then killed before removing it
     os.rename(path, aside)
   try:
     os.rename(built, path)
@@ -340,6 +368,15 @@ def swap_in(built: str, path: str, aside: str) -> None:
     if had and not os.path.lexists(path):
       os.rename(aside, path)
     raise
+  return had
+
+
+def _remove(path: str) -> None:
+  """Removes a folder's tree, a file or a link, if there."""
+  if os.path.isdir(path) and not os.path.islink(path):
+    shutil.rmtree(path)
+  elif os.path.lexists(path):
+    os.remove(path)
 
 
 # ---- the command ----
@@ -418,6 +455,10 @@ def _writing(parent: str):
 def _prepare_in(parent, path, input_dir, out_dir, name, files, splits, unlisted, workers,
                 overwrite, resolution) -> Summary:
   """`prepare`'s build, its folder made and held."""
+  restored = put_back(out_dir, name)
+  if restored:  # said now: a refusal below must not hide that the dataset moved
+    print(f"[prepare-data] put back {path}, which an interrupted --overwrite had left in "
+          f"{restored}", flush=True)
   replaced = check_existing(path, name, overwrite)
   damaged = os.path.lexists(path) and not replaced  # ours, but broken: rebuilt
   removed = incomplete_paths(out_dir, name)
@@ -430,7 +471,8 @@ def _prepare_in(parent, path, input_dir, out_dir, name, files, splits, unlisted,
     start = time.perf_counter()
     builder = _build(build_dir, input_dir, splits, resolution, name, workers, skipped)
     seconds = time.perf_counter() - start
-    swap_in(dataset_path(build_dir, name), path, os.path.join(build_dir, "replaced"))
+    aside = os.path.join(parent, REPLACED)
+    had = swap_in(dataset_path(build_dir, name), path, aside)
   except BaseException as e:  # pylint: disable=broad-except
     # Whatever stopped it (a full disk, no readable image, Ctrl-C): this run's files go, and
     # (in `prepare`) the folders it made; nothing else is touched.
@@ -440,7 +482,9 @@ def _prepare_in(parent, path, input_dir, out_dir, name, files, splits, unlisted,
     if error is e:  # KeyboardInterrupt, SystemExit, a DataError, or not the user's to fix
       raise
     raise error from e
-  shutil.rmtree(build_dir)  # what was replaced, and TFDS's empty download folder
+  shutil.rmtree(build_dir)  # TFDS's empty download folder
+  if had:
+    _remove(aside)  # what was replaced
   if damaged:
     removed.append(path)
   written = {s: int(builder.info.splits[s].num_examples) for s in splits}

@@ -355,6 +355,84 @@ def test_a_ctrl_c_between_the_swaps_renames_puts_the_old_dataset_back(tmp_path, 
   assert (old / "metadata.json").read_text() == "old"
 
 
+KILL_POINTS = {  # where a killed --overwrite leaves the old and the new dataset, in NAME/
+    "before the first rename": ("1.0.0", "incomplete.k1_1.0.0/{name}/1.0.0"),
+    "between the renames": ("replaced_1.0.0", "incomplete.k1_1.0.0/{name}/1.0.0"),
+    "between, by a run before replaced_1.0.0": ("incomplete.k1_1.0.0/replaced",
+                                                "incomplete.k1_1.0.0/{name}/1.0.0"),
+    "after the second rename": ("replaced_1.0.0", "1.0.0"),
+}
+
+
+def test_an_overwrite_killed_at_any_point_loses_no_dataset(prepared, tmp_path, capsys):
+  """A kill between the swap's two renames left the old dataset only in the build folder, which
+  the next run removed as an interrupted run's leftover. Now it is put back, and the reader
+  names it; no dataset goes until a complete one is in its place."""
+  old = prepared["summary"].data_path  # 36 images
+  make_image_folder(str(tmp_path / "two"), num_good=2, corrupt=False)
+  new = prepare_data.prepare(str(tmp_path / "two"), str(tmp_path / "new"), resolution=R,
+                             workers=1).data_path
+  make_image_folder(str(tmp_path / "three"), num_good=3, corrupt=False)
+  for i, (point, (old_at, new_at)) in enumerate(KILL_POINTS.items()):
+    out = tmp_path / f"out{i}"
+    parent, path, config = out / "celeba", out / "celeba" / "1.0.0", data_config(data_dir=str(out))
+    (parent / "incomplete.k1_1.0.0" / "downloads").mkdir(parents=True)  # TFDS's, left empty
+    shutil.copytree(old, parent / old_at)
+    shutil.copytree(new, parent / new_at.format(name="celeba"))
+    killed_between = point.startswith("between")
+    if killed_between:
+      with pytest.raises(DataError, match=f"^{path} is missing: an interrupted `cspgan "
+                         f"prepare-data --overwrite` left what it held in {parent / old_at}; "
+                         f"move it back to {path}, or run "):
+        datasets.load_source(config, R)
+    else:
+      assert len(datasets.load_source(config, R)) == (2 if old_at == "replaced_1.0.0" else
+                                                      NUM_GOOD), point
+    kept = _files(parent / ("1.0.0" if new_at == "1.0.0" else old_at))
+    argv = ["prepare-data", "--input", prepared["images"], "--out", str(out), "--resolution",
+            str(R), "--workers", "1"]
+    capsys.readouterr()
+    assert cli.main(argv) == 2, point  # without --overwrite: refused, once the old one is back
+    said = capsys.readouterr()
+    assert said.err.strip().splitlines()[-1] == (
+        f"cspgan: error: {path} already holds a prepared dataset; pass --overwrite to rebuild it "
+        "or choose another --out or --name"), point
+    assert (f"[prepare-data] put back {path}, which an interrupted --overwrite had left in "
+            f"{parent / old_at}\n" in said.out) == killed_between, point
+    assert _files(path) == kept, point
+    if old_at == "replaced_1.0.0" and not killed_between:  # replaced as asked, but not unasked
+      assert _files(parent / old_at) == _files(old), point
+    argv[2] = str(tmp_path / "three")
+    assert cli.main(argv + ["--overwrite"]) == 0, point
+    assert len(datasets.load_source(config, R)) == 3, point
+    assert os.listdir(parent) == ["1.0.0"], point  # no leftover, nor a dataset set aside
+
+
+def test_what_an_overwrite_set_aside_is_never_removed_while_it_may_be_the_only_copy(tmp_path):
+  """Put back whatever it is (here the user's file, which --overwrite was replacing), and where
+  two are left, neither is moved: which to keep is the user's call."""
+  images, parent = tmp_path / "imgs", tmp_path / "out" / "d"
+  make_image_folder(str(images), num_good=1, corrupt=False)
+  (parent / "incomplete.k1_1.0.0").mkdir(parents=True)
+  (parent / "replaced_1.0.0").write_text("precious")
+  (parent / "incomplete.k1_1.0.0" / "replaced").write_text("also precious")
+  both = f"{parent}/replaced_1.0.0 and {parent}/incomplete.k1_1.0.0/replaced"
+  run = lambda: prepare_data.prepare(str(images), str(tmp_path / "out"), resolution=R, name="d",
+                                     workers=1)
+  with pytest.raises(DataError, match=f"^{parent}/1.0.0 is missing, and interrupted `--overwrite` "
+                     f"runs left what it held in {both}: move the one to keep to {parent}/1.0.0$"):
+    run()
+  with pytest.raises(DataError, match=f"left what it held in {both}; move it back"):
+    datasets.load_source(data_config(name="d", data_dir=str(tmp_path / "out")), R)
+  assert _files(parent) == {"replaced_1.0.0": b"precious",
+                            "incomplete.k1_1.0.0/replaced": b"also precious"}
+  os.remove(parent / "incomplete.k1_1.0.0" / "replaced")
+  with pytest.raises(DataError, match=r"d/1.0.0 is not a dataset prepared by .* \(it is not a "
+                     r"folder\): left as it is"):
+    run()
+  assert _files(parent) == {"1.0.0": b"precious"}  # put back; refused as a user's 1.0.0 is
+
+
 def test_a_folder_prepare_data_did_not_write_is_never_removed(tmp_path, capsys):
   """Only what is provably ours (TFDS's incomplete.* folders, a 1.0.0 holding nothing but our
   builder's files) is rebuilt unasked; anything else stays, until --overwrite replaces it with a
