@@ -18,8 +18,7 @@ from typing import Callable, Optional
 import jax
 
 from cspgan_jax.errors import first_line, io_reason
-
-STEP_HLO_FILE = "train_step.hlo.txt"
+from cspgan_jax.trace_report import PERFETTO_TRACE, STEP_HLO_FILE
 
 
 class StepTrace:
@@ -76,7 +75,7 @@ class StepTrace:
       self.say(f"note: the step's HLO could not be written to {hlo} ({_reason(e)}); the trace "
                f"of steps {first}-{step} is in {folders[-1]}")
       return
-    trace = os.path.join(folders[-1], "perfetto_trace.json.gz")
+    trace = os.path.join(folders[-1], PERFETTO_TRACE)
     self.say(f"traced steps {first}-{step} into {folders[-1]} (TensorBoard's Profile tab); "
              f"python -m cspgan_jax.trace_report {trace} --hlo {hlo} --iters {step - first}")
 

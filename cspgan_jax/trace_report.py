@@ -1,14 +1,18 @@
 """Where a training step's time goes: a profiler trace summed by kernel kind, layer and op.
 
-    python -m cspgan_jax.trace_report DIR            # every b*_*.trace.json.gz that bench wrote
+    python -m cspgan_jax.trace_report DIR            # every trace in and below DIR
     python -m cspgan_jax.trace_report T.trace.json.gz [--hlo T.hlo.txt] [--iters N]
 
 Reads the perfetto/Chrome JSON traces that `cspgan bench --profile DIR` writes: JAX's
-(`jax.profiler.trace(..., create_perfetto_trace=True)`) and PyTorch's (`torch.profiler`). Device
+(`jax.profiler.trace(..., create_perfetto_trace=True)`) and PyTorch's (`torch.profiler`). A folder
+is searched through: bench's `b*_*.trace.json.gz`, and the trainer's profile folders
+(`train.profile_steps`: `plugins/profile/<time>/`), where jax's `perfetto_trace.json.gz` and
+xprof's `<host>.trace.json.gz` hold the same trace, reported once from the former. Device
 time is taken from the GPU's stream lines where there are any; on a CPU, from XLA's thunk events
 (JAX) or the outermost `aten::` ops (PyTorch). A JAX kernel carries the name of its HLO
 instruction (`hlo_op`), so with the step's optimized HLO (`bench --hlo`, same file name with
-`.hlo.txt`) each one gets a kind and a layer from `hlo_report`.
+`.hlo.txt`; else the trainer's `train_step.hlo.txt` beside the trace) each one gets a kind and a
+layer from `hlo_report`.
 
 Besides the sums it gives the device's busy share of the traced span: time between kernels is
 launch and host overhead, which several steps per dispatch and command buffers remove. Copies
@@ -21,7 +25,7 @@ from __future__ import annotations
 
 import argparse
 import collections
-import glob
+import fnmatch
 import gzip
 import json
 import math
@@ -48,6 +52,12 @@ _KINDS_BY_NAME = (  # kernel or op names -> kind (PyTorch's, and library kernels
     ("batch norm", re.compile(r"batch_norm|batchnorm|bn_", re.I)),
     ("data movement", re.compile(r"copy|transpose|cat|memcpy|memset|contiguous", re.I)),
 )
+
+
+# The trainer's step HLO beside its trace (profiling imports it from here: jax stays unloaded).
+STEP_HLO_FILE = "train_step.hlo.txt"
+PERFETTO_TRACE = "perfetto_trace.json.gz"  # jax's, beside xprof's <host>.trace.json.gz
+TRACE_PATTERNS = ("*.trace.json*", "perfetto_trace.json*")  # bench's and xprof's; jax's
 
 
 class InputError(ValueError):
@@ -351,10 +361,52 @@ def _kind_by_name(name: str) -> str:
   return "elementwise/other"
 
 
+def hlo_beside(path: str) -> Optional[str]:
+  """The trace's HLO: the .hlo.txt of its own name (bench's), else the trainer's step's."""
+  for candidate in (re.sub(r"\.trace\.json(\.gz)?$", ".hlo.txt", path),
+                    os.path.join(os.path.dirname(path), STEP_HLO_FILE)):
+    if candidate != path and os.path.isfile(candidate):
+      return candidate
+  return None
+
+
+def find_traces(folder: str) -> List[str]:
+  """The traces in and below `folder` (hidden names skipped, as glob does; links to folders not
+  followed, so a loop of them is not walked forever)."""
+  found = []
+  for root, dirs, files in os.walk(folder):
+    dirs[:] = [d for d in dirs if not d.startswith(".")]
+    found += [os.path.join(root, f) for f in files if not f.startswith(".")
+              and any(fnmatch.fnmatch(f, p) for p in TRACE_PATTERNS)]
+  return sorted(found)
+
+
+def one_form(paths: List[str]) -> Tuple[List[str], Dict[str, str]]:
+  """(each trace once, {trace kept: a line saying what was left out}): a profile folder's
+  perfetto_trace.json.gz and xprof's <host>.trace.json.gz are the same trace."""
+  by_folder = collections.defaultdict(list)
+  for path in paths:
+    by_folder[os.path.dirname(path)].append(path)
+  kept, notes = [], {}
+  for group in by_folder.values():
+    perfetto = [p for p in group if os.path.basename(p).startswith("perfetto_trace.json")]
+    xprof = [p for p in group if p not in perfetto]
+    if len(perfetto) != 1 or not xprof:
+      kept += group
+    elif len(xprof) == 1:  # the one the trainer's command names is kept
+      kept += perfetto
+      notes[perfetto[0]] = (f"(xprof's {os.path.basename(xprof[0])} beside it is the same trace: "
+                            f"reported once, from {os.path.basename(perfetto[0])})")
+    else:  # several hosts' traces: jax's repeats one of them, which one unknown
+      kept += xprof
+      notes[xprof[0]] = (f"({os.path.basename(perfetto[0])} beside it repeats one of these "
+                         f"{len(xprof)} hosts' traces: left out)")
+  return sorted(kept), notes
+
+
 def report_file(path: str, hlo_path: Optional[str] = None, iterations: Optional[int] = None):
   if hlo_path is None:
-    candidate = re.sub(r"\.trace\.json(\.gz)?$", ".hlo.txt", path)
-    hlo_path = candidate if candidate != path and os.path.isfile(candidate) else None
+    hlo_path = hlo_beside(path)
   hlo = None
   if hlo_path:
     try:
@@ -393,18 +445,29 @@ class _Parser(argparse.ArgumentParser):
     sys.exit(2)
 
 
+def _title(path: str, given: str) -> str:
+  """bench's `b64_jax-bf16`; below the folder given, the trace's folders too (a trainer's
+  `plugins/profile/<time>/perfetto_trace.json.gz`)."""
+  name = os.path.basename(path).split(".trace")[0]
+  if path == given:
+    return name
+  return os.path.join(os.path.dirname(os.path.relpath(path, given)), name)
+
+
 def main(argv=None) -> int:
   parser = _Parser(prog="python -m cspgan_jax.trace_report",
                    description=__doc__.splitlines()[0])
-  parser.add_argument("path", help="a .trace.json(.gz) file, or a folder of them")
+  parser.add_argument("path", help="a .trace.json(.gz) file, or a folder searched for them")
   parser.add_argument("--hlo", default=None, help="the step's optimized HLO text (one file)")
   parser.add_argument("--iters", type=_positive_int, default=None,
                       help="iterations traced (default: inferred)")
   args = parser.parse_args(argv)
+  notes = {}
   if os.path.isdir(args.path):
-    paths = sorted(glob.glob(os.path.join(args.path, "*.trace.json*")))
+    paths, notes = one_form(find_traces(args.path))
     if not paths:
-      print(f"trace_report: error: no *.trace.json(.gz) in {args.path}", file=sys.stderr)
+      print(f"trace_report: error: no *.trace.json(.gz) or {PERFETTO_TRACE} in or below "
+            f"{args.path}", file=sys.stderr)
       return 2
     if args.hlo and len(paths) > 1:  # one step's HLO cannot be each trace's: not ignored
       print(f"trace_report: error: --hlo takes one trace, and {args.path} holds {len(paths)} "
@@ -431,7 +494,9 @@ def main(argv=None) -> int:
         print(f"trace_report: error: {error}", file=sys.stderr)
         failed += 1
         continue
-      print(report.markdown(os.path.basename(path).split(".trace")[0]))
+      print(report.markdown(_title(path, args.path)))
+      if path in notes:
+        print(f"\n{notes[path]}")
       print()
     sys.stdout.flush()
   except BrokenPipeError:  # `... | head`

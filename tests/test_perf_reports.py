@@ -8,6 +8,7 @@ import glob
 import gzip
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -456,8 +457,11 @@ def test_trace_report_reads_torch_gpu_kernels():
 
 
 def test_trace_report_refuses_an_empty_folder(tmp_path, capsys):
+  (tmp_path / "profile").mkdir()
+  (tmp_path / "profile" / "train_step.hlo.txt").write_text(GPU_HLO)  # an HLO is no trace
   assert trace_report.main([str(tmp_path)]) == 2
-  assert "no *.trace.json" in capsys.readouterr().err
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and "no *.trace.json" in err[0], err
 
 
 GRAPH_HLO = """HloModule jit_step, is_scheduled=true
@@ -603,6 +607,42 @@ def test_a_folders_unreadable_trace_leaves_the_others_reported(tmp_path, capsys)
       f"trace_report: error: {tmp_path / 'a.trace.json.gz'}: no device work in it (no GPU "
       "kernels, XLA thunks or aten ops)"]
   assert "## b" in out and "## a" not in out, out
+
+
+_PROFILED = {"traceEvents": GPU_PROCESS + [
+    e for t0 in (0.0, 100.0) for e in (_trace_event(7, "sm90_xmma_fprop", t0, 40,
+                                                    hlo_op="cudnn-conv.1"),
+                                       _trace_event(7, "loop_add_fusion", t0 + 50, 10,
+                                                    hlo_op="loop_add_fusion"))]}
+_SESSION = os.path.join("tensorboard", "plugins", "profile", "2026_11_28_14_50_57")
+
+
+@pytest.mark.parametrize("names, below, titles, note", [
+    (["perfetto_trace", "vm.trace"], True, [os.path.join(_SESSION, "perfetto_trace.json.gz")],
+     "(xprof's vm.trace.json.gz beside it is the same trace: reported once, from "
+     "perfetto_trace.json.gz)"),
+    (["perfetto_trace"], True, [os.path.join(_SESSION, "perfetto_trace.json.gz")], None),
+    (["vm.trace"], False, ["vm"], None),
+    (["perfetto_trace", "a.trace", "b.trace"], False, ["a", "b"],
+     "(perfetto_trace.json.gz beside it repeats one of these 2 hosts' traces: left out)"),
+], ids=["both-forms", "perfetto-only", "xprof-only", "two-hosts"])
+def test_trace_report_reads_the_trainers_profile_folder(tmp_path, capsys, names, below, titles,
+                                                        note):
+  """`train.profile_steps` writes jax's perfetto_trace.json.gz and xprof's <host>.trace.json.gz
+  (the same trace) in plugins/profile/<time>/, the step's HLO as train_step.hlo.txt beside them:
+  once no trace found in the workdir, and the session folder's reported without its HLO."""
+  session = tmp_path / _SESSION
+  session.mkdir(parents=True)
+  for name in names:
+    _write_trace(session / f"{name}.json.gz", _PROFILED)
+  (session / "train_step.hlo.txt").write_text(GPU_HLO)
+  assert trace_report.main([str(tmp_path if below else session)]) == 0
+  out, err = capsys.readouterr()
+  assert not err and re.findall(r"^### (.*)$", out, re.M) == titles, out
+  # each joined to the step's HLO: a layer for the convolution, a kind for the fusion
+  assert out.count("| D main_2 | 0.040 | 80.0% |") == len(titles), out
+  assert out.count("| elementwise/reduction | 0.010 | 20.0% |") == len(titles), out
+  assert [line for line in out.splitlines() if line.startswith("(")] == ([note] if note else [])
 
 
 @pytest.mark.parametrize("module", ["hlo_report", "trace_report"])

@@ -32,6 +32,10 @@ def test_train_traces_exactly_the_asked_steps_with_the_steps_hlo(tmp_path, capsy
   assert "convolution" in kinds
   assert trace_report.main([trace, "--hlo", hlo, "--iters", "3"]) == 0
   assert "3 iteration(s)" in capsys.readouterr().out
+  # The workdir alone: the same report, once (xprof's copy of the trace beside it left out).
+  assert trace_report.main([str(workdir)]) == 0
+  out = capsys.readouterr().out
+  assert out.count("### ") == 1 and "3 iteration(s)" in out and "| G main_" in out, out
 
 
 def test_a_run_ending_inside_the_window_closes_its_trace(tmp_path, capsys):
