@@ -136,26 +136,56 @@ def cmd_torch2flax(args, overrides):
   # pylint: disable-next=import-outside-toplevel
   from cspgan_jax import checkpoint, torch_port, train, trainer
   config = _load_config(args.config, overrides)
-  if os.path.exists(args.workdir):  # a file there, or as its checkpoints folder: said first
-    trainer.prepare_workdir(args.workdir)
-  if checkpoint.latest_step(args.workdir) is not None:
-    raise CheckpointError(f"{args.workdir} already holds a checkpoint; choose an empty workdir")
-  g_template, d_template = train.variable_shapes(config)
-  g_vars = torch_port.torch_to_flax(torch_port.load_torch_state_dict(args.netG, "netG"),
-                                    g_template, f"netG ({args.netG})")
-  d_vars = torch_port.torch_to_flax(torch_port.load_torch_state_dict(args.netD, "netD"),
-                                    d_template, f"netD ({args.netD})")
-  state = train.create_state(config, g_vars, d_vars)
-  trainer.prepare_workdir(args.workdir)  # made only now that both files converted
-  # A `cspgan train` there would write its checkpoints among this one (and take this step 0
-  # for its own); the lock also keeps one from starting until this is written.
-  with trainer.workdir_lock(args.workdir) as refusal:
-    if refusal:
-      raise CheckpointError(refusal)
-    if checkpoint.latest_step(args.workdir) is not None:  # written while this converted
-      raise CheckpointError(f"{args.workdir} already holds a checkpoint; choose an empty workdir")
-    step = checkpoint.save(args.workdir, state, config)
+  made = _claim_workdir(args.workdir)  # refused before converting (seconds at 128x128)
+  try:
+    files = [(f"{role} ({path})", path, role, template) for role, path, template in zip(
+        ("netG", "netD"), (args.netG, args.netD), train.variable_shapes(config))]
+    loaded, converted = [], []
+    for what, path, role, template in files:
+      loaded.append(torch_port.load_torch_state_dict(path, role))
+      converted.append(torch_port.torch_to_flax(loaded[-1], template, what))
+    state = train.create_state(config, *converted)
+    # A `cspgan train` there would write its checkpoints among this one (and take this step 0
+    # for its own); the lock also keeps one from starting until this is written.
+    with trainer.workdir_lock(args.workdir) as refusal:
+      if refusal:  # a run that started there while this converted
+        raise CheckpointError(refusal)
+      _refuse_a_checkpoint(args.workdir)  # written while this converted
+      step = checkpoint.save(args.workdir, state, config)
+  except BaseException:
+    output_files.remove_folders(made)  # a failed conversion leaves no new workdir behind
+    raise
   print(f"wrote checkpoint step {step} to {checkpoint.checkpoint_dir(args.workdir)}")
+  for (what, *_), sd in zip(files, loaded):
+    note = torch_port.float64_rounding(sd, what)
+    if note:  # said once it is done, so that an error stays the one line there is
+      print(f"cspgan: note: {note}", file=sys.stderr)
+
+
+def _claim_workdir(workdir: str) -> List[str]:
+  """Refuses a workdir torch2flax cannot write into (a `cspgan train` holds it, it holds a
+  checkpoint, it cannot be made) before any conversion; makes it and returns the folders made."""
+  from cspgan_jax import trainer  # pylint: disable=import-outside-toplevel
+  _check_folder(os.path.dirname(os.path.abspath(workdir)), f"--workdir {workdir}")
+  # A run holds its lock file while it trains: without one there is no run, and none is made
+  if os.path.isfile(os.path.join(workdir, trainer.LOCK_FILE)):
+    with trainer.workdir_lock(workdir) as refusal:
+      if refusal:
+        raise CheckpointError(refusal)
+  made = output_files.missing_folders(workdir)
+  try:
+    trainer.prepare_workdir(workdir)  # a file for it or its checkpoints, or no write access
+    _refuse_a_checkpoint(workdir)
+  except BaseException:
+    output_files.remove_folders(made)
+    raise
+  return made
+
+
+def _refuse_a_checkpoint(workdir: str) -> None:
+  from cspgan_jax import checkpoint  # pylint: disable=import-outside-toplevel
+  if checkpoint.latest_step(workdir) is not None:
+    raise CheckpointError(f"{workdir} already holds a checkpoint; choose an empty workdir")
 
 
 def _torch_writer(state_dict):

@@ -293,17 +293,21 @@ def _run_parity(config, net_g_path, net_d_path, steps, seed, with_floor, log, im
   torch_reference.get_loss(loss)  # a loss without its PyTorch twin: one line, before any work
   net_g, net_d = torch_reference.build_reference(config.model, seed=seed)
   g_template, d_template = train.variable_shapes(config)
+  notes = []
   for path, net, role, template in ((net_g_path, net_g, "netG", g_template),
                                     (net_d_path, net_d, "netD", d_template)):
     if path:
       sd = torch_port.strip_wrapper_prefixes(torch_port.load_torch_state_dict(path, role))
       torch_port.check_keys(sd, torch_port.conversion_table(template), f"{role} ({path})")
       net.load_state_dict({k: torch.from_numpy(v) for k, v in sd.items()}, strict=True)
+      notes.append(torch_port.float64_rounding(sd, f"{role} ({path})"))
   # An error in the weights (a count past int32) names the file they came from
   g_vars = torch_port.torch_to_flax(torch_port.module_state_dict(net_g), g_template,
                                     f"netG ({net_g_path})" if net_g_path else "netG")
   d_vars = torch_port.torch_to_flax(torch_port.module_state_dict(net_d), d_template,
                                     f"netD ({net_d_path})" if net_d_path else "netD")
+  for note in filter(None, notes):  # once both converted: an error is the one line there is
+    log(f"note: {note}")
   gen, disc = models.build_models(config.model, dtype=dtype)
   images, latents = parity_data(config, max(steps, 1), seed, images_kind)
 

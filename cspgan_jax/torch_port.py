@@ -256,6 +256,22 @@ def _unusable_tensor(key: str, tensor) -> Optional[str]:
   return _unusable_dtype(key.rsplit(".", 1)[-1], dtype, floating, integer)
 
 
+def float64_rounding(state_dict: Mapping, what: str) -> Optional[str]:
+  """One line on the float64 tensors of a state_dict the model holds in float32, and how many
+  values the rounding changed; None where it has none. Said once the conversion succeeded."""
+  state_dict = strip_wrapper_prefixes(state_dict)
+  keys = [k for k, v in state_dict.items() if np.asarray(v).dtype == np.float64]
+  if not keys:
+    return None
+  total = sum(np.size(state_dict[k]) for k in keys)
+  # float32 values compare with float64 exactly; the cast cannot overflow: the range is checked
+  changed = sum(int(np.count_nonzero(np.asarray(state_dict[k], np.float32) != state_dict[k]))
+                for k in keys)
+  plural = "s" if len(keys) > 1 else ""
+  return (f"{what}: {len(keys)} float64 tensor{plural} (first: {keys[0]}) rounded to float32; "
+          + (f"{changed} of {total} values changed" if changed else "no value changed"))
+
+
 def module_state_dict(module) -> Dict[str, np.ndarray]:
   """A torch module's state_dict as numpy arrays."""
   return {k: v.detach().cpu().numpy().copy() for k, v in module.state_dict().items()}

@@ -556,6 +556,42 @@ def test_torch2flax_refuses_a_workdir_a_run_holds_or_cannot_use(torch_files, con
   assert (tmp / "filed" / "checkpoints").read_text() == "the user's"
 
 
+@pytest.mark.parametrize("case", ["held", "under-a-file"])
+def test_torch2flax_refuses_a_workdir_before_converting(tmp_path, config_path, capsys,
+                                                        monkeypatch, case):
+  """Both files were read and converted (seconds at 128x128) before the lock was looked at,
+  and before a file in the way of the workdir ended makedirs ("not writable: Not a directory")."""
+  from cspgan_jax import torch_port, trainer  # pylint: disable=import-outside-toplevel
+  calls = []
+
+  def conversion(name):
+    def called(*args, **kwargs):
+      calls.append(name)
+      raise CheckpointError(f"{name} called")
+    return called
+
+  for module, name in ((train, "variable_shapes"), (torch_port, "load_torch_state_dict"),
+                       (torch_port, "torch_to_flax")):
+    monkeypatch.setattr(module, name, conversion(name))
+  (tmp_path / "afile").write_text("the user's")
+  workdir = tmp_path / ("busy" if case == "held" else "afile/wd")
+  argv = ["convert", "torch2flax", "--netG", str(tmp_path / "G.pt"), "--netD",
+          str(tmp_path / "D.pt"), "--config", config_path("tiny"), "--workdir", str(workdir)]
+  if case == "held":
+    workdir.mkdir()
+    with trainer.workdir_lock(str(workdir)) as refusal:  # as `cspgan train` holds it
+      assert refusal is None
+      assert cli.main(argv) == 2
+    message = f"workdir {workdir} is in use by another `cspgan train` (pid {os.getpid()}"
+    assert os.listdir(workdir) == [trainer.LOCK_FILE]  # nothing written there
+  else:
+    assert cli.main(argv) == 2
+    message = f"--workdir {workdir}: {tmp_path / 'afile'} is a file, not a directory"
+  assert calls == []
+  assert message in _one_error_line(capsys)
+  assert (tmp_path / "afile").read_text() == "the user's"
+
+
 def test_the_cli_drops_asyncio_reports_of_abandoned_writes_once_a_checkpoint_failed(
     tmp_path, caplog, monkeypatch):
   """After "cannot write a checkpoint ...: No space left on device", asyncio reported orbax's

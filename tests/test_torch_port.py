@@ -246,6 +246,40 @@ def test_both_commands_refuse_a_nan_weight_in_one_line(tmp_path, tiny_config, co
   assert not workdir.exists()
 
 
+@pytest.mark.parametrize("command", ["convert torch2flax", "parity"])
+def test_both_commands_say_once_per_file_that_float64_weights_were_rounded(
+    tmp_path, tiny_config, config_path, capsys, monkeypatch, command):
+  """Finite float64 weights were rounded to float32 without a word."""
+  net_g, net_d = torch_reference.build_reference(tiny_config().model)
+  sd_g, sd_d = net_g.state_dict(), net_d.state_dict()
+  inexact = sd_g["main.0.right.0.bias"].double()
+  inexact[0] = 0.1  # not a float32 value: the rounding changes it
+  torch.save({**sd_g, "main.0.right.0.bias": inexact,  # 32 values
+              "main.0.right.3.weight": sd_g["main.0.right.3.weight"].double()},  # 1024, exact
+             tmp_path / "G.pt")
+  torch.save({**sd_d, "main.3.running_var": sd_d["main.3.running_var"].double()},
+             tmp_path / "D.pt")
+  files = ["--netG", str(tmp_path / "G.pt"), "--netD", str(tmp_path / "D.pt")]
+  if command == "parity":  # stopped once both are read: the comparison itself compiles
+    from cspgan_jax import parity  # pylint: disable=import-outside-toplevel
+    monkeypatch.setattr(parity, "parity_data", lambda *a: _raise(CheckpointError("stop")))
+    rest, prefix, status = ["--steps", "0"], "[parity] note: ", 2
+  else:
+    rest, prefix, status = ["--workdir", str(tmp_path / "wd")], "cspgan: note: ", 0
+  assert cli.main(command.split() + files + ["--config", config_path("tiny")] + rest) == status
+  notes = [
+      f"netG ({tmp_path / 'G.pt'}): 2 float64 tensors (first: main.0.right.0.bias) rounded to "
+      "float32; 1 of 1056 values changed",
+      f"netD ({tmp_path / 'D.pt'}): 1 float64 tensor (first: main.3.running_var) rounded to "
+      "float32; no value changed"]
+  assert capsys.readouterr().err.splitlines() == [prefix + n for n in notes] + (
+      ["cspgan: error: stop"] if command == "parity" else [])
+
+
+def _raise(error):
+  raise error
+
+
 def test_parity_names_the_file_of_a_count_past_int32(tmp_path, tiny_config, config_path,
                                                      capsys):
   """As `convert torch2flax` does (parity once said only "netD")."""
