@@ -23,13 +23,13 @@ import signal
 import socket
 import sys
 import time
-from typing import Optional
+from typing import Optional, Tuple
 
 import jax
 import numpy as np
 
-from cspgan_jax import (background, checkpoint, images, input_pipeline, parallel, profiling,
-                        train)
+from cspgan_jax import (background, checkpoint, images, input_pipeline, output_files, parallel,
+                        profiling, train)
 from cspgan_jax.errors import CspganError, DivergedError, first_line
 
 TENSORBOARD_DIR = "tensorboard"
@@ -105,28 +105,42 @@ class RunLog:
     self.enabled = enabled
     self.workdir = workdir
     self.writer = None
+    self._aside, self._unlogged = None, []
     if enabled:
       # The run goes on from `start_step` (its checkpoint, or 0): whatever an interrupted run
       # logged after that step is superseded by what this one logs again (the same numbers, as
       # a resumed run is bit-identical), so neither metrics.jsonl nor TensorBoard (purge_step)
-      # keeps a step twice.
-      self._keep_metrics_up_to(start_step)
+      # keeps a step twice; the lines taken out are kept beside it.
+      self._set_aside_metrics_past(start_step)
       from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
       self.writer = SummaryWriter(os.path.join(workdir, TENSORBOARD_DIR),
                                   purge_step=start_step + 1)
       os.makedirs(os.path.join(workdir, SAMPLES_DIR), exist_ok=True)
 
-  def _keep_metrics_up_to(self, step: int) -> None:
-    path = os.path.join(self.workdir, METRICS_FILE)
-    if not os.path.exists(path):
+  def _set_aside_metrics_past(self, step: int) -> None:
+    aside, moved = set_aside_metrics_past(self.workdir, step)
+    if aside is None:
       return
-    with open(path, encoding="utf-8", errors="replace") as f:  # bytes of no run's writing
-      lines = f.readlines()
-    kept = [l for l in lines if (_logged_record(l) or {}).get("step", step + 1) <= step]
-    if len(kept) < len(lines):  # rewritten whole, then swapped in: never half a file
-      with open(path + ".tmp", "w") as f:
-        f.writelines(kept)
-      os.replace(path + ".tmp", path)
+    said = f"[train] {len(moved)} line(s) of {METRICS_FILE} past step {step}"
+    if None in moved:  # lines no run logs again: the file stays
+      said += f" or not a run's record: kept in {aside}"
+    else:
+      # Only what this run will not log again stays: after a kill, the steps past the last
+      # checkpoint come back with the same numbers, and a file kept on every such resume would
+      # tell the user nothing. Any that differ (another config, another number of devices, a
+      # step this run does not reach) keep the file.
+      self._aside, self._unlogged = aside, [_results(r) for r in moved]
+      said += f": kept in {aside} until this run logs those steps again with the same numbers"
+    print(said, file=sys.stderr, flush=True)
+
+  def _logged_again(self, record: dict) -> None:
+    """Takes `record` off the moved ones; removes their file once none is left."""
+    results = _results(record)
+    self._unlogged = [r for r in self._unlogged if r != results]
+    if not self._unlogged:
+      with contextlib.suppress(OSError):  # kept, at worst
+        os.remove(self._aside)
+      self._aside = None
 
   def scalars(self, step: int, metrics: dict, images_per_sec: Optional[float]) -> None:
     if not self.enabled:
@@ -139,6 +153,8 @@ class RunLog:
       record["images_per_sec"] = images_per_sec
     with open(os.path.join(self.workdir, METRICS_FILE), "a") as f:
       f.write(json.dumps(record) + "\n")
+    if self._aside is not None:
+      self._logged_again(record)
 
   def samples(self, step: int, samples: np.ndarray) -> str:
     """G(fixed_noise) as a PNG grid and in TensorBoard, with how alike its tiles are."""
@@ -164,6 +180,47 @@ def _logged_record(line: str) -> Optional[dict]:
   numbers = isinstance(record, dict) and all(
       isinstance(v, (int, float)) and not isinstance(v, bool) for v in record.values())
   return record if numbers and isinstance(record.get("step"), int) else None
+
+
+def _results(record: dict) -> dict:
+  """A record without its images_per_sec: a timing, which no two runs repeat."""
+  return {k: v for k, v in record.items() if k != "images_per_sec"}
+
+
+def set_aside_metrics_past(workdir: str, step: int) -> Tuple[Optional[str], list]:
+  """Moves the lines of metrics.jsonl past `step`, and those that are no run's record, byte for
+  byte to a new metrics.jsonl.dropped-N; returns its path (None: nothing moved) and their records
+  (None for each line that is not one). Both files are written whole, the moved lines' first:
+  stopped anywhere, every line is in one file or the other."""
+  path = os.path.join(workdir, METRICS_FILE)
+  if not os.path.exists(path):
+    return None, []
+  with open(path, "rb") as f:  # bytes of no run's writing are kept as they are
+    lines = f.readlines()
+  records = [_logged_record(l.decode("utf-8", errors="replace")) for l in lines]
+  past = [r is None or r["step"] > step for r in records]
+  if not any(past):
+    return None, []
+  aside = _unused_name(path + ".dropped-")
+  output_files.write_outputs([
+      (aside, _lines_writer([l for l, p in zip(lines, past) if p])),
+      (path, _lines_writer([l for l, p in zip(lines, past) if not p]))])
+  return aside, [r for r, p in zip(records, past) if p]
+
+
+def _unused_name(prefix: str) -> str:
+  """`prefix` and a number past every one taken beside it: the newest file has the highest."""
+  folder, base = os.path.split(prefix)
+  taken = [int(n[len(base):]) for n in os.listdir(folder)
+           if n.startswith(base) and n[len(base):].isascii() and n[len(base):].isdigit()]
+  return f"{prefix}{max(taken, default=0) + 1}"
+
+
+def _lines_writer(lines: list):
+  def write(name):
+    with open(name, "wb") as f:
+      f.writelines(lines)
+  return write
 
 
 def logged_metrics(workdir: str) -> list:

@@ -66,9 +66,14 @@ def test_resume_is_bit_identical(tmp_path, resumed_pipeline):
   half = _train(tmp_path / "half", "--config.train.num_steps=4",
                 f"--config.data.pipeline={resumed_pipeline}")
   assert int(half.step) == 4
-  # as a run killed after step 6 would have left it: a line past the checkpoint, half a line
-  with open(tmp_path / "half" / trainer.METRICS_FILE, "a") as f:
-    f.write(json.dumps({"step": 6, "Loss_D": 123.0}) + '\n{"step": 8, "Los')
+  # As a run killed after its step-4 checkpoint would have left it: on the device input, the
+  # lines the uninterrupted run logged past step 4, which the resumed run logs again (their file
+  # aside goes); on the other, a line of other numbers and half a line, which stay aside.
+  whole_lines = (tmp_path / "whole" / trainer.METRICS_FILE).read_bytes().splitlines(True)
+  past = (b"".join(whole_lines[2:]) if resumed_pipeline == "device"
+          else (json.dumps({"step": 6, "Loss_D": 123.0}) + '\n{"step": 8, "Los').encode())
+  with open(tmp_path / "half" / trainer.METRICS_FILE, "ab") as f:
+    f.write(past)
   resumed = _train(tmp_path / "half", "--config.train.num_steps=8",
                    f"--config.data.pipeline={resumed_pipeline}")
   assert int(resumed.step) == 8
@@ -80,6 +85,11 @@ def test_resume_is_bit_identical(tmp_path, resumed_pipeline):
   assert [r["step"] for r in logged("half")] == [2, 4, 6, 8]
   assert strip(logged("half")) == strip(logged("whole"))
   assert 5 in _purge_steps(tmp_path / "half") and 1 in _purge_steps(tmp_path / "whole")
+  aside = tmp_path / "half" / f"{trainer.METRICS_FILE}.dropped-1"
+  if resumed_pipeline == "device":
+    assert not aside.exists()
+  else:
+    assert aside.read_bytes() == past
   restored, _ = checkpoint.restore(str(tmp_path / "half"))
   assert _leaves_equal(restored, resumed)
   assert checkpoint.all_steps(str(tmp_path / "half")) == [4, 8]
@@ -702,27 +712,98 @@ def test_overrides_take_the_fields_types():
 
 
 def test_a_fresh_start_drops_the_metrics_a_run_killed_before_its_first_checkpoint_left(
-    tmp_path):
+    tmp_path, capsys):
   """Started at step 0 (no checkpoint), the run logs its steps again: rows of the killed run
-  would appear twice."""
-  with open(tmp_path / trainer.METRICS_FILE, "w") as f:
-    f.write(json.dumps({"step": 2, "Loss_D": 1.0}) + "\n" + json.dumps({"step": 4}) + "\n")
+  would appear twice. They are kept aside, until this run logs them again."""
+  rows = (json.dumps({"step": 2, "Loss_D": 1.0}) + "\n" + json.dumps({"step": 4}) + "\n").encode()
+  (tmp_path / trainer.METRICS_FILE).write_bytes(rows)
   trainer.RunLog(str(tmp_path), True, 0).close()
   assert trainer.logged_metrics(str(tmp_path)) == []
+  aside = tmp_path / f"{trainer.METRICS_FILE}.dropped-1"
+  assert aside.read_bytes() == rows
+  assert capsys.readouterr().err.splitlines() == [
+      f"[train] 2 line(s) of metrics.jsonl past step 0: kept in {aside} until this run logs "
+      "those steps again with the same numbers"]
 
 
-def test_metrics_lines_of_no_run_are_left_out_not_a_traceback(tmp_path):
+def test_metrics_lines_of_no_run_are_left_out_not_a_traceback(tmp_path, capsys):
   """`cspgan info` formatted every value as a number, and a resume decoded the file as UTF-8:
   a value edited to text or null, or bytes of no encoding, ended each in a traceback."""
   good = [{"step": 2, "Loss_D": 1.5}, {"step": 4, "Loss_D": 0.5, "images_per_sec": 10}]
+  odd = b'{"step": 3, "Loss_D": "abc"}\n{"step": 3, "Loss_D": null}\n\xff\xfe\n'
+  odd += b'{"step": 3, "Loss_D": true}\n'
   with open(tmp_path / trainer.METRICS_FILE, "wb") as f:
     f.write((json.dumps(good[0]) + "\n").encode())
-    f.write(b'{"step": 3, "Loss_D": "abc"}\n{"step": 3, "Loss_D": null}\n\xff\xfe\n')
-    f.write(b'{"step": 3, "Loss_D": true}\n' + (json.dumps(good[1]) + "\n").encode())
+    f.write(odd + (json.dumps(good[1]) + "\n").encode())
   assert trainer.logged_metrics(str(tmp_path)) == good
   trainer.RunLog(str(tmp_path), True, 3).close()  # resumed from step 3
   assert trainer.logged_metrics(str(tmp_path)) == good[:1]
   assert (tmp_path / trainer.METRICS_FILE).read_text() == json.dumps(good[0]) + "\n"
+  # kept byte for byte, for good: no run logs those lines again
+  aside = tmp_path / f"{trainer.METRICS_FILE}.dropped-1"
+  assert aside.read_bytes() == odd + (json.dumps(good[1]) + "\n").encode()
+  assert capsys.readouterr().err.splitlines() == [
+      f"[train] 5 line(s) of metrics.jsonl past step 3 or not a run's record: kept in {aside}"]
+
+
+def test_metrics_set_aside_take_a_new_name_and_keep_the_bytes(tmp_path):
+  """Files of earlier set-asides (or the user's) are never overwritten, nor a metrics.jsonl.tmp
+  (the rewrite's temporary name was that); odd line ends and an unended last line stay."""
+  kept, past = b'{"step": 2}\r\n', b'{"step": 4}\r\nmy note\n{"step": 6, "Lo'
+  (tmp_path / trainer.METRICS_FILE).write_bytes(kept + past)
+  for name in ("dropped-1", "dropped-3", "dropped-x", "tmp"):
+    (tmp_path / f"{trainer.METRICS_FILE}.{name}").write_text(name)
+  aside, moved = trainer.set_aside_metrics_past(str(tmp_path), 2)
+  assert aside == str(tmp_path / f"{trainer.METRICS_FILE}.dropped-4")
+  assert moved == [{"step": 4}, None, None]
+  assert (tmp_path / trainer.METRICS_FILE).read_bytes() == kept
+  assert (tmp_path / f"{trainer.METRICS_FILE}.dropped-4").read_bytes() == past
+  for name in ("dropped-1", "dropped-3", "dropped-x", "tmp"):
+    assert (tmp_path / f"{trainer.METRICS_FILE}.{name}").read_text() == name
+  assert len(os.listdir(tmp_path)) == 6
+  assert trainer.set_aside_metrics_past(str(tmp_path), 2) == (None, [])  # nothing past: no file
+  assert len(os.listdir(tmp_path)) == 6
+
+
+def test_metrics_set_aside_on_a_full_disk_loses_no_line(tmp_path, monkeypatch):
+  """The disk fills as the rewritten metrics.jsonl is written, after the lines set aside were:
+  one line naming the file, metrics.jsonl as it was and nothing else left behind."""
+  lines = b'{"step": 2}\n{"step": 4}\n'
+  (tmp_path / trainer.METRICS_FILE).write_bytes(lines)
+  calls, fsync = [], os.fsync
+
+  def second_fills_the_disk(fd):
+    calls.append(fd)
+    if len(calls) == 2:
+      raise OSError(28, "No space left on device")
+    fsync(fd)
+
+  monkeypatch.setattr(os, "fsync", second_fills_the_disk)
+  with pytest.raises(trainer.CspganError) as e:
+    trainer.RunLog(str(tmp_path), True, 2)
+  assert str(e.value) == (f"cannot write {tmp_path / trainer.METRICS_FILE}: No space left on "
+                          "device")
+  assert os.listdir(tmp_path) == [trainer.METRICS_FILE]
+  assert (tmp_path / trainer.METRICS_FILE).read_bytes() == lines
+
+
+@pytest.mark.parametrize("same", [True, False])
+def test_metrics_set_aside_go_once_logged_again_the_same(tmp_path, same):
+  """A resume after a kill logs the steps past its checkpoint again with the same numbers
+  (images_per_sec aside): their file aside goes then, and stays where any differs."""
+  metrics = lambda x: {k: np.float32(x) for k in trainer.METRIC_TAGS}
+  row = lambda step, x, rate: json.dumps(
+      {"step": step, **{k: float(v) for k, v in metrics(x).items()}, "images_per_sec": rate})
+  past = f"{row(4, 0.1, 5.0)}\n{row(6, 0.3, 6.0)}\n".encode()
+  (tmp_path / trainer.METRICS_FILE).write_bytes(f"{row(2, 0.7, 4.0)}\n".encode() + past)
+  aside = tmp_path / f"{trainer.METRICS_FILE}.dropped-1"
+  log = trainer.RunLog(str(tmp_path), True, 2)
+  log.scalars(4, metrics(0.1), 50.0)
+  assert aside.read_bytes() == past  # step 6 not logged yet
+  log.scalars(6, metrics(0.3 if same else 0.30001), None)
+  log.close()
+  assert aside.exists() != same
+  assert [r["step"] for r in trainer.logged_metrics(str(tmp_path))] == [2, 4, 6]
 
 
 def test_field_types_are_the_baselines():
