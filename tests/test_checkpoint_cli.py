@@ -91,6 +91,30 @@ def test_later_fields_name_config_fields_with_values_of_their_type():
       assert has_type(before, kind), f"{group}.{name}"
 
 
+# The fields every readable checkpoint's config holds: those of the config when
+# `_LATER_FIELDS` began. Any field since has its entry there (README, "A config field").
+_FIELDS_OF_EVERY_CHECKPOINT = {
+    "model": "block discriminator nz ngf ndf nc resolution bn_momentum bn_epsilon",
+    "train": "batch_size epochs num_steps lr_g lr_d beta1 beta2 adam_eps optimizer seed loss "
+             "dtype matmul_precision steps_per_dispatch scan_unroll num_samples log_every "
+             "sample_every checkpoint_every keep_checkpoints stop_check_every",
+    "data": "source name data_dir num_examples synthetic_seed shuffle_seed pipeline "
+            "device_budget_gb prefetch reader_threads",
+}
+
+
+def test_a_new_field_has_its_value_for_older_checkpoints():
+  """A field added to FIELD_TYPES without a `_LATER_FIELDS` entry made every checkpoint written
+  before it unreadable ("holds an unusable config: config lacks the field ..."); no test said."""
+  from cspgan_jax import config_lib  # pylint: disable=import-outside-toplevel
+  later = checkpoint._LATER_FIELDS  # pylint: disable=protected-access
+  missing = [f"{group}.{name}" for group, fields in config_lib.FIELD_TYPES.items()
+             for name in fields if name not in later.get(group, {})
+             and name not in _FIELDS_OF_EVERY_CHECKPOINT.get(group, "").split()]
+  assert not missing, (f"{missing}: give checkpoint._LATER_FIELDS the value that reproduces "
+                       "what the code did before each field")
+
+
 def test_a_reader_that_leaves_early_is_no_error(tmp_path, tiny_config):
   """`cspgan info DIR | head -1`: it said "cspgan: error: Broken pipe (in DIR)", exit 2."""
   config = tiny_config()
