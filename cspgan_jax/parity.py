@@ -301,11 +301,14 @@ def _run_parity(config, net_g_path, net_d_path, steps, seed, with_floor, log, im
       torch_port.check_keys(sd, torch_port.conversion_table(template), f"{role} ({path})")
       net.load_state_dict({k: torch.from_numpy(v) for k, v in sd.items()}, strict=True)
       notes.append(torch_port.float64_rounding(sd, f"{role} ({path})"))
-  # An error in the weights (a count past int32) names the file they came from
+  # An error in the weights (a count past int32) names the file they came from; without one
+  # they are the reference's own, and a misfit is between its modules and ours (a new variant)
   g_vars = torch_port.torch_to_flax(torch_port.module_state_dict(net_g), g_template,
-                                    f"netG ({net_g_path})" if net_g_path else "netG")
+                                    f"netG ({net_g_path})" if net_g_path
+                                    else "torch_reference.Generator")
   d_vars = torch_port.torch_to_flax(torch_port.module_state_dict(net_d), d_template,
-                                    f"netD ({net_d_path})" if net_d_path else "netD")
+                                    f"netD ({net_d_path})" if net_d_path
+                                    else "torch_reference.Discriminator")
   for note in filter(None, notes):  # once both converted: an error is the one line there is
     log(f"note: {note}")
   gen, disc = models.build_models(config.model, dtype=dtype)

@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from cspgan_jax import losses, models, parity, torch_port, torch_reference, train
-from cspgan_jax.errors import ConfigError
+from cspgan_jax.errors import CheckpointError, ConfigError
 
 REL_TOL = 1e-5
 ABS_TOL = 1e-5
@@ -97,23 +97,36 @@ def test_each_loss_matches_pytorch(tiny_config, loss):
 
 def test_a_loss_needs_its_pytorch_twin(tiny_config, monkeypatch):
   """A loss without its twin stops parity in one line; with it, the game (here hinge: G's loss
-  is -mean(l), no target) is compared like any other."""
+  is -mean(l), no target) is compared like any other. Not named "hinge": a real one may be."""
   relu = jax.nn.relu
-  monkeypatch.setitem(losses.LOSSES, "hinge", losses.GANLoss(
+  monkeypatch.setitem(losses.LOSSES, "test_hinge", losses.GANLoss(
       d_on_real=lambda l: relu(1 - l).mean(), d_on_fake=lambda l: relu(1 + l).mean(),
       g_on_fake=lambda l: -l.mean()))
-  config = tiny_config("train.loss=hinge")
+  config = tiny_config("train.loss=test_hinge")
   with pytest.raises(ConfigError) as e:
     parity.run_parity(config, steps=1)
-  assert str(e.value) == ("train.loss='hinge' has no PyTorch twin: add it to "
+  assert str(e.value) == ("train.loss='test_hinge' has no PyTorch twin: add it to "
                           "torch_reference.LOSSES (the twin of losses.LOSSES)")
-  monkeypatch.setitem(torch_reference.LOSSES, "hinge", torch_reference.GANLoss(
+  monkeypatch.setitem(torch_reference.LOSSES, "test_hinge", torch_reference.GANLoss(
       d_on_real=lambda out: torch.relu(1 - out).mean(),
       d_on_fake=lambda out: torch.relu(1 + out).mean(),
       g_on_fake=lambda out: -out.mean(), on_logits=True))
   rows = parity.run_parity(config, steps=2, seed=0, images_kind="noise")
   assert {"step 1", "step 2"} <= {r.group for r in rows}
   assert_within_bounds(rows)
+
+
+def test_a_reference_unlike_the_model_names_the_reference(tiny_config, monkeypatch):
+  """Without --netG/--netD parity converts torch_reference's own weights: a variant whose two
+  sides name or shape a layer differently is said to be the reference's misfit, not a netG's
+  (there is no such file)."""
+  build, leaky_bn = torch_reference.build_reference, tiny_config("model.block=leaky_bn")
+  monkeypatch.setattr(torch_reference, "build_reference",
+                      lambda model_config, seed=None: build(leaky_bn.model, seed))
+  with pytest.raises(CheckpointError) as e:
+    parity.run_parity(tiny_config(), steps=1)
+  assert str(e.value).startswith("torch_reference.Generator does not fit the configured model: "
+                                 "missing 6: main.0.right.2.weight, main.0.right.3.bias")
 
 
 def test_edge_layers_as_matmul_match_pytorch(tiny_config):
