@@ -301,7 +301,14 @@ def cmd_parity(args, overrides):
   rows = parity.run_parity(config, args.netG, args.netD, steps=args.steps, seed=args.seed,
                            with_floor=not args.no_floor, log=log, images_kind=args.images,
                            find_ties=not args.no_ties)
-  print(parity.format_table(rows, bfloat16=config.train.dtype == "bfloat16"))
+  bf16 = config.train.dtype == "bfloat16"
+  print(parity.format_table(rows, bfloat16=bf16))
+  beyond = parity.rows_beyond(rows, bfloat16=bf16)
+  if beyond:  # as diff and cmp do: 1 is a difference found, 2 an error
+    print(f"cspgan: parity: {beyond} of {len(rows)} rows beyond the bound (the table's last "
+          "lines)", file=sys.stderr)
+    return 1
+  return 0
 
 
 # ---- bench ----
@@ -479,7 +486,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     from cspgan_jax import compilation_cache  # pylint: disable=import-outside-toplevel
     compilation_cache.enable()
   try:
-    args.func(args, overrides)
+    code = args.func(args, overrides)
   except CspganError as e:
     if isinstance(e, CheckpointError):  # what orbax then reports of its other writes is dropped
       _AbandonedWriteReports.failure_reported = True
@@ -495,7 +502,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(f"cspgan: error: {io_reason(e) or e}"
           + (f" (in {where})" if where and not e.filename else ""), file=sys.stderr)
     return 2
-  return 0
+  return code or 0  # only parity returns one: 1, rows beyond its bound
 
 
 def run() -> None:

@@ -95,6 +95,16 @@ def beyond_bound(row: Row, tol: float = TABLE_TOL) -> bool:
   return row.aligned is None or row.aligned > max(tol, FLOOR_FACTOR * (row.floor or 0.0))
 
 
+def rows_beyond(rows: List[Row], bfloat16: bool = False) -> Optional[int]:
+  """How many rows are beyond the bound, the count `format_table` ends with and `cspgan parity`
+  exits on; None where the comparison gives no verdict: without the float64 run (1e-5 alone is
+  no bound for a GAN that amplifies rounding) and in bf16 (its rows above PyTorch's bf16 floor
+  are expected, `docs/PARITY.md`)."""
+  if bfloat16 or all(r.floor is None for r in rows):
+    return None
+  return sum(beyond_bound(r, TABLE_TOL) for r in rows)
+
+
 def within_floor_abs(row: Row, tol: float) -> bool:
   """max_abs <= tol, or within FLOOR_FACTOR x PyTorch's own float32 max abs error."""
   return row.max_abs <= max(tol, FLOOR_FACTOR * (row.floor_abs or 0.0))

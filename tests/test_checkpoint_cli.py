@@ -396,6 +396,28 @@ def test_cli_parity_passes_its_options_on(config_path, monkeypatch):
       "dtype": "bfloat16", "g": "G.pt", "d": "D.pt"}
 
 
+
+@pytest.mark.parametrize("args, rows, code, counted", [
+    # a row beyond max(1e-5, 4x floor), one within it by its floor, one by the aligned float64
+    ([], [("forward G", "a", 3e-5, 1e-6), ("forward G", "b", 3e-5, 1e-5),
+          ("step 1", "c", 3e-5, 1e-6, 1e-6)], 1, "1e-05, 4x fp32_floor): 1 of 3 from both"),
+    ([], [("forward G", "b", 3e-5, 1e-5)], 0, "1e-05, 4x fp32_floor): 0 of 1"),
+    # bf16: rows above PyTorch's bf16 floor are expected; without the float64 run: no verdict
+    (["--dtype", "bfloat16"], [("forward G", "a", 3e-1, 1e-2)], 0, "bf16_floor: 1 of 1"),
+    (["--no-floor"], [("forward G", "a", 3e-5, None)], 0, "1e-05, 4x fp32_floor): 1 of 1"),
+])
+def test_cli_parity_exits_1_with_rows_beyond_the_bound(config_path, monkeypatch, capsys, args,
+                                                       rows, code, counted):
+  from cspgan_jax import parity  # pylint: disable=import-outside-toplevel
+  made = parity.Rows(parity.Row(g, n, rel, rel, floor, None, None, *aligned)
+                     for g, n, rel, floor, *aligned in rows)
+  monkeypatch.setattr(parity, "run_parity", lambda config, g, d, **kw: made)
+  assert cli.main(["parity", "--config", config_path("tiny")] + args) == code
+  captured = capsys.readouterr()
+  assert captured.err.splitlines() == (
+      ["cspgan: parity: 1 of 3 rows beyond the bound (the table's last lines)"] if code else [])
+  assert counted in captured.out.splitlines()[-2]
+
 # ---- what the audit found: inputs, outputs, seeds, locks, reports ----
 
 @pytest.fixture(scope="module")
