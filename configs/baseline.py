@@ -46,7 +46,7 @@ def get_config():
   # "torch_adam": torch.optim.Adam's float32 rounding, op for op (parity); "adam": optax.adam.
   config.train.optimizer = "torch_adam"
   config.train.seed = 0
-  config.train.loss = "torch_bce"        # "torch_bce" (PyTorch's clamped BCELoss) or "bce_logits"
+  config.train.loss = "torch_bce"        # the seed's (clamped BCELoss); any losses.LOSSES key
   config.train.dtype = "float32"         # "bfloat16": convolutions in bf16 (params, Adam, BN stats, losses f32)
   # "default": XLA may use TF32 for float32 convolutions on GPUs (PyTorch's convs do by default);
   # "highest": true float32 (what `cspgan parity` uses).

@@ -43,7 +43,10 @@ def _layer_rows(block, kind):
   """Rows of a layer-by-layer comparison at 32x32: every conv, BatchNorm, LeakyReLU after a
   BatchNorm (which the BatchNorm module applies) and CSPup block. G: three CSPup blocks (their
   layers and the block) and the last ConvT; D: its convs, BatchNorms and their LeakyReLUs."""
-  return {"relu": 3 * 6 + 1, "leaky_bn": 3 * 10 + 1}[block] + {"dcgan": 8, "avgpool": 7}[kind]
+  g_rows, d_rows = {"relu": 3 * 6 + 1, "leaky_bn": 3 * 10 + 1}, {"dcgan": 8, "avgpool": 7}
+  assert block in g_rows and kind in d_rows, (
+      f"a new variant: write its rows into tests/test_models.py's _layer_rows ({block}, {kind})")
+  return g_rows[block] + d_rows[kind]
 
 
 @pytest.mark.parametrize("block", models.BLOCKS)
