@@ -76,6 +76,8 @@ def get_config():
   # Multi-host: empty = one process, or JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES /
   # JAX_PROCESS_ID from the environment.
   config.dist = ml_collections.ConfigDict()
+  # "slurm": what the three below leave unset comes from the srun step's SLURM_* variables
+  config.dist.cluster = ""
   config.dist.coordinator_address = ""
   config.dist.num_processes = 0
   config.dist.process_id = -1

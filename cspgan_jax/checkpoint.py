@@ -32,7 +32,7 @@ _LATER_FIELDS = {
               "xla_options": ""},
     "data": {"split": "train"},
     "dist": {"coordinator_address": "", "num_processes": 0, "process_id": -1,
-             "initialization_timeout": 300},
+             "initialization_timeout": 300, "cluster": ""},
 }
 
 

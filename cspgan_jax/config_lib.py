@@ -37,7 +37,7 @@ FIELD_TYPES = {
     "data": dict(source=str, name=str, data_dir=str, split=str, num_examples=int,
                  synthetic_seed=int, shuffle_seed=int, pipeline=str, device_budget_gb=float,
                  prefetch=int, reader_threads=int),
-    "dist": dict(coordinator_address=str, num_processes=int, process_id=int,
+    "dist": dict(cluster=str, coordinator_address=str, num_processes=int, process_id=int,
                  initialization_timeout=int),
 }
 
@@ -197,6 +197,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         (t.dtype in DTYPES, f"train.dtype must be one of {DTYPES}, got {t.dtype!r}"),
         (d.source in DATA_SOURCES, f"data.source must be one of {DATA_SOURCES}, got {d.source!r}"),
         (d.pipeline in PIPELINES, f"data.pipeline must be one of {PIPELINES}, got {d.pipeline!r}"),
+        (config.dist.cluster in parallel.CLUSTERS,
+         f"dist.cluster must be one of {parallel.CLUSTERS}, got {config.dist.cluster!r}"),
         (d.num_examples >= 0, f"data.num_examples must be >= 0, got {d.num_examples}"),
         (d.device_budget_gb >= 0, f"data.device_budget_gb must be >= 0, got {d.device_budget_gb}"),
         (d.prefetch >= 1, f"data.prefetch must be >= 1, got {d.prefetch}"),

@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import functools
 import os
+import re
 import socket
 import sys
 import threading
@@ -28,21 +29,61 @@ AXIS = "devices"
 
 # ---- processes and devices ----
 
-def dist_settings(config) -> tuple:
+# `dist.cluster`: where the processes' settings come from when neither the config nor JAX_*
+# give them. jax.distributed.initialize() finds SLURM's itself, but only once it joins: the
+# checks before joining (process 0's port, the process's lock) need them first.
+CLUSTERS = ("", "slurm")
+
+
+def dist_settings(config, environ=os.environ) -> tuple:
   """(coordinator address, number of processes, process id) as this process was given them:
-  `config.dist` where set, else JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID."""
+  `config.dist` where set, else JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID,
+  else, with `dist.cluster = "slurm"`, the srun step's (`slurm_settings`)."""
   dist = config.get("dist", None)
+  unset = ("", 0, -1)
 
   def get(key, unset, env):  # the config wins where set, else the environment
     value = dist.get(key, unset) if dist is not None else unset
-    return os.environ.get(env, unset) if value == unset else value
+    return environ.get(env, unset) if value == unset else value
 
   try:
-    return (get("coordinator_address", "", "JAX_COORDINATOR_ADDRESS"),
-            int(get("num_processes", 0, "JAX_NUM_PROCESSES")),
-            int(get("process_id", -1, "JAX_PROCESS_ID")))
+    settings = (get("coordinator_address", "", "JAX_COORDINATOR_ADDRESS"),
+                int(get("num_processes", 0, "JAX_NUM_PROCESSES")),
+                int(get("process_id", -1, "JAX_PROCESS_ID")))
   except ValueError as e:  # from the environment
     raise ConfigError(f"JAX_NUM_PROCESSES and JAX_PROCESS_ID must be integers ({e})") from None
+  if dist is not None and dist.get("cluster", "") == "slurm" and any(
+      s == u for s, u in zip(settings, unset)):
+    settings = tuple(f if s == u else s
+                     for s, u, f in zip(settings, unset, slurm_settings(environ)))
+  return settings
+
+
+def slurm_settings(environ=os.environ) -> tuple:
+  """(coordinator address, number of processes, process id) of this task of an srun step, as
+  jax.distributed.initialize() reads them: the step's first node, at JAX_COORDINATOR_PORT or
+  else at jax's port for the job (one of the top 4096, by SLURM_JOB_ID); ConfigError outside
+  a step."""
+  tasks = environ.get("SLURM_STEP_NUM_TASKS") or environ.get("SLURM_NTASKS")
+  missing = [n for n in ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_PROCID")
+             if not environ.get(n)] + ([] if tasks else ["SLURM_STEP_NUM_TASKS"])
+  if missing:
+    raise ConfigError(f"dist.cluster is slurm, but {', '.join(missing)} unset: start each "
+                      "process with srun, or give dist.coordinator_address, num_processes "
+                      "and process_id")
+  try:
+    job, count, index = (int(v) for v in (environ["SLURM_JOB_ID"], tasks,
+                                           environ["SLURM_PROCID"]))
+    port = int(environ.get("JAX_COORDINATOR_PORT") or job % 2**12 + (65535 - 2**12 + 1))
+  except ValueError as e:
+    raise ConfigError(f"dist.cluster is slurm, but a variable is not an integer ({e})") from None
+  return f"{_first_node(environ['SLURM_STEP_NODELIST'])}:{port}", count, index
+
+
+def _first_node(nodelist: str) -> str:
+  """The first host of a SLURM node list: 'gpu[007-010,012],cpu1' -> 'gpu007'."""
+  match = re.match(r"([^,\[]*)(?:\[([^,\-\]]*))?", nodelist)
+  return match.group(1) + (match.group(2) or "")
 
 
 class DistributedPlan(NamedTuple):

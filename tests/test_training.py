@@ -265,19 +265,27 @@ def test_two_processes_train_like_one(tmp_path):
   assert len(open(tmp_path / "multi" / trainer.METRICS_FILE).read().splitlines()) == 3
 
 
+def _srun_task(index, tasks, port, nodelist="localhost"):
+  """The variables srun gives task `index` of a step of `tasks` on one node."""
+  return dict(SLURM_JOB_ID="4242", SLURM_STEP_NODELIST=nodelist, SLURM_STEP_NUM_TASKS=str(tasks),
+              SLURM_NTASKS=str(tasks), SLURM_PROCID=str(index), SLURM_LOCALID=str(index),
+              JAX_COORDINATOR_PORT=str(port))
+
+
 def test_two_processes_of_two_cpu_devices_run_a_hundred_steps_without_a_sync(tmp_path):
   # Nothing logged, drawn or saved before the end, so only the per-step wait keeps two steps'
   # gloo collectives from being in flight together: without it, this deadlocked in each of 4
-  # runs (killed after 100-240 s; it takes about 20 s).
+  # runs (killed after 100-240 s; it takes about 20 s). Started as srun starts two tasks, with
+  # dist.cluster=slurm, the only way here to run that path.
   port = _free_port()
   every = "--config.train.{}=100"
   procs = [subprocess.Popen(
       [sys.executable, "-m", "cspgan_jax.cli", "train", "--config", TINY, "--workdir",
        str(tmp_path / "run"), "--no-progress", "--config.train.num_steps=100",
        *(every.format(f) for f in ("log_every", "sample_every", "checkpoint_every")),
-       f"--config.dist.coordinator_address=localhost:{port}", "--config.dist.num_processes=2",
-       f"--config.dist.process_id={i}"],
-      env=_env(2), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+       "--config.dist.cluster=slurm"],
+      env=dict(_env(2), **_srun_task(i, 2, port)), stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT, text=True) for i in range(2)]
   try:
     outputs = [p.communicate(timeout=240)[0] for p in procs]
   finally:
@@ -285,7 +293,31 @@ def test_two_processes_of_two_cpu_devices_run_a_hundred_steps_without_a_sync(tmp
       p.kill()  # a deadlocked process ignores SIGTERM (it waits in the collective)
   assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-2000:] for o in outputs)
   assert checkpoint.latest_step(str(tmp_path / "run")) == 100
+  assert checkpoint.read_layout(str(tmp_path / "run"), 100) == {"devices": 4, "processes": 2}
 
+
+@pytest.mark.parametrize("nodelist, job, port, address", [
+    ("localhost", "4242", None, "localhost:61586"),  # 4242 % 4096 + 61440
+    ("gpu[007-010,012],cpu1", "9000", "1234", "gpu007:1234"),
+    ("n7,n8", "12", None, "n7:61452"),
+])
+def test_dist_settings_of_an_srun_task_are_jaxs(monkeypatch, nodelist, job, port, address):
+  """dist.cluster=slurm fills what the config and JAX_* leave unset as jax's own SLURM
+  detection would, which then restricts the task to its SLURM_LOCALID's GPU."""
+  from jax._src import clusters  # pylint: disable=import-outside-toplevel
+  task = dict(_srun_task(1, 3, port or ""), SLURM_JOB_ID=job, SLURM_STEP_NODELIST=nodelist)
+  for name, value in task.items():
+    monkeypatch.setenv(name, value)
+  config = config_lib.load_config(TINY, ["dist.cluster=slurm"])
+  assert parallel.dist_settings(config) == (address, 3, 1)
+  assert clusters.SlurmCluster.is_env_present()
+  assert (clusters.SlurmCluster.get_coordinator_address(None, port), clusters.SlurmCluster.
+          get_process_count(), clusters.SlurmCluster.get_process_id()) == (address, 3, 1)
+  # what the config, then JAX_*, set wins; a process id of 0 is set
+  monkeypatch.setenv("JAX_NUM_PROCESSES", "5")
+  config = config_lib.load_config(TINY, ["dist.cluster=slurm", "dist.process_id=0"])
+  assert parallel.dist_settings(config) == (address, 5, 0)
+  assert parallel.dist_settings(config_lib.load_config(TINY, [])) == ("", 5, -1)
 
 def test_resuming_on_another_number_of_devices_is_said(tmp_path, capsys):
   workdir = str(tmp_path / "run")
@@ -454,8 +486,15 @@ _PROCESS_1_OF_2 = ("--config.dist.coordinator_address=localhost:1", "--config.di
     (("--config.dist.num_processes=2",), "a run of 2 processes (dist.num_processes or "
      "JAX_NUM_PROCESSES) needs dist.coordinator_address (or JAX_COORDINATOR_ADDRESS): process "
      "0's HOST:PORT"),
+    (("--config.dist.cluster=slurm",), "dist.cluster is slurm, but SLURM_JOB_ID, "
+     "SLURM_STEP_NODELIST, SLURM_PROCID, SLURM_STEP_NUM_TASKS unset: start each process with "
+     "srun, or give dist.coordinator_address, num_processes and process_id"),
+    (("--config.dist.cluster=pbs",), "dist.cluster must be one of ('', 'slurm'), got 'pbs'"),
 ])
-def test_bad_multi_host_settings_are_one_line(tmp_path, capsys, args, message):
+def test_bad_multi_host_settings_are_one_line(tmp_path, capsys, monkeypatch, args, message):
+  for name in ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_PROCID", "SLURM_STEP_NUM_TASKS",
+               "SLURM_NTASKS"):
+    monkeypatch.delenv(name, raising=False)
   assert cli.main(["train", "--config", TINY, "--workdir", str(tmp_path / "w"), *args]) == 2
   assert capsys.readouterr().err.strip().splitlines() == [f"cspgan: error: {message}"]
   assert not (tmp_path / "w").exists()
