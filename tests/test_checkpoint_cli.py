@@ -396,7 +396,6 @@ def test_cli_parity_passes_its_options_on(config_path, monkeypatch):
       "dtype": "bfloat16", "g": "G.pt", "d": "D.pt"}
 
 
-
 @pytest.mark.parametrize("args, rows, code, counted", [
     # a row beyond max(1e-5, 4x floor), one within it by its floor, one by the aligned float64
     ([], [("forward G", "a", 3e-5, 1e-6), ("forward G", "b", 3e-5, 1e-5),
@@ -417,6 +416,7 @@ def test_cli_parity_exits_1_with_rows_beyond_the_bound(config_path, monkeypatch,
   assert captured.err.splitlines() == (
       ["cspgan: parity: 1 of 3 rows beyond the bound (the table's last lines)"] if code else [])
   assert counted in captured.out.splitlines()[-2]
+
 
 # ---- what the audit found: inputs, outputs, seeds, locks, reports ----
 
