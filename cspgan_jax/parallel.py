@@ -237,13 +237,13 @@ class _JoinWatchdog(threading.Thread):
 
 def steps_must_wait() -> bool:
   """True where a step's collectives must end before the next step's are dispatched: several
-  processes of several CPU devices each. There jax's gloo collectives deadlock with a second
-  multi-device program in flight (2 processes x 2 devices, a jitted shard_map of pmeans, plain
-  jax 0.10.2 with nothing of ours: stuck within 50 steps of asynchronous dispatch, 1,000 steps
-  in 4.6 s with a wait after each; one device a process never stuck). GPUs order their NCCL
-  collectives on streams and keep dispatching ahead."""
-  return (jax.process_count() > 1 and jax.local_device_count() > 1
-          and jax.default_backend() == "cpu")
+  CPU devices, in one process or several. XLA:CPU's collectives abort with two multi-device
+  programs in flight (plain jax 0.10.2, nothing of ours: a pmap of one psum dispatched 100
+  times on 2 CPU devices of one process ends in "Termination timeout for all reduce ... of 40
+  seconds exceeded" every time, and 3,000 times in 3.3 s with a wait after each; gloo's between
+  2 processes x 2 devices hang within 50 steps). One device a process never did. GPUs order
+  their NCCL collectives on streams and keep dispatching ahead."""
+  return jax.local_device_count() > 1 and jax.default_backend() == "cpu"
 
 
 def device_mesh(devices=None) -> jax.sharding.Mesh:
