@@ -115,9 +115,13 @@ def prepared_dataset_path(data_dir: str, name: str) -> str:
                     "(--config.data.source=synthetic)")
   if not os.path.isdir(path):
     aside = prepare_data.set_aside(data_dir, name)
+    if len(aside) > 1 and not os.path.lexists(path):  # which to keep is the user's call
+      raise DataError(f"{path} is missing: interrupted `cspgan prepare-data --overwrite` runs "
+                      f"left what it held in {' and '.join(aside)}; move the one to keep to "
+                      f"{path}")
     if aside and not os.path.lexists(path):  # said before the build folder it leaves beside it
       raise DataError(f"{path} is missing: an interrupted `cspgan prepare-data --overwrite` left "
-                      f"what it held in {' and '.join(aside)}; move it back to {path}, or run "
+                      f"what it held in {aside[0]}; move it back to {path}, or run "
                       f"`cspgan prepare-data --name {name} --out {data_dir} --input ...`, which "
                       "puts it back first")
     if prepare_data.incomplete_paths(data_dir, name):

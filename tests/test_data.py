@@ -422,7 +422,7 @@ def test_what_an_overwrite_set_aside_is_never_removed_while_it_may_be_the_only_c
   with pytest.raises(DataError, match=f"^{parent}/1.0.0 is missing, and interrupted `--overwrite` "
                      f"runs left what it held in {both}: move the one to keep to {parent}/1.0.0$"):
     run()
-  with pytest.raises(DataError, match=f"left what it held in {both}; move it back"):
+  with pytest.raises(DataError, match=f"left what it held in {both}; move the one to keep to "):
     datasets.load_source(data_config(name="d", data_dir=str(tmp_path / "out")), R)
   assert _files(parent) == {"replaced_1.0.0": b"precious",
                             "incomplete.k1_1.0.0/replaced": b"also precious"}
