@@ -305,8 +305,8 @@ def cmd_parity(args, overrides):
   print(parity.format_table(rows, bfloat16=bf16))
   beyond = parity.rows_beyond(rows, bfloat16=bf16)
   if beyond:  # as diff and cmp do: 1 is a difference found, 2 an error
-    print(f"cspgan: parity: {beyond} of {len(rows)} rows beyond the bound (the table's last "
-          "lines)", file=sys.stderr)
+    print(f"cspgan: parity: {beyond} of {len(rows)} rows beyond max({parity.TABLE_TOL:g}, "
+          f"{parity.FLOOR_FACTOR:g}x fp32_floor), as the table counts them", file=sys.stderr)
     return 1
   return 0
 

@@ -80,6 +80,17 @@ def slurm_settings(environ=os.environ) -> tuple:
   return f"{_first_node(environ['SLURM_STEP_NODELIST'])}:{port}", count, index
 
 
+def lone_srun_task(config, environ=os.environ) -> Optional[str]:
+  """A note for a process about to train as a run of its own while it is one task of an srun
+  step of several (no dist.* settings, no dist.cluster): each task would be a separate run, and
+  all but one refused the workdir."""
+  tasks = environ.get("SLURM_STEP_NUM_TASKS", "")
+  if config.dist.get("cluster", "") or not tasks.isdigit() or int(tasks) < 2:
+    return None
+  return (f"task {environ.get('SLURM_PROCID', '?')} of the {tasks} of this srun step trains as "
+          "a run of its own: --config.dist.cluster=slurm makes the tasks one run")
+
+
 def _first_node(nodelist: str) -> str:
   """The first host of a SLURM node list: 'gpu[007-010,012],cpu1' -> 'gpu007'."""
   match = re.match(r"([^,\[]*)(?:\[([^,\-\]]*))?", nodelist)

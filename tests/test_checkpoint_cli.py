@@ -414,7 +414,8 @@ def test_cli_parity_exits_1_with_rows_beyond_the_bound(config_path, monkeypatch,
   assert cli.main(["parity", "--config", config_path("tiny")] + args) == code
   captured = capsys.readouterr()
   assert captured.err.splitlines() == (
-      ["cspgan: parity: 1 of 3 rows beyond the bound (the table's last lines)"] if code else [])
+      ["cspgan: parity: 1 of 3 rows beyond max(1e-05, 4x fp32_floor), as the table counts them"]
+      if code else [])
   assert counted in captured.out.splitlines()[-2]
 
 

@@ -310,6 +310,22 @@ def test_one_process_of_two_cpu_devices_runs_three_hundred_steps_without_a_sync(
   assert checkpoint.read_layout(str(tmp_path / "run"), 300) == {"devices": 2, "processes": 1}
 
 
+def test_a_task_of_an_srun_step_that_trains_alone_says_how_to_join(tmp_path, capsys, monkeypatch):
+  for name, value in _srun_task(1, 2, "").items():
+    monkeypatch.setenv(name, value)
+  def refused(*_):  # as another task's run, holding the workdir, refuses this one
+    raise trainer.CspganError("in use")
+  monkeypatch.setattr(trainer, "process_claim", refused)
+  assert cli.main(["train", "--config", TINY, "--workdir", str(tmp_path / "w")]) == 2
+  assert capsys.readouterr().err.splitlines() == [
+      "[train] note: task 1 of the 2 of this srun step trains as a run of its own: "
+      "--config.dist.cluster=slurm makes the tasks one run", "cspgan: error: in use"]
+  config = config_lib.load_config(TINY, ["dist.cluster=slurm"])
+  assert parallel.lone_srun_task(config) is None  # joined
+  monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "1")
+  assert parallel.lone_srun_task(config_lib.load_config(TINY, [])) is None
+
+
 @pytest.mark.parametrize("nodelist, job, port, address", [
     ("localhost", "4242", None, "localhost:61586"),  # 4242 % 4096 + 61440
     ("gpu[007-010,012],cpu1", "9000", "1234", "gpu007:1234"),
