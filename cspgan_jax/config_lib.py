@@ -171,55 +171,52 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Iterable[str])
 def validate_config(config: ml_collections.ConfigDict) -> None:
   """Raises ConfigError naming the first field that cannot work."""
   check_fields(config)
-  try:
-    m, t, d = config.model, config.train, config.data
-    checks = [
-        (m.block in models.BLOCKS, f"model.block must be one of {models.BLOCKS}, got {m.block!r}"),
-        (m.discriminator in models.DISCRIMINATORS,
-         f"model.discriminator must be one of {models.DISCRIMINATORS}, got {m.discriminator!r}"),
-        (m.resolution >= 32 and m.resolution & (m.resolution - 1) == 0,
-         f"model.resolution must be a power of two >= 32, got {m.resolution}"),
-        (min(m.nz, m.ngf, m.ndf) >= 1, "model.nz, ngf and ndf must be positive"),
-        (m.nc == 3, f"model.nc must be 3 (the data are RGB images), got {m.nc}"),
-        (m.nz >= 2, f"model.nz must be >= 2 (CSPup splits it in two), got {m.nz}"),
-        (0 <= m.bn_momentum <= 1, f"model.bn_momentum must be in [0, 1], got {m.bn_momentum}"),
-        (m.bn_epsilon > 0, f"model.bn_epsilon must be positive, got {m.bn_epsilon}"),
-        (t.batch_size >= 2, f"train.batch_size must be >= 2 (BatchNorm), got {t.batch_size}"),
-        (0 < t.lr_g < math.inf, f"train.lr_g must be positive and finite, got {t.lr_g}"),
-        (0 < t.lr_d < math.inf, f"train.lr_d must be positive and finite, got {t.lr_d}"),
-        (0 <= t.beta1 < 1 and 0 <= t.beta2 < 1, "train.beta1 and beta2 must be in [0, 1)"),
-        (0 <= t.adam_eps < math.inf,  # as torch.optim.Adam requires
-         f"train.adam_eps must be >= 0 and finite, got {t.adam_eps}"),
-        (t.optimizer in OPTIMIZERS, f"train.optimizer must be one of {OPTIMIZERS}, got {t.optimizer!r}"),
-        (t.loss in losses.LOSSES, f"train.loss must be one of {tuple(losses.LOSSES)}, got {t.loss!r}"),
-        (t.matmul_precision in PRECISIONS,
-         f"train.matmul_precision must be one of {PRECISIONS}, got {t.matmul_precision!r}"),
-        (t.dtype in DTYPES, f"train.dtype must be one of {DTYPES}, got {t.dtype!r}"),
-        (d.source in DATA_SOURCES, f"data.source must be one of {DATA_SOURCES}, got {d.source!r}"),
-        (d.pipeline in PIPELINES, f"data.pipeline must be one of {PIPELINES}, got {d.pipeline!r}"),
-        (config.dist.cluster in parallel.CLUSTERS,
-         f"dist.cluster must be one of {parallel.CLUSTERS}, got {config.dist.cluster!r}"),
-        (d.num_examples >= 0, f"data.num_examples must be >= 0, got {d.num_examples}"),
-        (d.device_budget_gb >= 0, f"data.device_budget_gb must be >= 0, got {d.device_budget_gb}"),
-        (d.prefetch >= 1, f"data.prefetch must be >= 1, got {d.prefetch}"),
-        (d.reader_threads >= 1, f"data.reader_threads must be >= 1, got {d.reader_threads}"),
-        (t.epochs >= 1 or t.num_steps >= 1, "train.epochs or train.num_steps must be >= 1"),
-        (t.num_steps >= 0, f"train.num_steps must be >= 0, got {t.num_steps}"),
-        (t.num_samples >= 2, f"train.num_samples must be >= 2 (BatchNorm), got {t.num_samples}"),
-        (min(t.log_every, t.sample_every, t.checkpoint_every, t.stop_check_every) >= 1,
-         "train.log_every, sample_every, checkpoint_every and stop_check_every must be >= 1"),
-        (t.scan_unroll >= 1, f"train.scan_unroll must be >= 1, got {t.scan_unroll}"),
-        (t.steps_per_dispatch >= 1, f"train.steps_per_dispatch must be >= 1, got {t.steps_per_dispatch}"),
-        (all(e % t.steps_per_dispatch == 0 for e in (t.log_every, t.sample_every, t.checkpoint_every)),
-         f"train.log_every, sample_every and checkpoint_every must be multiples of "
-         f"train.steps_per_dispatch ({t.steps_per_dispatch})"),
-        (t.keep_checkpoints >= 1, f"train.keep_checkpoints must be >= 1, got {t.keep_checkpoints}"),
-        (min(t.profile_steps, t.profile_start) >= 0,
-         f"train.profile_steps and profile_start must be >= 0, got "
-         f"{t.profile_steps} and {t.profile_start}"),
-    ]
-  except AttributeError as e:  # a group that is not a ConfigDict, and kin
-    raise ConfigError(f"config lacks a required field: {e}") from e
+  m, t, d = config.model, config.train, config.data
+  checks = [
+      (m.block in models.BLOCKS, f"model.block must be one of {models.BLOCKS}, got {m.block!r}"),
+      (m.discriminator in models.DISCRIMINATORS,
+       f"model.discriminator must be one of {models.DISCRIMINATORS}, got {m.discriminator!r}"),
+      (m.resolution >= 32 and m.resolution & (m.resolution - 1) == 0,
+       f"model.resolution must be a power of two >= 32, got {m.resolution}"),
+      (min(m.nz, m.ngf, m.ndf) >= 1, "model.nz, ngf and ndf must be positive"),
+      (m.nc == 3, f"model.nc must be 3 (the data are RGB images), got {m.nc}"),
+      (m.nz >= 2, f"model.nz must be >= 2 (CSPup splits it in two), got {m.nz}"),
+      (0 <= m.bn_momentum <= 1, f"model.bn_momentum must be in [0, 1], got {m.bn_momentum}"),
+      (m.bn_epsilon > 0, f"model.bn_epsilon must be positive, got {m.bn_epsilon}"),
+      (t.batch_size >= 2, f"train.batch_size must be >= 2 (BatchNorm), got {t.batch_size}"),
+      (0 < t.lr_g < math.inf, f"train.lr_g must be positive and finite, got {t.lr_g}"),
+      (0 < t.lr_d < math.inf, f"train.lr_d must be positive and finite, got {t.lr_d}"),
+      (0 <= t.beta1 < 1 and 0 <= t.beta2 < 1, "train.beta1 and beta2 must be in [0, 1)"),
+      (0 <= t.adam_eps < math.inf,  # as torch.optim.Adam requires
+       f"train.adam_eps must be >= 0 and finite, got {t.adam_eps}"),
+      (t.optimizer in OPTIMIZERS, f"train.optimizer must be one of {OPTIMIZERS}, got {t.optimizer!r}"),
+      (t.loss in losses.LOSSES, f"train.loss must be one of {tuple(losses.LOSSES)}, got {t.loss!r}"),
+      (t.matmul_precision in PRECISIONS,
+       f"train.matmul_precision must be one of {PRECISIONS}, got {t.matmul_precision!r}"),
+      (t.dtype in DTYPES, f"train.dtype must be one of {DTYPES}, got {t.dtype!r}"),
+      (d.source in DATA_SOURCES, f"data.source must be one of {DATA_SOURCES}, got {d.source!r}"),
+      (d.pipeline in PIPELINES, f"data.pipeline must be one of {PIPELINES}, got {d.pipeline!r}"),
+      (config.dist.cluster in parallel.CLUSTERS,
+       f"dist.cluster must be one of {parallel.CLUSTERS}, got {config.dist.cluster!r}"),
+      (d.num_examples >= 0, f"data.num_examples must be >= 0, got {d.num_examples}"),
+      (d.device_budget_gb >= 0, f"data.device_budget_gb must be >= 0, got {d.device_budget_gb}"),
+      (d.prefetch >= 1, f"data.prefetch must be >= 1, got {d.prefetch}"),
+      (d.reader_threads >= 1, f"data.reader_threads must be >= 1, got {d.reader_threads}"),
+      (t.epochs >= 1 or t.num_steps >= 1, "train.epochs or train.num_steps must be >= 1"),
+      (t.num_steps >= 0, f"train.num_steps must be >= 0, got {t.num_steps}"),
+      (t.num_samples >= 2, f"train.num_samples must be >= 2 (BatchNorm), got {t.num_samples}"),
+      (min(t.log_every, t.sample_every, t.checkpoint_every, t.stop_check_every) >= 1,
+       "train.log_every, sample_every, checkpoint_every and stop_check_every must be >= 1"),
+      (t.scan_unroll >= 1, f"train.scan_unroll must be >= 1, got {t.scan_unroll}"),
+      (t.steps_per_dispatch >= 1, f"train.steps_per_dispatch must be >= 1, got {t.steps_per_dispatch}"),
+      (all(e % t.steps_per_dispatch == 0 for e in (t.log_every, t.sample_every, t.checkpoint_every)),
+       f"train.log_every, sample_every and checkpoint_every must be multiples of "
+       f"train.steps_per_dispatch ({t.steps_per_dispatch})"),
+      (t.keep_checkpoints >= 1, f"train.keep_checkpoints must be >= 1, got {t.keep_checkpoints}"),
+      (min(t.profile_steps, t.profile_start) >= 0,
+       f"train.profile_steps and profile_start must be >= 0, got "
+       f"{t.profile_steps} and {t.profile_start}"),
+  ]
   for ok, message in checks:
     if not ok:
       raise ConfigError(message)

@@ -20,6 +20,7 @@ from typing import NamedTuple, Optional
 
 import jax
 import numpy as np
+from jax.experimental.layout import Format, Layout, with_layout_constraint
 
 from cspgan_jax import input_pipeline, train
 from cspgan_jax.errors import ConfigError, first_line
@@ -154,14 +155,6 @@ def initialize_distributed(plan: DistributedPlan, on_abandon=None) -> None:
                                initialization_timeout=plan.timeout + _JAX_DEADLINE_AFTER_OURS_S)
   finally:
     watchdog.joined.set()
-
-
-def maybe_initialize_distributed(config) -> None:
-  """Joins the processes of a multi-host run where `config.dist` (or the environment) names
-  one; nothing for a run of one process."""
-  plan = distributed_plan(config)
-  if plan is not None:
-    initialize_distributed(plan)
 
 
 # jax's own deadline comes this much after the watchdog's, so that the watchdog speaks first
@@ -329,12 +322,7 @@ def map_over_devices(device_fn, mapped, mesh=None, state_format=None):
 
 
 def _auto_format(sharding):
-  """`sharding` with the memory layout left to XLA; plain `sharding` (row-major) on a jax
-  without `jax.experimental.layout` (the step is then the same, with the transposes back)."""
-  try:
-    from jax.experimental.layout import Format, Layout  # pylint: disable=import-outside-toplevel
-  except ImportError:
-    return sharding
+  """`sharding` with the memory layout left to XLA."""
   return Format(Layout.AUTO, sharding)
 
 
@@ -487,11 +475,6 @@ def make_step(config, kind: str, batch_fn=None, steps: int = 1, mesh=None, state
                         "(data.pipeline device or auto)")
     one_step = device_step
     layouts = _concrete_layouts(state_format)
-    try:
-      # pylint: disable-next=import-outside-toplevel
-      from jax.experimental.layout import with_layout_constraint
-    except ImportError:  # a jax without the layout API: the scan is correct, only slower
-      layouts = None
 
     def iteration(state, data, shard_id, rng):
       state, metrics = one_step(state, data, shard_id, rng)

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import copy
 import functools
-from typing import Dict, List, NamedTuple, Optional
+from typing import List, NamedTuple, Optional
 
 import jax
 import numpy as np
@@ -521,11 +521,3 @@ def format_table(rows: List[Row], bfloat16: bool = False) -> str:
 
 def max_rel(rows: List[Row]) -> float:
   return max((r.rel for r in rows), default=0.0)
-
-
-def summarize(rows: List[Row]) -> Dict[str, float]:
-  """Largest relative error per group."""
-  out: Dict[str, float] = {}
-  for r in rows:
-    out[r.group] = max(out.get(r.group, 0.0), r.rel)
-  return out
