@@ -209,7 +209,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
        "train.log_every, sample_every, checkpoint_every and stop_check_every must be >= 1"),
       (t.scan_unroll >= 1, f"train.scan_unroll must be >= 1, got {t.scan_unroll}"),
       (t.steps_per_dispatch >= 1, f"train.steps_per_dispatch must be >= 1, got {t.steps_per_dispatch}"),
-      (all(e % t.steps_per_dispatch == 0 for e in (t.log_every, t.sample_every, t.checkpoint_every)),
+      # (< 1 left to its own check above: the list is built whole, and `% 0` would raise here)
+      (t.steps_per_dispatch < 1 or all(e % t.steps_per_dispatch == 0
+                                       for e in (t.log_every, t.sample_every, t.checkpoint_every)),
        f"train.log_every, sample_every and checkpoint_every must be multiples of "
        f"train.steps_per_dispatch ({t.steps_per_dispatch})"),
       (t.keep_checkpoints >= 1, f"train.keep_checkpoints must be >= 1, got {t.keep_checkpoints}"),

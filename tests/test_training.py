@@ -676,6 +676,7 @@ def test_a_full_disk_under_the_logs_is_one_line(tmp_path, capsys, monkeypatch):
      "train.seed, data.synthetic_seed and data.shuffle_seed must be in [0, 2**32), got "
      "99999999999999999999, 0 and 0"),
     (["--config.data.synthetic_seed=-1"], "must be in [0, 2**32), got 0, -1 and 0"),
+    (["--config.train.steps_per_dispatch=0"], "train.steps_per_dispatch must be >= 1, got 0"),
     (["--config.train.epochs=40"], "train.epochs has no effect: tiny.py sets train.num_steps=8, "
                                    "which wins; add --config.train.num_steps=0"),
     # config files of the user's (below): a field of another type, a field missing
