@@ -20,7 +20,6 @@ from typing import NamedTuple, Optional
 
 import jax
 import numpy as np
-from jax.experimental.layout import Format, Layout, with_layout_constraint
 
 from cspgan_jax import input_pipeline, train
 from cspgan_jax.errors import ConfigError, first_line
@@ -322,7 +321,15 @@ def map_over_devices(device_fn, mapped, mesh=None, state_format=None):
 
 
 def _auto_format(sharding):
-  """`sharding` with the memory layout left to XLA."""
+  """`sharding` with the memory layout left to XLA; plain `sharding` (row-major) on a jax
+  without `jax.experimental.layout` (the step is then the same, with the transposes back).
+  Imported here, not at the top: the API is experimental and has been renamed before (jax 0.10
+  dropped its DeviceLocalLayout), and the GPU machine's jax is newer than this one's, so a
+  rename costs the layouts, not the import of the package."""
+  try:
+    from jax.experimental.layout import Format, Layout  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    return sharding
   return Format(Layout.AUTO, sharding)
 
 
@@ -475,6 +482,11 @@ def make_step(config, kind: str, batch_fn=None, steps: int = 1, mesh=None, state
                         "(data.pipeline device or auto)")
     one_step = device_step
     layouts = _concrete_layouts(state_format)
+    try:  # as in _auto_format
+      # pylint: disable-next=import-outside-toplevel
+      from jax.experimental.layout import with_layout_constraint
+    except ImportError:  # a jax without the layout API: the scan is correct, only slower
+      layouts = None
 
     def iteration(state, data, shard_id, rng):
       state, metrics = one_step(state, data, shard_id, rng)

@@ -563,3 +563,15 @@ def test_a_target_exactly_at_its_bound_is_met():
   rows = [dict(batch=256, slug="jax-bf16", variant="v", vs_torch_fp32=None, share_of_peak=0.35)]
   assert "- batch 256, JAX bf16, share of the bf16 peak >= 35.00%: met, 35.00% (v)" in \
       bench.target_lines(dict(rows=rows))
+
+
+def test_a_jax_without_the_layout_api_gets_row_major_state(monkeypatch):
+  """jax.experimental.layout is experimental and has been renamed before; the GPU machine's jax
+  is newer than this one's. Without it the state keeps plain shardings, and the package still
+  imports (its import is inside the two functions that use it)."""
+  sharding = parallel.replicated_sharding()
+  assert parallel._auto_format(sharding) is not sharding  # pylint: disable=protected-access
+  monkeypatch.setitem(sys.modules, "jax.experimental.layout", None)  # import -> ImportError
+  assert parallel._auto_format(sharding) is sharding  # pylint: disable=protected-access
+  with pytest.raises(ImportError):
+    import jax.experimental.layout  # pylint: disable=import-outside-toplevel,unused-import
