@@ -3,6 +3,7 @@ it is tested for correctness here; its figures only mean something on a GPU)."""
 
 import argparse
 import gzip
+import importlib
 import json
 import os
 import subprocess
@@ -574,4 +575,4 @@ def test_a_jax_without_the_layout_api_gets_row_major_state(monkeypatch):
   monkeypatch.setitem(sys.modules, "jax.experimental.layout", None)  # import -> ImportError
   assert parallel._auto_format(sharding) is sharding  # pylint: disable=protected-access
   with pytest.raises(ImportError):
-    import jax.experimental.layout  # pylint: disable=import-outside-toplevel,unused-import
+    importlib.import_module("jax.experimental.layout")
