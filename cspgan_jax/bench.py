@@ -179,8 +179,13 @@ def jax_variant(config_path, batch, dtype, scan, overrides, unroll=1, hlo_path=N
   holder = {"state": state}
 
   def run(iters):  # iters iterations; returns when the device is done
+    # Several CPU devices (XLA_FLAGS forcing them) abort with two steps in flight, as in the
+    # trainer; such figures are orientation only, so the wait costs nothing that matters.
+    wait_each_step = parallel.steps_must_wait()
     for _ in range(iters // scan):
       holder["state"], metrics = step(holder["state"], data.images, data.shard_ids, rng)
+      if wait_each_step:
+        jax.block_until_ready(metrics)
     jax.block_until_ready(metrics)
 
   if hlo_path:
