@@ -105,13 +105,14 @@ class RunLog:
     self.enabled = enabled
     self.workdir = workdir
     self.writer = None
-    self._aside, self._unlogged = None, []
+    self._unlogged = {}  # a file of lines set aside -> the results this run has yet to log
     if enabled:
       # The run goes on from `start_step` (its checkpoint, or 0): whatever an interrupted run
       # logged after that step is superseded by what this one logs again (the same numbers, as
       # a resumed run is bit-identical), so neither metrics.jsonl nor TensorBoard (purge_step)
       # keeps a step twice; the lines taken out are kept beside it.
       self._set_aside_metrics_past(start_step)
+      self._take_up_earlier_asides()
       from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
       self.writer = SummaryWriter(os.path.join(workdir, TENSORBOARD_DIR),
                                   purge_step=start_step + 1)
@@ -129,18 +130,33 @@ class RunLog:
       # checkpoint come back with the same numbers, and a file kept on every such resume would
       # tell the user nothing. Any that differ (another config, another number of devices, a
       # step this run does not reach) keep the file.
-      self._aside, self._unlogged = aside, [_results(r) for r in moved]
+      self._unlogged[aside] = [_results(r) for r in moved]
       said += f": kept in {aside} until this run logs those steps again with the same numbers"
     print(said, file=sys.stderr, flush=True)
 
-  def _logged_again(self, record: dict) -> None:
-    """Takes `record` off the moved ones; removes their file once none is left."""
-    results = _results(record)
-    self._unlogged = [r for r in self._unlogged if r != results]
-    if not self._unlogged:
-      with contextlib.suppress(OSError):  # kept, at worst
-        os.remove(self._aside)
-      self._aside = None
+  def _take_up_earlier_asides(self) -> None:
+    """The files of run records that an earlier start set aside and a kill kept (the run that
+    was to log those steps again stopped first): each goes once metrics.jsonl holds all of its
+    records, the steps up to this start's checkpoint there already, the rest when logged."""
+    logged = [_results(r) for r in logged_metrics(self.workdir)]
+    for path in _aside_files(self.workdir):
+      if path in self._unlogged:  # this start's
+        continue
+      records = _records_of(path)
+      if records is None:  # a line no run logs again: kept for good
+        continue
+      self._unlogged[path] = [r for r in map(_results, records) if r not in logged]
+      self._logged_again(None)
+
+  def _logged_again(self, record: Optional[dict]) -> None:
+    """Takes `record` off each file's moved ones; removes a file once none is left."""
+    results = None if record is None else _results(record)
+    for path, unlogged in list(self._unlogged.items()):
+      self._unlogged[path] = unlogged = [r for r in unlogged if r != results]
+      if not unlogged:
+        with contextlib.suppress(OSError):  # kept, at worst
+          os.remove(path)
+        del self._unlogged[path]
 
   def scalars(self, step: int, metrics: dict, images_per_sec: Optional[float]) -> None:
     if not self.enabled:
@@ -153,7 +169,7 @@ class RunLog:
       record["images_per_sec"] = images_per_sec
     with open(os.path.join(self.workdir, METRICS_FILE), "a") as f:
       f.write(json.dumps(record) + "\n")
-    if self._aside is not None:
+    if self._unlogged:
       self._logged_again(record)
 
   def samples(self, step: int, samples: np.ndarray) -> str:
@@ -208,12 +224,33 @@ def set_aside_metrics_past(workdir: str, step: int) -> Tuple[Optional[str], list
   return aside, [r for r, p in zip(records, past) if p]
 
 
+def _aside_files(workdir: str) -> list:
+  """The metrics.jsonl.dropped-N files in `workdir`, oldest first."""
+  prefix = os.path.join(workdir, METRICS_FILE + ".dropped-")
+  return [f"{prefix}{n}" for n in _numbers_taken(prefix)]
+
+
+def _records_of(path: str) -> Optional[list]:
+  """The records of a file of metrics.jsonl lines; None if any line is not one (or it cannot
+  be read: it is then left as it is)."""
+  try:
+    with open(path, "rb") as f:
+      records = [_logged_record(l.decode("utf-8", errors="replace")) for l in f]
+  except OSError:
+    return None
+  return None if None in records else records
+
+
+def _numbers_taken(prefix: str) -> list:
+  """The N of each file named `prefix`N, in order."""
+  folder, base = os.path.split(prefix)
+  return sorted(int(n[len(base):]) for n in os.listdir(folder)
+                if n.startswith(base) and n[len(base):].isascii() and n[len(base):].isdigit())
+
+
 def _unused_name(prefix: str) -> str:
   """`prefix` and a number past every one taken beside it: the newest file has the highest."""
-  folder, base = os.path.split(prefix)
-  taken = [int(n[len(base):]) for n in os.listdir(folder)
-           if n.startswith(base) and n[len(base):].isascii() and n[len(base):].isdigit()]
-  return f"{prefix}{max(taken, default=0) + 1}"
+  return f"{prefix}{max(_numbers_taken(prefix), default=0) + 1}"
 
 
 def _lines_writer(lines: list):

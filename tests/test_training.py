@@ -857,13 +857,21 @@ def test_metrics_set_aside_on_a_full_disk_loses_no_line(tmp_path, monkeypatch):
   assert (tmp_path / trainer.METRICS_FILE).read_bytes() == lines
 
 
+def _metrics(x):
+  return {k: np.float32(x) for k in trainer.METRIC_TAGS}
+
+
+def _row(step, x, rate):
+  """metrics.jsonl's line of `_metrics(x)` at `step`."""
+  return json.dumps(
+      {"step": step, **{k: float(v) for k, v in _metrics(x).items()}, "images_per_sec": rate})
+
+
 @pytest.mark.parametrize("same", [True, False])
 def test_metrics_set_aside_go_once_logged_again_the_same(tmp_path, same):
   """A resume after a kill logs the steps past its checkpoint again with the same numbers
   (images_per_sec aside): their file aside goes then, and stays where any differs."""
-  metrics = lambda x: {k: np.float32(x) for k in trainer.METRIC_TAGS}
-  row = lambda step, x, rate: json.dumps(
-      {"step": step, **{k: float(v) for k, v in metrics(x).items()}, "images_per_sec": rate})
+  metrics, row = _metrics, _row
   past = f"{row(4, 0.1, 5.0)}\n{row(6, 0.3, 6.0)}\n".encode()
   (tmp_path / trainer.METRICS_FILE).write_bytes(f"{row(2, 0.7, 4.0)}\n".encode() + past)
   aside = tmp_path / f"{trainer.METRICS_FILE}.dropped-1"
@@ -874,6 +882,36 @@ def test_metrics_set_aside_go_once_logged_again_the_same(tmp_path, same):
   log.close()
   assert aside.exists() != same
   assert [r["step"] for r in trainer.logged_metrics(str(tmp_path))] == [2, 4, 6]
+
+
+@pytest.mark.parametrize("last", [0.4, 0.40001])
+def test_a_set_aside_a_second_kill_kept_goes_once_a_later_run_logs_it_again(tmp_path, last):
+  """Killed again before it had logged the steps set aside, a run leaves their file: the next
+  start takes it up, with its own, and each goes once metrics.jsonl holds all of its records
+  with the same numbers. A file with a line of no run's record stays."""
+  steps = {2: 0.1, 4: 0.2, 6: 0.3, 8: 0.4}
+  (tmp_path / trainer.METRICS_FILE).write_text("".join(
+      f"{_row(s, x, 1.0)}\n" for s, x in steps.items()))
+  first = trainer.RunLog(str(tmp_path), True, 2)  # resumed from step 2: 4, 6 and 8 set aside
+  first.scalars(4, _metrics(0.2), 2.0)
+  first.scalars(6, _metrics(0.3), 2.0)
+  first.close()  # killed; its checkpoint at step 4
+  aside = [tmp_path / f"{trainer.METRICS_FILE}.dropped-{n}" for n in (1, 2, 3)]
+  aside[2].write_text(f"{_row(4, 0.2, 1.0)}\nmy note\n")
+  second = trainer.RunLog(str(tmp_path), True, 4)  # 6 set aside again, beside 6 and 8
+  assert [p.exists() for p in aside] + [(tmp_path / "metrics.jsonl.dropped-4").exists()] == [
+      True, False, True, True]
+  second.scalars(6, _metrics(0.3), 3.0)
+  assert [p.exists() for p in aside] + [(tmp_path / "metrics.jsonl.dropped-4").exists()] == [
+      True, False, True, False]
+  second.scalars(8, _metrics(last), 3.0)
+  second.close()
+  assert aside[0].exists() == (last != 0.4) and aside[2].exists()
+  # a start whose metrics.jsonl holds every record of an earlier file already removes it
+  if last == 0.4:
+    aside[1].write_text(f"{_row(2, 0.1, 9.0)}\n{_row(8, 0.4, 9.0)}\n")
+    trainer.RunLog(str(tmp_path), True, 8).close()
+    assert not aside[1].exists() and aside[2].exists()
 
 
 def test_field_types_are_the_baselines():
