@@ -76,7 +76,8 @@ def get_config():
   # Multi-host: empty = one process, or JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES /
   # JAX_PROCESS_ID from the environment.
   config.dist = ml_collections.ConfigDict()
-  # "slurm": what the three below leave unset comes from the srun step's SLURM_* variables
+  # "slurm" / "openmpi": what the three below leave unset comes from the srun step's SLURM_*
+  # variables / Open MPI 4 mpirun's OMPI_* ones
   config.dist.cluster = ""
   config.dist.coordinator_address = ""
   config.dist.num_processes = 0

@@ -30,15 +30,15 @@ AXIS = "devices"
 # ---- processes and devices ----
 
 # `dist.cluster`: where the processes' settings come from when neither the config nor JAX_*
-# give them. jax.distributed.initialize() finds SLURM's itself, but only once it joins: the
-# checks before joining (process 0's port, the process's lock) need them first.
-CLUSTERS = ("", "slurm")
+# give them. jax.distributed.initialize() finds SLURM's and Open MPI's itself, but only once it
+# joins: the checks before joining (process 0's port, the process's lock) need them first.
+CLUSTERS = ("", "slurm", "openmpi")
 
 
 def dist_settings(config, environ=os.environ) -> tuple:
   """(coordinator address, number of processes, process id) as this process was given them:
   `config.dist` where set, else JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID,
-  else, with `dist.cluster = "slurm"`, the srun step's (`slurm_settings`)."""
+  else, with `dist.cluster` set, the launcher's (`slurm_settings`, `openmpi_settings`)."""
   dist = config.get("dist", None)
   unset = ("", 0, -1)
 
@@ -52,11 +52,16 @@ def dist_settings(config, environ=os.environ) -> tuple:
                 int(get("process_id", -1, "JAX_PROCESS_ID")))
   except ValueError as e:  # from the environment
     raise ConfigError(f"JAX_NUM_PROCESSES and JAX_PROCESS_ID must be integers ({e})") from None
-  if dist is not None and dist.get("cluster", "") == "slurm" and any(
-      s == u for s, u in zip(settings, unset)):
-    settings = tuple(f if s == u else s
-                     for s, u, f in zip(settings, unset, slurm_settings(environ)))
+  cluster = dist.get("cluster", "") if dist is not None else ""
+  if cluster and any(s == u for s, u in zip(settings, unset)):
+    found = {"slurm": slurm_settings, "openmpi": openmpi_settings}[cluster](environ)
+    settings = tuple(f if s == u else s for s, u, f in zip(settings, unset, found))
   return settings
+
+
+def _jobs_port(job: int, environ) -> int:
+  """JAX_COORDINATOR_PORT, else jax's port for a job: one of the top 4096, by its number."""
+  return int(environ.get("JAX_COORDINATOR_PORT") or job % 2**12 + (65535 - 2**12 + 1))
 
 
 def slurm_settings(environ=os.environ) -> tuple:
@@ -74,21 +79,54 @@ def slurm_settings(environ=os.environ) -> tuple:
   try:
     job, count, index = (int(v) for v in (environ["SLURM_JOB_ID"], tasks,
                                            environ["SLURM_PROCID"]))
-    port = int(environ.get("JAX_COORDINATOR_PORT") or job % 2**12 + (65535 - 2**12 + 1))
+    port = _jobs_port(job, environ)
   except ValueError as e:
     raise ConfigError(f"dist.cluster is slurm, but a variable is not an integer ({e})") from None
   return f"{_first_node(environ['SLURM_STEP_NODELIST'])}:{port}", count, index
 
 
-def lone_srun_task(config, environ=os.environ) -> Optional[str]:
-  """A note for a process about to train as a run of its own while it is one task of an srun
-  step of several (no dist.* settings, no dist.cluster): each task would be a separate run, and
-  all but one refused the workdir."""
-  tasks = environ.get("SLURM_STEP_NUM_TASKS", "")
-  if config.dist.get("cluster", "") or not tasks.isdigit() or int(tasks) < 2:
+# Open MPI 4's (ORTE's) URI of mpirun, e.g. "1531576320.0;tcp://10.96.0.1,10.148.0.1:34911"
+_ORTE_URI = "OMPI_MCA_orte_hnp_uri"
+
+
+def openmpi_settings(environ=os.environ) -> tuple:
+  """(coordinator address, number of processes, process id) of this rank of an Open MPI 4
+  mpirun, as jax.distributed.initialize() reads them: mpirun's host (its first address; jax
+  takes rank 0 to run there), at JAX_COORDINATOR_PORT or else jax's port for the job (by the
+  job id in OMPI_MCA_orte_hnp_uri); ConfigError outside such a launch."""
+  names = (_ORTE_URI, "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK")
+  missing = [n for n in names if not environ.get(n)]
+  if missing:
+    raise ConfigError(f"dist.cluster is openmpi, but {', '.join(missing)} unset: start each "
+                      "process with Open MPI 4's mpirun, or give dist.coordinator_address, "
+                      "num_processes and process_id")
+  uri = environ[_ORTE_URI]
+  host = re.search(r"tcp://(.+?)[,:]|tcp6://\[(.+?)[,\]]", uri)
+  try:
+    count, index = int(environ[names[1]]), int(environ[names[2]])
+    port = _jobs_port(int(uri.split(".", 1)[0]) // 2**12, environ)  # job ids step by 2**12
+  except ValueError as e:
+    raise ConfigError(f"dist.cluster is openmpi, but a variable is not an integer ({e})") from None
+  if host is None:
+    raise ConfigError(f"dist.cluster is openmpi, but {_ORTE_URI} names no TCP address: {uri!r}")
+  host = host.group(1) or f"[{host.group(2)}]"  # an IPv6 one bracketed, or its port is lost
+  return f"{host}:{port}", count, index
+
+
+def lone_launched_task(config, environ=os.environ) -> Optional[str]:
+  """A note for a process about to train as a run of its own while it is one of several that
+  srun or mpirun started together (no dist.* settings, no dist.cluster): each would be a
+  separate run, and all but one refused the workdir."""
+  if config.dist.get("cluster", ""):
     return None
-  return (f"task {environ.get('SLURM_PROCID', '?')} of the {tasks} of this srun step trains as "
-          "a run of its own: --config.dist.cluster=slurm makes the tasks one run")
+  for count, index, launch, cluster in (
+      ("SLURM_STEP_NUM_TASKS", "SLURM_PROCID", "this srun step", "slurm"),
+      ("OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK", "this mpirun", "openmpi")):
+    tasks = environ.get(count, "")
+    if tasks.isdigit() and int(tasks) > 1:
+      return (f"task {environ.get(index, '?')} of the {tasks} of {launch} trains as a run of "
+              f"its own: --config.dist.cluster={cluster} makes the tasks one run")
+  return None
 
 
 def _first_node(nodelist: str) -> str:

@@ -377,7 +377,7 @@ def process_claim(workdir: str, plan: Optional[parallel.DistributedPlan]):
 def train_and_evaluate(config, workdir: str, progress: bool = True) -> train.GANState:
   """Trains to `config.train.num_steps` (or `epochs`), resuming from the latest checkpoint."""
   plan = parallel.distributed_plan(config)
-  lone = parallel.lone_srun_task(config) if plan is None else None
+  lone = parallel.lone_launched_task(config) if plan is None else None
   if lone:  # said first: the other tasks' runs may refuse the workdir this one takes
     print(f"[train] note: {lone}", file=sys.stderr, flush=True)
   with process_claim(workdir, plan) as abandon:

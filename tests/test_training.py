@@ -321,9 +321,9 @@ def test_a_task_of_an_srun_step_that_trains_alone_says_how_to_join(tmp_path, cap
       "[train] note: task 1 of the 2 of this srun step trains as a run of its own: "
       "--config.dist.cluster=slurm makes the tasks one run", "cspgan: error: in use"]
   config = config_lib.load_config(TINY, ["dist.cluster=slurm"])
-  assert parallel.lone_srun_task(config) is None  # joined
+  assert parallel.lone_launched_task(config) is None  # joined
   monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "1")
-  assert parallel.lone_srun_task(config_lib.load_config(TINY, [])) is None
+  assert parallel.lone_launched_task(config_lib.load_config(TINY, [])) is None
 
 
 @pytest.mark.parametrize("nodelist, job, port, address", [
@@ -348,6 +348,45 @@ def test_dist_settings_of_an_srun_task_are_jaxs(monkeypatch, nodelist, job, port
   config = config_lib.load_config(TINY, ["dist.cluster=slurm", "dist.process_id=0"])
   assert parallel.dist_settings(config) == (address, 5, 0)
   assert parallel.dist_settings(config_lib.load_config(TINY, [])) == ("", 5, -1)
+
+def _mpirun_rank(index, size, uri):
+  return {"OMPI_MCA_orte_hnp_uri": uri, "OMPI_COMM_WORLD_SIZE": str(size),
+          "OMPI_COMM_WORLD_RANK": str(index), "OMPI_COMM_WORLD_LOCAL_RANK": str(index)}
+
+
+@pytest.mark.parametrize("uri, port, address", [
+    ("1531576320.0;tcp://10.96.0.1,10.148.0.1,10.108.0.1:34911", None, "10.96.0.1:62624"),
+    ("1531576320.0;tcp://10.96.0.1:34911", "1234", "10.96.0.1:1234"),
+    ("1314521088.0;tcp6://[fe80::b9b:ac5d:9cf0:b858,2620:10d:c083:150e::3000:2]:43370", None,
+     "[fe80::b9b:ac5d:9cf0:b858]:62880"),
+])
+def test_dist_settings_of_an_mpirun_rank_are_jaxs(monkeypatch, uri, port, address):
+  """dist.cluster=openmpi fills what the config and JAX_* leave unset as jax's own Open MPI
+  detection would (an IPv6 host bracketed, which jax leaves bare)."""
+  from jax._src.clusters import ompi_cluster  # pylint: disable=import-outside-toplevel
+  monkeypatch.delenv("JAX_COORDINATOR_PORT", raising=False)
+  for name, value in dict(_mpirun_rank(2, 3, uri), **(
+      {"JAX_COORDINATOR_PORT": port} if port else {})).items():
+    monkeypatch.setenv(name, value)
+  config = config_lib.load_config(TINY, ["dist.cluster=openmpi"])
+  assert parallel.dist_settings(config) == (address, 3, 2)
+  jaxs = ompi_cluster.OmpiCluster
+  assert jaxs.is_env_present()
+  host, _, jax_port = jaxs.get_coordinator_address(None, port).rpartition(":")
+  assert (f"[{host}]" if ":" in host else host, int(jax_port), jaxs.get_process_count(),
+          jaxs.get_process_id()) == (address.rpartition(":")[0], int(address.rpartition(":")[2]),
+                                     3, 2)
+  config = config_lib.load_config(TINY, ["dist.cluster=openmpi", "dist.process_id=0"])
+  assert parallel.dist_settings(config) == (address, 3, 0)
+  monkeypatch.setenv("OMPI_MCA_orte_hnp_uri", "12.0;ipc://x")
+  with pytest.raises(config_lib.ConfigError, match="names no TCP address: '12.0;ipc://x'"):
+    parallel.dist_settings(config)
+  # without dist.cluster, a rank of several says how to join the others
+  assert parallel.lone_launched_task(config_lib.load_config(TINY, [])) == (
+      "task 2 of the 3 of this mpirun trains as a run of its own: --config.dist.cluster=openmpi "
+      "makes the tasks one run")
+  assert parallel.lone_launched_task(config) is None
+
 
 def test_resuming_on_another_number_of_devices_is_said(tmp_path, capsys):
   workdir = str(tmp_path / "run")
@@ -519,11 +558,16 @@ _PROCESS_1_OF_2 = ("--config.dist.coordinator_address=localhost:1", "--config.di
     (("--config.dist.cluster=slurm",), "dist.cluster is slurm, but SLURM_JOB_ID, "
      "SLURM_STEP_NODELIST, SLURM_PROCID, SLURM_STEP_NUM_TASKS unset: start each process with "
      "srun, or give dist.coordinator_address, num_processes and process_id"),
-    (("--config.dist.cluster=pbs",), "dist.cluster must be one of ('', 'slurm'), got 'pbs'"),
+    (("--config.dist.cluster=pbs",),
+     "dist.cluster must be one of ('', 'slurm', 'openmpi'), got 'pbs'"),
+    (("--config.dist.cluster=openmpi",), "dist.cluster is openmpi, but OMPI_MCA_orte_hnp_uri, "
+     "OMPI_COMM_WORLD_SIZE, OMPI_COMM_WORLD_RANK unset: start each process with Open MPI 4's "
+     "mpirun, or give dist.coordinator_address, num_processes and process_id"),
 ])
 def test_bad_multi_host_settings_are_one_line(tmp_path, capsys, monkeypatch, args, message):
   for name in ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_PROCID", "SLURM_STEP_NUM_TASKS",
-               "SLURM_NTASKS"):
+               "SLURM_NTASKS", "OMPI_MCA_orte_hnp_uri", "OMPI_COMM_WORLD_SIZE",
+               "OMPI_COMM_WORLD_RANK"):
     monkeypatch.delenv(name, raising=False)
   assert cli.main(["train", "--config", TINY, "--workdir", str(tmp_path / "w"), *args]) == 2
   assert capsys.readouterr().err.strip().splitlines() == [f"cspgan: error: {message}"]
