@@ -360,15 +360,27 @@ def map_over_devices(device_fn, mapped, mesh=None, state_format=None):
 
 def _auto_format(sharding):
   """`sharding` with the memory layout left to XLA; plain `sharding` (row-major) on a jax
-  without `jax.experimental.layout` (the step is then the same, with the transposes back).
+  without `jax.experimental.layout` or its `Layout.AUTO` (the step is then the same, with the
+  transposes back).
   Imported here, not at the top: the API is experimental and has been renamed before (jax 0.10
   dropped its DeviceLocalLayout), and the GPU machine's jax is newer than this one's, so a
   rename costs the layouts, not the import of the package."""
   try:
     from jax.experimental.layout import Format, Layout  # pylint: disable=import-outside-toplevel
-  except ImportError:
+    return Format(Layout.AUTO, sharding)
+  except (ImportError, AttributeError):  # the module or its AUTO: 0.10.2 and 0.11.2 have both
     return sharding
-  return Format(Layout.AUTO, sharding)
+
+
+def _state_formats(compiled, outputs=False):
+  """The state's formats in `compiled` (its first argument or result); its shardings on a jax
+  whose compiled programs have no `input_formats` (the layout API's, which `_auto_format` may
+  have done without): the state is then row-major, and a sharding places it."""
+  name = "output" if outputs else "input"
+  found = getattr(compiled, f"{name}_formats", None)
+  if found is None:
+    found = getattr(compiled, f"{name}_shardings")
+  return found[0] if outputs else found[0][0]
 
 
 def xla_options(train_config) -> dict:
@@ -425,8 +437,9 @@ def compile_step(make, state, *args, options=None):
   # Layout.AUTO compiles against shapes only: an array would bring its own layout.
   shapes = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
   compiled = compile_lowered(make(None).lower(shapes, *args), options)
-  formats = compiled.input_formats[0][0]
-  if jax.tree_util.tree_leaves(compiled.output_formats[0]) != jax.tree_util.tree_leaves(formats):
+  formats = _state_formats(compiled)
+  leaves = jax.tree_util.tree_leaves
+  if leaves(_state_formats(compiled, outputs=True)) != leaves(formats):
     compiled = compile_lowered(make(formats).lower(shapes, *args), options)
   return compiled, place_for(state, formats)
 
@@ -459,7 +472,7 @@ def compile_like(compiled_one, config, kind, batch_fn, steps, state, *args, mesh
   """The `steps`-iteration step, compiled for the state's layouts in `compiled_one`."""
   shapes = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
   step = make_step(config, kind, batch_fn, steps, mesh,
-                   state_format=compiled_one.input_formats[0][0])
+                   state_format=_state_formats(compiled_one))
   return compile_lowered(step.lower(shapes, *args), xla_options(config.train))
 
 

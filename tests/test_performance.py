@@ -581,3 +581,23 @@ def test_a_jax_without_the_layout_api_gets_row_major_state(monkeypatch):
   assert parallel._auto_format(sharding) is sharding  # pylint: disable=protected-access
   with pytest.raises(ImportError):
     importlib.import_module("jax.experimental.layout")
+
+
+def test_a_jax_without_compiled_formats_places_the_state_by_its_shardings(monkeypatch):
+  """Where the layout API is gone, its `Compiled.input_formats` / `output_formats` may be too:
+  the step then compiles, places and updates a row-major state by its shardings."""
+  no_auto = types.SimpleNamespace(Format=lambda *a: None, Layout=object)  # a Layout without AUTO
+  monkeypatch.setitem(sys.modules, "jax.experimental.layout", no_auto)
+  sharding = parallel.replicated_sharding()
+  assert parallel._auto_format(sharding) is sharding  # pylint: disable=protected-access
+  monkeypatch.setitem(sys.modules, "jax.experimental.layout", None)
+  for name in ("input_formats", "output_formats"):
+    monkeypatch.delattr(jax.stages.Compiled, name)
+  make = lambda fmt: parallel.map_over_devices(
+      lambda s, x: ({"w": s["w"] + x.sum()}, x.sum()), (True,), state_format=fmt)
+  x = np.arange(jax.device_count() * 3, dtype=np.float32).reshape(jax.device_count(), 3)
+  step, state = parallel.compile_step(make, parallel.replicate({"w": np.ones(2, np.float32)}), x)
+  assert state["w"].sharding == parallel.replicated_sharding()
+  state, metric = step(state, x)
+  np.testing.assert_array_equal(parallel.unreplicate(state)["w"], 1 + x[0].sum())
+  assert parallel.unreplicate(metric) == x[0].sum()
