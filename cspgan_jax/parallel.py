@@ -182,8 +182,10 @@ def initialize_distributed(plan: DistributedPlan, on_abandon=None) -> None:
   ends the process with one line, naming what it found, before jax's own deadline; it calls
   `on_abandon()` first (what the process made for the run and would leave behind).
   """
-  # Collectives between CPU processes (tests, CPU clusters); GPUs use NCCL regardless.
-  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  # Collectives between CPU processes (tests, CPU clusters); GPUs use NCCL regardless. gloo is
+  # jax 0.10's default too; a user's JAX_CPU_COLLECTIVES_IMPLEMENTATION (mpi) is theirs.
+  if not os.environ.get("JAX_CPU_COLLECTIVES_IMPLEMENTATION"):
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
   watchdog = _JoinWatchdog(plan, on_abandon)
   watchdog.start()
   try:
