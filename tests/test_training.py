@@ -349,6 +349,19 @@ def test_dist_settings_of_an_srun_task_are_jaxs(monkeypatch, nodelist, job, port
   assert parallel.dist_settings(config) == (address, 5, 0)
   assert parallel.dist_settings(config_lib.load_config(TINY, [])) == ("", 5, -1)
 
+@pytest.mark.parametrize("chosen", ["", "mpi"])
+def test_joining_keeps_a_users_choice_of_cpu_collectives(monkeypatch, chosen):
+  """gloo, unless JAX_CPU_COLLECTIVES_IMPLEMENTATION names another (it was forced to gloo)."""
+  updates, joined = [], []
+  monkeypatch.setenv("JAX_CPU_COLLECTIVES_IMPLEMENTATION", chosen)
+  monkeypatch.setattr(jax.config, "update", lambda *a: updates.append(a))
+  monkeypatch.setattr(jax.distributed, "initialize", lambda **k: joined.append(k))
+  plan = parallel.DistributedPlan("localhost:1", "localhost", 1, 2, 0, 5.0)
+  parallel.initialize_distributed(plan)
+  assert updates == ([] if chosen else [("jax_cpu_collectives_implementation", "gloo")])
+  assert [k["process_id"] for k in joined] == [0]
+
+
 def _mpirun_rank(index, size, uri):
   return {"OMPI_MCA_orte_hnp_uri": uri, "OMPI_COMM_WORLD_SIZE": str(size),
           "OMPI_COMM_WORLD_RANK": str(index), "OMPI_COMM_WORLD_LOCAL_RANK": str(index)}
