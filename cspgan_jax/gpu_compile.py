@@ -252,6 +252,8 @@ def memory_line(compiled) -> str:
   """Device memory of the step as XLA's buffer assignment sizes it."""
   from cspgan_jax import parallel
   m = compiled.memory_analysis()
+  if m is None:
+    return "device memory: XLA gave no analysis of this program"
   mib = lambda n: f"{n / 2**20:,.0f} MiB"
   total = parallel.step_memory_bytes(compiled)
   return (f"device memory (XLA's buffer assignment; cuDNN workspaces, which autotuning picks, "

@@ -485,11 +485,14 @@ def place_for(state, formats):
   return jax.device_put(state, formats, donate=True)
 
 
-def step_memory_bytes(compiled) -> int:
+def step_memory_bytes(compiled) -> Optional[int]:
   """Device memory a compiled step needs, as XLA's buffer assignment sizes it: its arguments
   and results (the donated state counted once) and its temporaries (on a GPU, cuDNN's
-  workspaces that autotuning picked among them)."""
+  workspaces that autotuning picked among them). None where the backend gives no analysis
+  (jax allows it; CPU and GPU give one)."""
   m = compiled.memory_analysis()
+  if m is None:
+    return None
   return int(m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
              + m.temp_size_in_bytes)
 

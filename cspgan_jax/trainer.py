@@ -666,13 +666,14 @@ def _out_of_memory_before_the_loop(config, stage: str, error) -> str:
 def _out_of_memory(config, compiled_step, data, error) -> str:
   """One line for a step that ran out of device memory: what the step and the dataset take
   there, and what to change."""
-  need = parallel.step_memory_bytes(compiled_step) / 2**30
+  need = parallel.step_memory_bytes(compiled_step)
+  takes = "the step takes" + (f" {need / 2**30:.1f} GiB a device" if need is not None else "")
   held = (f" and the dataset {data.images.addressable_shards[0].data.nbytes / 2**30:.1f} GiB"
           if data.kind == "device" else "")
   limit = input_pipeline.device_memory_bytes()
   of = f" of the {limit / 2**30:.1f} GiB a device has" if limit else ""
-  return (f"out of device memory ({first_line(error, 160)}): the step takes "
-          f"{need:.1f} GiB a device at train.batch_size={config.train.batch_size}{held}{of}; "
+  return (f"out of device memory ({first_line(error, 160)}): {takes} at "
+          f"train.batch_size={config.train.batch_size}{held}{of}; "
           "lower train.batch_size, or set train.dtype=bfloat16"
           + (" or data.pipeline=streaming" if data.kind == "device" else ""))
 

@@ -669,6 +669,28 @@ def test_out_of_device_memory_is_one_line_and_the_checkpoint_stays(tmp_path, cap
   assert checkpoint.latest_step(workdir) == 4
 
 
+def test_out_of_memory_without_xlas_memory_analysis_is_still_one_line(tiny_config):
+  """jax lets `memory_analysis()` return None: the line then leaves the step's size out (it
+  was a TypeError in place of the line), and the other readers say there is none."""
+  from cspgan_jax import gpu_compile  # pylint: disable=import-outside-toplevel
+
+  class NoAnalysis:
+    def memory_analysis(self):
+      return None
+
+  class Streamed:
+    kind = "streaming"
+
+  assert parallel.step_memory_bytes(NoAnalysis()) is None
+  line = trainer._out_of_memory(  # pylint: disable=protected-access
+      tiny_config(), NoAnalysis(), Streamed(), RuntimeError("RESOURCE_EXHAUSTED: out of memory"))
+  assert line.startswith("out of device memory (RESOURCE_EXHAUSTED: out of memory): the step "
+                         "takes at train.batch_size=8")
+  assert line.endswith("; lower train.batch_size, or set train.dtype=bfloat16")
+  assert gpu_compile.memory_line(NoAnalysis()) == (
+      "device memory: XLA gave no analysis of this program")
+
+
 def test_a_diverged_run_stops_in_one_line_before_writing_anything_of_it(tmp_path, capsys):
   """Losses that turn NaN (here: G's Adam at lr 1e30 from step 4's checkpoint) end the run at the
   next step that would write something, before it is logged, drawn or saved: saving it with
