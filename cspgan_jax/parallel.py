@@ -124,8 +124,13 @@ def lone_launched_task(config, environ=os.environ) -> Optional[str]:
       ("OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK", "this mpirun", "openmpi")):
     tasks = environ.get(count, "")
     if tasks.isdigit() and int(tasks) > 1:
+      join = f"--config.dist.cluster={cluster} makes the tasks one run"
+      if cluster == "openmpi" and not environ.get(_ORTE_URI):  # Open MPI 5's: openmpi refuses it
+        join = ("dist.coordinator_address, num_processes and process_id (its "
+                "OMPI_COMM_WORLD_RANK) make the tasks one run; dist.cluster=openmpi reads Open "
+                "MPI 4's mpirun only")
       return (f"task {environ.get(index, '?')} of the {tasks} of {launch} trains as a run of "
-              f"its own: --config.dist.cluster={cluster} makes the tasks one run")
+              f"its own: {join}")
   return None
 
 

@@ -349,6 +349,7 @@ def test_dist_settings_of_an_srun_task_are_jaxs(monkeypatch, nodelist, job, port
   assert parallel.dist_settings(config) == (address, 5, 0)
   assert parallel.dist_settings(config_lib.load_config(TINY, [])) == ("", 5, -1)
 
+
 @pytest.mark.parametrize("chosen", ["", "mpi"])
 def test_joining_keeps_a_users_choice_of_cpu_collectives(monkeypatch, chosen):
   """gloo, unless JAX_CPU_COLLECTIVES_IMPLEMENTATION names another (it was forced to gloo)."""
@@ -399,6 +400,18 @@ def test_dist_settings_of_an_mpirun_rank_are_jaxs(monkeypatch, uri, port, addres
       "task 2 of the 3 of this mpirun trains as a run of its own: --config.dist.cluster=openmpi "
       "makes the tasks one run")
   assert parallel.lone_launched_task(config) is None
+
+
+def test_a_lone_rank_of_open_mpi_5_is_not_sent_to_dist_cluster_openmpi():
+  """Open MPI 5's mpirun sets no OMPI_MCA_orte_hnp_uri, so dist.cluster=openmpi refuses its
+  ranks: the note names the settings that join them instead (it named openmpi)."""
+  ranks = {k: v for k, v in _mpirun_rank(1, 2, "").items() if k != "OMPI_MCA_orte_hnp_uri"}
+  with pytest.raises(config_lib.ConfigError, match="OMPI_MCA_orte_hnp_uri unset"):
+    parallel.dist_settings(config_lib.load_config(TINY, ["dist.cluster=openmpi"]), ranks)
+  assert parallel.lone_launched_task(config_lib.load_config(TINY, []), ranks) == (
+      "task 1 of the 2 of this mpirun trains as a run of its own: dist.coordinator_address, "
+      "num_processes and process_id (its OMPI_COMM_WORLD_RANK) make the tasks one run; "
+      "dist.cluster=openmpi reads Open MPI 4's mpirun only")
 
 
 def test_resuming_on_another_number_of_devices_is_said(tmp_path, capsys):
