@@ -667,7 +667,8 @@ def _out_of_memory(config, compiled_step, data, error) -> str:
   """One line for a step that ran out of device memory: what the step and the dataset take
   there, and what to change."""
   need = parallel.step_memory_bytes(compiled_step)
-  takes = "the step takes" + (f" {need / 2**30:.1f} GiB a device" if need is not None else "")
+  takes = "the step takes " + (f"{need / 2**30:.1f} GiB a device" if need is not None
+                                else "an unknown amount (XLA gave no memory analysis)")
   held = (f" and the dataset {data.images.addressable_shards[0].data.nbytes / 2**30:.1f} GiB"
           if data.kind == "device" else "")
   limit = input_pipeline.device_memory_bytes()

@@ -698,7 +698,8 @@ def test_out_of_memory_without_xlas_memory_analysis_is_still_one_line(tiny_confi
   line = trainer._out_of_memory(  # pylint: disable=protected-access
       tiny_config(), NoAnalysis(), Streamed(), RuntimeError("RESOURCE_EXHAUSTED: out of memory"))
   assert line.startswith("out of device memory (RESOURCE_EXHAUSTED: out of memory): the step "
-                         "takes at train.batch_size=8")
+                         "takes an unknown amount (XLA gave no memory analysis) at "
+                         "train.batch_size=8;")
   assert line.endswith("; lower train.batch_size, or set train.dtype=bfloat16")
   assert gpu_compile.memory_line(NoAnalysis()) == (
       "device memory: XLA gave no analysis of this program")
