@@ -61,7 +61,10 @@ def dist_settings(config, environ=os.environ) -> tuple:
 
 def _jobs_port(job: int, environ) -> int:
   """JAX_COORDINATOR_PORT, else jax's port for a job: one of the top 4096, by its number."""
-  return int(environ.get("JAX_COORDINATOR_PORT") or job % 2**12 + (65535 - 2**12 + 1))
+  given = environ.get("JAX_COORDINATOR_PORT")
+  if given and given.isdigit() and not 0 < int(given) < 65536:  # else blamed on the address
+    raise ConfigError(f"JAX_COORDINATOR_PORT must be a port, 1 to 65535, got {given}")
+  return int(given or job % 2**12 + (65535 - 2**12 + 1))
 
 
 def slurm_settings(environ=os.environ) -> tuple:

@@ -392,6 +392,11 @@ def test_dist_settings_of_an_mpirun_rank_are_jaxs(monkeypatch, uri, port, addres
                                      3, 2)
   config = config_lib.load_config(TINY, ["dist.cluster=openmpi", "dist.process_id=0"])
   assert parallel.dist_settings(config) == (address, 3, 0)
+  monkeypatch.setenv("JAX_COORDINATOR_PORT", "0")  # not blamed on dist.coordinator_address
+  with pytest.raises(config_lib.ConfigError, match="^JAX_COORDINATOR_PORT must be a port, 1 to "
+                     "65535, got 0$"):
+    parallel.distributed_plan(config)
+  monkeypatch.delenv("JAX_COORDINATOR_PORT")
   monkeypatch.setenv("OMPI_MCA_orte_hnp_uri", "12.0;ipc://x")
   with pytest.raises(config_lib.ConfigError, match="names no TCP address: '12.0;ipc://x'"):
     parallel.dist_settings(config)
