@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
 import traceback
 from typing import List, Optional
@@ -448,8 +449,10 @@ class _AbandonedWriteReports(logging.Filter):
   """Once a checkpoint's write failed (a full disk), orbax leaves its other writes' futures
   unread; asyncio reports each as it is collected, "Future (or Task) exception was never
   retrieved" and the write's traceback (up to 27 lines, after the one line the command printed).
-  Those reports, of writes the system refused, are dropped once `main` has said a checkpoint
-  failed (`failure_reported`); asyncio's other reports are not."""
+  A restore of a damaged checkpoint leaves its other reads so too (truncated array files: one
+  fresh-clone CI run printed one such report, timing-dependent). Those reports, of writes the system refused and of
+  tensorstore's failed reads and writes, are dropped once `main` has said a checkpoint failed
+  (`failure_reported`); asyncio's other reports are not."""
 
   failure_reported = False
 
@@ -461,7 +464,12 @@ class _AbandonedWriteReports(logging.Filter):
       return True
     error = record.exc_info[1]
     return error is None or (io_reason(error) is None
-                             and "RESOURCE_EXHAUSTED" not in first_line(error))
+                             and "RESOURCE_EXHAUSTED" not in first_line(error)
+                             and not _TENSORSTORE_ERROR.search(str(error)))
+
+
+# What tensorstore appends to each error of its own (the spec of what it read or wrote)
+_TENSORSTORE_ERROR = re.compile(r"\[tensorstore_spec='|\[source locations='")
 
 
 def _quiet_orbax_failure_reports() -> None:
