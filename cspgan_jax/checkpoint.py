@@ -43,7 +43,19 @@ def checkpoint_dir(workdir: str) -> str:
 def manager(workdir: str, keep: Optional[int] = None, create: bool = True):
   options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create)
   return ocp.CheckpointManager(checkpoint_dir(workdir), options=options,
-                               item_names=("state", "config", "layout"))
+                               handler_registry=_handler_registry())
+
+
+def _handler_registry():
+  """A step's three items and the arguments each is saved and restored with (orbax's
+  `item_names`, which chose them by the first call's arguments, is deprecated for this)."""
+  registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
+  for item, save, restore in (("state", ocp.args.StandardSave, ocp.args.StandardRestore),
+                              ("config", ocp.args.JsonSave, ocp.args.JsonRestore),
+                              ("layout", ocp.args.JsonSave, ocp.args.JsonRestore)):
+    registry.add(item, save)
+    registry.add(item, restore)
+  return registry
 
 
 def _state_dict(state: train.GANState) -> dict:
