@@ -450,9 +450,9 @@ class _AbandonedWriteReports(logging.Filter):
   unread; asyncio reports each as it is collected, "Future (or Task) exception was never
   retrieved" and the write's traceback (up to 27 lines, after the one line the command printed).
   A restore of a damaged checkpoint leaves its other reads so too (truncated array files: one
-  fresh-clone CI run printed one such report, timing-dependent). Those reports, of writes the system refused and of
-  tensorstore's failed reads and writes, are dropped once `main` has said a checkpoint failed
-  (`failure_reported`); asyncio's other reports are not."""
+  fresh-clone CI run printed one such report, timing-dependent). Those reports, of writes the
+  system refused and of tensorstore's failed reads and writes, are dropped once `main` has said
+  a checkpoint failed (`failure_reported`); asyncio's other reports are not."""
 
   failure_reported = False
 

@@ -377,9 +377,10 @@ def _auto_format(sharding):
   rename costs the layouts, not the import of the package."""
   try:
     from jax.experimental.layout import Format, Layout  # pylint: disable=import-outside-toplevel
-    return Format(Layout.AUTO, sharding)
-  except (ImportError, AttributeError):  # the module or its AUTO: 0.10.2 and 0.11.2 have both
+  except ImportError:
     return sharding
+  auto = getattr(Layout, "AUTO", None)  # 0.10.2 and 0.11.2 have it
+  return sharding if auto is None else Format(auto, sharding)
 
 
 def _state_formats(compiled, outputs=False):

@@ -996,7 +996,8 @@ def test_a_set_aside_a_second_kill_kept_goes_once_a_later_run_logs_it_again(tmp_
   first.close()  # killed; its checkpoint at step 4
   aside = [tmp_path / f"{trainer.METRICS_FILE}.dropped-{n}" for n in (1, 2, 3)]
   aside[2].write_text(f"{_row(4, 0.2, 1.0)}\nmy note\n")
-  second = trainer.RunLog(str(tmp_path), True, 4)  # 6 set aside again, beside 6 and 8
+  # 6 set aside again, beside 6 and 8, in dropped-4 (no name below the highest is reused)
+  second = trainer.RunLog(str(tmp_path), True, 4)
   assert [p.exists() for p in aside] + [(tmp_path / "metrics.jsonl.dropped-4").exists()] == [
       True, False, True, True]
   second.scalars(6, _metrics(0.3), 3.0)
