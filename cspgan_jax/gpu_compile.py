@@ -255,7 +255,7 @@ def memory_line(compiled) -> str:
   if m is None:
     return "device memory: XLA gave no analysis of this program"
   mib = lambda n: f"{n / 2**20:,.0f} MiB"
-  total = parallel.step_memory_bytes(compiled)
+  total = parallel.analysed_bytes(m)  # one analysis: each call asks XLA again
   return (f"device memory (XLA's buffer assignment; cuDNN workspaces, which autotuning picks, "
           f"not included): arguments {mib(m.argument_size_in_bytes)} (of which "
           f"{mib(m.alias_size_in_bytes)} donated and reused for the results), temporaries "

@@ -499,7 +499,11 @@ def step_memory_bytes(compiled) -> Optional[int]:
   and results (the donated state counted once) and its temporaries (on a GPU, cuDNN's
   workspaces that autotuning picked among them). None where the backend gives no analysis
   (jax allows it; CPU and GPU give one)."""
-  m = compiled.memory_analysis()
+  return analysed_bytes(compiled.memory_analysis())
+
+
+def analysed_bytes(m) -> Optional[int]:
+  """`step_memory_bytes` from a `Compiled.memory_analysis()` already taken (None stays None)."""
   if m is None:
     return None
   return int(m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes

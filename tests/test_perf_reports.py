@@ -669,3 +669,30 @@ def test_trace_report_reads_events_with_odd_names_and_ids():
   events = [dict(_THUNK, name=5, pid=[1]), dict(_THUNK, ts=10, args={"hlo_op": None}, name=None)]
   r = trace_report.TraceReport({"traceEvents": events}, iterations=1)
   assert r.total_us() == 10.0 and "| copy.1 |" in r.markdown()
+
+
+def test_the_memory_line_sums_one_analysis_of_the_step():
+  """`cspgan compile`'s memory line: arguments + results - donated + temporaries, from a single
+  `memory_analysis()` (each call asks XLA again)."""
+  from cspgan_jax import gpu_compile  # pylint: disable=import-outside-toplevel
+
+  class Analysis:  # pylint: disable=too-few-public-methods
+    argument_size_in_bytes = 300 * 2**20
+    output_size_in_bytes = 200 * 2**20
+    alias_size_in_bytes = 150 * 2**20
+    temp_size_in_bytes = 70 * 2**20
+
+  class Compiled:
+    calls = 0
+
+    def memory_analysis(self):
+      self.calls += 1
+      return Analysis()
+
+  compiled = Compiled()
+  line = gpu_compile.memory_line(compiled)
+  assert compiled.calls == 1
+  assert line.startswith("device memory (XLA's buffer assignment; cuDNN workspaces")
+  assert line.endswith("arguments 300 MiB (of which 150 MiB donated and reused for the results), "
+                       "temporaries 70 MiB; the step needs about 420 MiB")
+  assert parallel.step_memory_bytes(compiled) == 420 * 2**20
