@@ -14,6 +14,7 @@ jax's defaults.
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 import tempfile
@@ -62,6 +63,17 @@ def enable(environ=os.environ) -> Optional[str]:
     return None
   import jax  # pylint: disable=import-outside-toplevel
   jax.config.update("jax_compilation_cache_dir", path)
-  if "JAX_COMPILATION_CACHE_MAX_SIZE" not in environ:
+  if "JAX_COMPILATION_CACHE_MAX_SIZE" not in environ and _can_cap():
     jax.config.update("jax_compilation_cache_max_size", MAX_BYTES)
   return path
+
+
+def _can_cap() -> bool:
+  """Whether jax can keep the cache under a size: its eviction locks the folder with `filelock`
+  (a dependency of ours, not of jax's). Without it every lookup and write of a capped cache
+  fails with a warning, so an environment that lacks it keeps the cache uncapped instead."""
+  try:
+    importlib.import_module("filelock")
+  except ImportError:
+    return False
+  return True

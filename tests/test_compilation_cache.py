@@ -39,6 +39,31 @@ def test_an_unwritable_cache_folder_is_one_line_and_no_cache(tmp_path, capsys):
   assert blocker.read_text() == ""  # nothing of the user's touched
 
 
+def _enabled_settings(environ):
+  """(returned folder, jax's folder, jax's size cap) after `enable(environ)`; jax's settings
+  are restored after, before anything compiles into that folder."""
+  names = ("jax_compilation_cache_dir", "jax_compilation_cache_max_size")
+  saved = {n: getattr(jax.config, n) for n in names}
+  try:
+    path = compilation_cache.enable(environ)
+    return (path,) + tuple(getattr(jax.config, n) for n in names)
+  finally:
+    for name, value in saved.items():
+      jax.config.update(name, value)
+
+
+def test_the_cache_is_capped_where_jax_can_lock_it_and_uncapped_where_not(tmp_path, monkeypatch):
+  """jax's size cap needs `filelock`: without it every lookup fails with a warning (a fresh
+  `pip install -e .` without torch, which brings filelock, met that), so no cap is set then."""
+  folder = str(tmp_path / "c")
+  default_cap = jax.config.jax_compilation_cache_max_size
+  assert _enabled_settings({"CSPGAN_COMPILATION_CACHE": folder}) == (
+      folder, folder, compilation_cache.MAX_BYTES)
+  monkeypatch.setitem(sys.modules, "filelock", None)  # `import filelock` raises ImportError
+  assert _enabled_settings({"CSPGAN_COMPILATION_CACHE": folder}) == (
+      folder, folder, default_cap)
+
+
 def _cli_train(workdir, cache):
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO, CSPGAN_COMPILATION_CACHE=cache)
   env.pop("JAX_COMPILATION_CACHE_DIR", None)  # the suite's own cache (conftest) steps aside
