@@ -8,6 +8,7 @@ whole under a temporary name, then renamed (`output_files.write_outputs`), or no
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import os
 import re
@@ -131,11 +132,22 @@ def cmd_prepare_data(args, overrides):
         f"--config.data.data_dir={args.out}")
 
 
+def _require_torch(command: str) -> None:
+  """PyTorch is an extra (`pip install -e .` leaves it out): a command that needs it says so in
+  one line before it reads or writes anything."""
+  try:
+    importlib.import_module("torch")
+  except (ImportError, OSError) as e:  # OSError: a wheel whose native libraries fail to load
+    raise CspganError(f"{command} needs PyTorch, which is not importable here ({e}): install "
+                      "the CPU wheel, pip install torch==2.13.0 (or the `torch` extra)") from e
+
+
 # ---- convert ----
 
 def cmd_torch2flax(args, overrides):
   # pylint: disable-next=import-outside-toplevel
   from cspgan_jax import checkpoint, torch_port, train, trainer
+  _require_torch("convert torch2flax")
   config = _load_config(args.config, overrides)
   made = _claim_workdir(args.workdir)  # refused before converting (seconds at 128x128)
   try:
@@ -199,6 +211,7 @@ def _torch_writer(state_dict):
 def cmd_flax2torch(args, overrides):
   del overrides
   from cspgan_jax import checkpoint, torch_port  # pylint: disable=import-outside-toplevel
+  _require_torch("convert flax2torch")
   _check_folder(args.out_dir, f"--out-dir {args.out_dir}")
   paths = [os.path.join(args.out_dir, n) for n in ("netG.pt", "netD.pt")]
   for p in paths:  # both checked before anything is read or written
@@ -293,6 +306,7 @@ def _png_writer(out):
 
 def cmd_parity(args, overrides):
   from cspgan_jax import parity  # pylint: disable=import-outside-toplevel
+  _require_torch("parity")
   config = _load_config(args.config, overrides)
   if args.steps < 0:
     raise ConfigError(f"--steps must be >= 0, got {args.steps}")

@@ -369,6 +369,30 @@ def test_usage_errors_are_one_line(config_path, capsys):
       "cspgan: error: train.lr_d must be positive and finite, got -0.1"]
 
 
+def test_commands_that_need_pytorch_say_so_where_it_is_missing(tmp_path, config_path, capsys,
+                                                               monkeypatch):
+  """`pip install -e .` (the README's main job) leaves torch out; parity and both conversions
+  were a ModuleNotFoundError traceback there, torch2flax after making its workdir."""
+  tiny = config_path("tiny")
+  out = tmp_path / "out"
+  out.mkdir()
+  (out / "netG.pt").write_text("mine")
+  monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` raises ImportError
+  for argv, command in [
+      (["parity", "--config", tiny], "parity"),
+      (["convert", "torch2flax", "--config", tiny, "--netG", str(tmp_path / "g.pt"), "--netD",
+        str(tmp_path / "d.pt"), "--workdir", str(tmp_path / "wd")], "convert torch2flax"),
+      (["convert", "flax2torch", "--workdir", str(tmp_path / "wd"), "--out-dir", str(out),
+        "--overwrite"], "convert flax2torch")]:
+    assert cli.main(argv) == 2, argv
+    assert capsys.readouterr().err.splitlines() == [
+        f"cspgan: error: {command} needs PyTorch, which is not importable here (import "
+        "of torch halted; None in sys.modules): install the CPU wheel, pip install "
+        "torch==2.13.0 (or the `torch` extra)"]
+  assert not (tmp_path / "wd").exists()
+  assert sorted(os.listdir(out)) == ["netG.pt"] and (out / "netG.pt").read_text() == "mine"
+
+
 def test_cli_parity_prints_table_and_max_rel_err(config_path, capsys):
   assert cli.main(["parity", "--config", config_path("tiny"), "--steps", "2"]) == 0
   lines = capsys.readouterr().out.strip().splitlines()
