@@ -22,11 +22,11 @@ def get_config():
   config.model = ml_collections.ConfigDict()
   config.model.block = "relu"            # CSPup variant: "relu" (original) or "leaky_bn" (exp2)
   config.model.discriminator = "dcgan"   # "dcgan" (original) or "avgpool" (exp1)
-  config.model.nz = 100
-  config.model.ngf = 64
-  config.model.ndf = 64
-  config.model.nc = 3
-  config.model.resolution = 128
+  config.model.nz = 100                  # latent size
+  config.model.ngf = 64                  # G's width (channels of its last block)
+  config.model.ndf = 64                  # D's width (channels of its first layer)
+  config.model.nc = 3                    # image channels
+  config.model.resolution = 128          # image side: a power of two >= 32
   config.model.bn_momentum = 0.1         # PyTorch convention: weight of the new batch statistic
   config.model.bn_epsilon = 1e-5
   # True: each network's first and last layers (3 channels in or out, or a 4x4 window over a
@@ -36,7 +36,7 @@ def get_config():
 
   config.train = ml_collections.ConfigDict()
   config.train.batch_size = 64            # global: split evenly over all devices
-  config.train.epochs = 10
+  config.train.epochs = 10               # an epoch: len(dataset) // batch_size steps
   config.train.num_steps = 0             # > 0: train this many steps instead of `epochs`
   config.train.lr_g = 1e-4
   config.train.lr_d = 5e-5
@@ -45,7 +45,7 @@ def get_config():
   config.train.adam_eps = 1e-8           # PyTorch Adam's default
   # "torch_adam": torch.optim.Adam's float32 rounding, op for op (parity); "adam": optax.adam.
   config.train.optimizer = "torch_adam"
-  config.train.seed = 0
+  config.train.seed = 0                  # initial weights, training noise, fixed latents
   config.train.loss = "torch_bce"        # the seed's (clamped BCELoss); any losses.LOSSES key
   config.train.dtype = "float32"         # "bfloat16": convolutions in bf16 (params, Adam, BN stats, losses f32)
   # "default": XLA may use TF32 for float32 convolutions on GPUs (PyTorch's convs do by default);
@@ -63,7 +63,7 @@ def get_config():
   config.train.log_every = 1000          # the seed's cadence: scalars and a console line
   config.train.sample_every = 500        # the seed's cadence: G(fixed_noise) grid
   config.train.checkpoint_every = 5000   # also at the end and on SIGTERM / SIGINT
-  config.train.keep_checkpoints = 3
+  config.train.keep_checkpoints = 3      # the latest this many are kept
   config.train.stop_check_every = 100    # multi-host: steps between SIGTERM checks (a collective)
   # > 0: a device trace of that many steps from step `profile_start` (past compilation and
   # warm-up) into tensorboard/plugins/profile, with the step's HLO beside it (process 0)
@@ -97,7 +97,7 @@ def get_config():
   # TFDS's split syntax works ("train+validation", "train[:10%]").
   config.data.split = "all"
   config.data.num_examples = 0           # tfds: use the first N (0 = all); synthetic: size (0 = 10,000)
-  config.data.synthetic_seed = 0
+  config.data.synthetic_seed = 0         # synthetic: which faces are drawn
   config.data.shuffle_seed = 0           # the per-epoch order is permutation(seed, epoch, shard)
   # "device": the uint8 dataset lives on the accelerator and the step gathers its batch;
   # "streaming": a host thread feeds batches; "auto": device if it fits device_budget_gb.

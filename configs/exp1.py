@@ -3,7 +3,7 @@
   cspgan parity --config configs/exp1.py --steps 3
 
 Train (CelebA prepared once, README "Data"): cspgan train --config configs/exp1.py --workdir runs/exp1
-On GPUs; times in docs/PERFORMANCE.md (CPU: about 10 s a baseline step).
+Not timed on a GPU; the baseline's times: docs/PERFORMANCE.md (CPU: about 10 s a baseline step).
 """
 
 from configs import baseline

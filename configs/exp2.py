@@ -3,7 +3,7 @@
   cspgan parity --config configs/exp2.py --steps 3
 
 Train (CelebA prepared once, README "Data"): cspgan train --config configs/exp2.py --workdir runs/exp2
-On GPUs; times in docs/PERFORMANCE.md (CPU: about 10 s a baseline step).
+Not timed on a GPU; the baseline's times: docs/PERFORMANCE.md (CPU: about 10 s a baseline step).
 """
 
 from configs import baseline

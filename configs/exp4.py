@@ -5,7 +5,7 @@ The report does not state lr_d here; the baseline's 5e-5 stands (SPEC.md).
   cspgan parity --config configs/exp4.py --steps 3
 
 Train (CelebA prepared once, README "Data"): cspgan train --config configs/exp4.py --workdir runs/exp4
-On GPUs; times in docs/PERFORMANCE.md (CPU: about 10 s a baseline step).
+Not timed on a GPU; the baseline's times: docs/PERFORMANCE.md (CPU: about 10 s a baseline step).
 """
 
 from configs import baseline

@@ -2,7 +2,7 @@
 
   cspgan train --config configs/quickstart.py --workdir runs/quickstart
 
-32x32 faces, ngf = ndf = 32, batch 64, 300 steps: 39-52 s on a 2-core CPU, compilation
+32x32 faces, ngf = ndf = 32, batch 64, 300 steps: 38-52 s on an idle 2-core CPU, compilation
 included, 35-46 s again with the compiled programs from the compilation cache (two VMs, measured
 2026-11-28); a GPU is not measured yet. At the seed's learning rates the grid still
 looks like noise with faint structure after 300 steps, its 64 tiles alike: this run shows the

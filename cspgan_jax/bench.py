@@ -12,12 +12,13 @@ from device-resident data inside the step), float32 (jax-fp32), bfloat16 (jax-bf
 with `--scan K` steps per dispatch (jax-bf16-scan), and bfloat16 with the options that are
 candidates for the default: D's real and fake passes as one batch (jax-bf16-dpair,
 `train.d_real_fake_together`), the networks' first and last layers as matmuls (jax-bf16-edgemm,
-`model.edge_layers_as_matmul`), both (jax-bf16-dpair-edgemm), and both with `--scan K` steps
-per dispatch (jax-bf16-dpair-edgemm-scan). PyTorch: eager float32
-(torch-fp32; TF32 convolutions, PyTorch's default), bf16 autocast with channels_last
-(torch-bf16), and `torch.compile` float32 (torch-compile), each with `cudnn.benchmark` on and no
-`.item()` per step, as a user tuning for speed would run them. `--variants` picks among them
-(`jax-bf16-edgemm@64`: at batch 64 only).
+`model.edge_layers_as_matmul`), both (jax-bf16-dpair-edgemm), both with `--scan K` steps per
+dispatch (jax-bf16-dpair-edgemm-scan), and both with one of XLA's options (`train.xla_options`):
+programmatic dependent launch (jax-bf16-dpair-edgemm-pdl) or cuBLAS for the matmuls
+(jax-bf16-dpair-edgemm-cublas). PyTorch: eager float32 (torch-fp32; TF32 convolutions, PyTorch's
+default), bf16 autocast with channels_last (torch-bf16), and `torch.compile` float32
+(torch-compile), each with `cudnn.benchmark` on and no `.item()` per step, as a user tuning for
+speed would run them. `--variants` picks among them (`jax-bf16-edgemm@64`: at batch 64 only).
 
 FLOPs per iteration come from XLA's cost analysis of the single-step JAX iteration lowered for
 the CPU, and are used for every row (the same useful work): XLA:GPU's analysis of the compiled

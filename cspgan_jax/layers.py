@@ -35,14 +35,15 @@ class Conv2d(nn.Module):
   """PyTorch `Conv2d(in_features, features, k, s, p, bias=use_bias)` (NHWC; flax Conv's
   parameters: `kernel` HWIO and `bias`, the same names, shapes, init and checkpoints).
 
-  In bf16 the bias is added to the convolution's float32 sums and rounded once, on every
-  platform. flax's Conv rounds the convolution to bf16 and adds the bias there, and XLA:CPU runs
-  that as written: two roundings, which put two thirds of G's bf16 values an ulp or more off
-  PyTorch's CPU autocast (one rounding, in oneDNN's convolution) and G's images 10% further
-  from float32. XLA:GPU fuses the same HLO into cuDNN's convolution-with-bias, which adds the
-  bias in its float32 compute type before rounding (to be confirmed on a GPU by
-  tests/test_models.py's autocast test), and a float32 convolution result there would cost
-  bandwidth (baseline, batch 64: +26% traffic), so the float32-sum form is the CPU's only.
+  In bf16 the bias is added to the convolution's float32 sums and rounded once: on the CPU by the
+  form written here, on a GPU by XLA's fusion (below). flax's Conv rounds the convolution to bf16
+  and adds the bias there, and XLA:CPU runs that as written: two roundings, which put two thirds
+  of G's bf16 values an ulp or more off PyTorch's CPU autocast (one rounding, in oneDNN's
+  convolution) and G's images 10% further from float32. XLA:GPU fuses the same HLO into cuDNN's
+  convolution-with-bias, which adds the bias in its float32 compute type before rounding (to be
+  confirmed on a GPU by tests/test_models.py's autocast test), and a float32 convolution result
+  there would cost bandwidth (baseline, batch 64: +26% traffic), so the float32-sum form is the
+  CPU's only.
   (PyTorch on CUDA adds the bias after cuDNN's bf16 result: two roundings.) `in_features` only
   sets the bias init's fan-in (PyTorch's default bias init, which DCGAN keeps); by default the
   input's channel count, which is PyTorch's `in_channels`."""

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU measurements of the performance issue, as one device call (planned at 8-9 minutes).
+# The GPU measurements of the performance issue, as one device call (at most 570 s).
 #
 #   run: bash scripts/gpu_check.sh            (from the repository root; results under $OUT)
 #
@@ -42,15 +42,15 @@ if [[ -n "${GPU_CHECK_DRY:-}" ]]; then  # CPU-sized stand-ins for every stage
   TESTS=("tests/test_losses.py tests/test_ops.py")
   T_BENCH=400 T_OPTIONS=120 T_TESTS=(120) GPU_CHECK_SECONDS=${GPU_CHECK_SECONDS:-900}
 else
-  # torch.compile is left out: the first run timed it (2,958 / 7,051 images/s at batch 64 /
-  # 256, the slowest PyTorch row at both; the PyTorch reference has not changed since), and its
-  # compilation costs this call about a minute. JAX bf16 and its three option variants are
-  # traced where they run (the batch-256 traces of the first run came back empty); float32's
-  # and PyTorch's traces of that run were read and are not taken again. The real loop runs in
-  # float32 (as the first run: 60.1% of the bare iteration before the output thread), in bf16,
-  # and with both candidate options, where the 3-minute target is closest. Several steps a
-  # dispatch run with both options, not in plain bf16 (the first run timed that: +1.8% at batch
-  # 64, +0.4% at 256): likely the fastest configuration at batch 64, where 4x is close.
+  # torch.compile is left out: the first run timed it (2,958 / 7,051 images/s at batch 64 / 256: the
+  # slowest PyTorch row at 64, behind bf16 with channels_last's 11,573 at 256; the PyTorch reference
+  # has not changed since), and its compilation costs this call about a minute. JAX bf16 and its
+  # three option variants are traced where they run (the batch-256 traces of the first run came back
+  # empty); float32's and PyTorch's traces of that run were read and are not taken again. The real
+  # loop runs in float32 (as the first run: 60.1% of the bare iteration before the output thread),
+  # in bf16, and with both candidate options, where the 3-minute target is closest. Several steps a
+  # dispatch run with both options, not in plain bf16 (the first run timed that: +1.8% at batch 64,
+  # +0.4% at 256): likely the fastest configuration at batch 64, where 4x is close.
   # Each option alone runs at batch 64 only (`@64`): which of them becomes the default is read
   # there, and batch 256's target from the fastest row, both options on; two builds (about
   # 50 s) fewer keep batch 256's rows inside the stage's limit should builds run long.
