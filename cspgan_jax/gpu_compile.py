@@ -172,12 +172,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--target", default="h100",
                       help=f"GPU to compile for: one of {sorted(TARGETS)} or a "
                            "GpuTargetConfigProto text file (default h100)")
-  parser.add_argument("--config", default="configs/baseline.py")
+  parser.add_argument("--config", default="configs/baseline.py",
+                      help="ml_collections config file (default configs/baseline.py)")
   parser.add_argument("--batch", type=int, default=64, help="global batch (default 64)")
   parser.add_argument("--devices", type=int, default=1,
                       help="GPUs on one host, the batch split over them (default 1); the "
                            "report then shows the gradients' all-reduces")
-  parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+  parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                      help="the step's train.dtype (default float32)")
   parser.add_argument("--scan", type=int, default=1, help="iterations per dispatch (default 1)")
   parser.add_argument("--state-layout", choices=STATE_LAYOUTS, default="auto",
                       help="the state's memory layout: the compiler's choice, as the trainer "
