@@ -106,7 +106,7 @@ def test_edge_layers_as_matmul_leave_cudnn_for_matmuls(compiled_for_h100):
   """`model.edge_layers_as_matmul`: each network's first and last layers (on the H200 at batch
   64 in bf16 the 3-channel ones alone took 0.72 of 2.97 ms of convolutions) leave cuDNN for
   matmuls, every other convolution stays, and the data moved does not grow with the im2col /
-  col2im rearrangements (the baseline at batch 64: 174 -> 104 MiB, docs/PERFORMANCE.md)."""
+  col2im rearrangements (the baseline at batch 64: 174 -> 127 MiB, docs/PERFORMANCE.md)."""
   conv, mm = compiled_for_h100["bfloat16_auto"], compiled_for_h100["bfloat16_edgemm"]
   # tiny.py, 32x32: D main_0 (3 channels in), D main_8 (a 4x4 window over 4x4 -> 1 logit),
   # G main_0's transposed convolutions (1x1 -> 4x4), G main_3 (3 channels out)
