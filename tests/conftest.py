@@ -9,13 +9,20 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-# One persistent compilation cache for the session, inherited by the processes the tests start
+# A persistent compilation cache for the session, inherited by the processes the tests start
 # (the bench script, two-process training, the CLI), which otherwise compile again what the
-# tests before them compiled. Set before anything compiles; an explicit setting wins.
-if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
-  _cache = tempfile.mkdtemp(prefix="cspgan-tests-jax-cache-")
-  atexit.register(shutil.rmtree, _cache, ignore_errors=True)
-  os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
+# tests before them compiled. Set before anything compiles; an explicit setting wins. Each
+# xdist worker has its own: jax writes an entry in place, unlocked (its lock comes with a size
+# limit, whose scan of every entry at each write took 25 ms at 558 entries, two files' worth),
+# so a process of one worker could read half of an entry the other was writing, and warn on a
+# stderr that a test reads whole.
+_SESSION_CACHE = "CSPGAN_TESTS_JAX_CACHE"  # the session's folder (under xdist, its controller's)
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ or _SESSION_CACHE in os.environ:
+  if _SESSION_CACHE not in os.environ:
+    os.environ[_SESSION_CACHE] = tempfile.mkdtemp(prefix="cspgan-tests-jax-cache-")
+    atexit.register(shutil.rmtree, os.environ[_SESSION_CACHE], ignore_errors=True)
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = os.path.join(
+      os.environ[_SESSION_CACHE], os.environ.get("PYTEST_XDIST_WORKER", "main"))
   os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 

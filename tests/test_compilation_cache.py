@@ -1,6 +1,7 @@
 """The command line's persistent compilation cache, and the initialiser compiled as one program."""
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -90,6 +91,28 @@ def test_a_second_run_loads_its_programs_and_trains_the_same(tmp_path):
   assert len(la) == len(lb) > 50
   for a, b in zip(la, lb):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_each_xdist_worker_has_a_compilation_cache_of_its_own(tmp_path):
+  """Two workers' processes shared one, where one could read half of an entry the other wrote;
+  the session's folder goes at its end."""
+  tests = tmp_path / "tests"
+  tests.mkdir()
+  shutil.copy(os.path.join(REPO, "tests", "conftest.py"), tests)
+  for name in ("a", "b"):  # each file on its worker (--dist loadfile), as CI runs the suite
+    (tests / f"test_{name}.py").write_text(
+        "import os\n"
+        f"def test_{name}():\n"
+        f"  open({str(tmp_path / name)!r}, 'w').write(os.environ['JAX_COMPILATION_CACHE_DIR'])\n")
+  env = {k: v for k, v in os.environ.items()
+         if k not in ("JAX_COMPILATION_CACHE_DIR", "CSPGAN_TESTS_JAX_CACHE")}
+  proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-n", "2", "--dist", "loadfile",
+                         "-p", "no:cacheprovider", str(tests)], cwd=tmp_path, env=env,
+                        capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 0, proc.stdout[-2000:]
+  a, b = ((tmp_path / name).read_text() for name in ("a", "b"))
+  assert a != b and os.path.dirname(a) == os.path.dirname(b), (a, b)
+  assert not os.path.exists(os.path.dirname(a))
 
 
 def test_the_initialiser_is_one_program_per_model_and_stays_traceable(tiny_config):
