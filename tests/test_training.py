@@ -2,6 +2,7 @@
 
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -228,10 +229,42 @@ def test_ctrl_c_outside_the_loop_is_one_line(tmp_path, capsys, monkeypatch):
   assert capsys.readouterr().err.strip().splitlines() == ["cspgan: train interrupted"]
 
 
+def _first_ephemeral_port():
+  """Where the ports the kernel hands out to connections and to binds to port 0 begin."""
+  try:
+    with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+      return int(f.read().split()[0])
+  except (OSError, ValueError, IndexError):
+    return 32768  # Linux's default
+
+
+_PORTS_GIVEN = set()
+
+
 def _free_port():
-  with socket.socket() as s:
+  """A free port for a test's coordinator, below the kernel's ephemeral ports, never the same
+  twice in a worker."""
+  # One bound to port 0 and let go (as this took before) could be handed to another process's
+  # connection, or to gloo's listeners (they bind port 0), in the seconds before the
+  # coordinator binds it; none below is handed out. Random: another worker or session draws too.
+  draw, low = random.SystemRandom(), _first_ephemeral_port()
+  for _ in range(100 if low > 11000 else 0):
+    port = draw.randrange(10000, low)
+    if port in _PORTS_GIVEN:
+      continue
+    if parallel._port_taken(port) is None:  # pylint: disable=protected-access
+      _PORTS_GIVEN.add(port)
+      return port
+  with socket.socket() as s:  # a system that hands out (nearly) every port
     s.bind(("localhost", 0))
     return s.getsockname()[1]
+
+
+def test_coordinator_ports_are_none_the_kernel_hands_out():
+  if _first_ephemeral_port() <= 11000:
+    pytest.skip("this system hands out (nearly) every port")
+  ports = [_free_port() for _ in range(20)]
+  assert len(set(ports)) == 20 and max(ports) < _first_ephemeral_port(), ports
 
 
 def test_two_processes_train_like_one(tmp_path):
