@@ -17,6 +17,7 @@ import contextlib
 import errno
 import fcntl
 import hashlib
+import itertools
 import json
 import os
 import signal
@@ -98,6 +99,9 @@ class StopRequest:
 
 # ---- logging ----
 
+_EVENT_FILES = itertools.count()  # this process's TensorBoard event files, for their names
+
+
 class RunLog:
   """Console line, TensorBoard scalars and images, metrics.jsonl and sample PNGs (process 0)."""
 
@@ -114,8 +118,12 @@ class RunLog:
       self._set_aside_metrics_past(start_step)
       self._take_up_earlier_asides()
       from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
+      # tensorboardX names its file by the second and host and opens it for writing anew: a
+      # second writer in the same second (a run that failed at once, then its restart) would
+      # empty the first one's file. The process and a count make each name its own.
       self.writer = SummaryWriter(os.path.join(workdir, TENSORBOARD_DIR),
-                                  purge_step=start_step + 1)
+                                  purge_step=start_step + 1,
+                                  filename_suffix=f".{os.getpid()}.{next(_EVENT_FILES)}")
       os.makedirs(os.path.join(workdir, SAMPLES_DIR), exist_ok=True)
 
   def _set_aside_metrics_past(self, step: int) -> None:

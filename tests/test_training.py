@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 
 import jax
 import numpy as np
@@ -925,6 +926,26 @@ def test_a_fresh_start_drops_the_metrics_a_run_killed_before_its_first_checkpoin
   assert capsys.readouterr().err.splitlines() == [
       f"[train] 2 line(s) of metrics.jsonl past step 0: kept in {aside} until this run logs "
       "those steps again with the same numbers"]
+
+
+def test_a_second_run_in_the_same_second_keeps_the_first_runs_tensorboard_events(
+    tmp_path, monkeypatch):
+  """tensorboardX names its event file by the second and host and opens it with "wb": a run
+  started in the second another's log was opened emptied that one's events."""
+  from tensorboardX import event_file_writer  # pylint: disable=import-outside-toplevel
+  clock = types.SimpleNamespace(time=lambda: 1_800_000_000.25)  # one second for both
+  monkeypatch.setattr(event_file_writer, "time", clock)
+  metrics = dict.fromkeys(trainer.METRIC_TAGS, 0.5)
+  first = trainer.RunLog(str(tmp_path), True, 0)
+  first.scalars(2, metrics, 100.0)
+  first.close()
+  folder = tmp_path / trainer.TENSORBOARD_DIR
+  [name] = os.listdir(folder)
+  written = (folder / name).read_bytes()
+  assert len(written) > 200  # the file's header, a purge event and six scalars
+  trainer.RunLog(str(tmp_path), True, 2).close()
+  assert len(os.listdir(folder)) == 2
+  assert (folder / name).read_bytes() == written
 
 
 def test_metrics_lines_of_no_run_are_left_out_not_a_traceback(tmp_path, capsys):
