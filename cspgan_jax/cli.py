@@ -138,7 +138,8 @@ def _require_torch(command: str) -> None:
   try:
     importlib.import_module("torch")
   except (ImportError, OSError) as e:  # OSError: a wheel whose native libraries fail to load
-    raise CspganError(f"{command} needs PyTorch, which is not importable here ({e}): install "
+    reason = first_line(e)  # a native library's loader can explain itself over several lines
+    raise CspganError(f"{command} needs PyTorch, which is not importable here ({reason}): install "
                       "the CPU wheel, pip install torch==2.13.0 (or the `torch` extra)") from e
 
 

@@ -393,6 +393,22 @@ def test_commands_that_need_pytorch_say_so_where_it_is_missing(tmp_path, config_
   assert sorted(os.listdir(out)) == ["netG.pt"] and (out / "netG.pt").read_text() == "mine"
 
 
+def test_a_pytorch_that_does_not_load_is_one_line_too(tmp_path, capsys, monkeypatch):
+  """A wheel whose native libraries fail to load raises what their loader says, which can run
+  over several lines; the command's error stays one."""
+  (tmp_path / "torch").mkdir()
+  (tmp_path / "torch" / "__init__.py").write_text(
+      "raise OSError('libtorch_cpu.so: cannot open shared object file\\nsearched: /usr/lib')\n")
+  monkeypatch.syspath_prepend(str(tmp_path))
+  monkeypatch.delitem(sys.modules, "torch")  # put back after the test
+  assert cli.main(["convert", "flax2torch", "--workdir", str(tmp_path / "wd"), "--out-dir",
+                   str(tmp_path)]) == 2
+  assert capsys.readouterr().err.splitlines() == [
+      "cspgan: error: convert flax2torch needs PyTorch, which is not importable here "
+      "(libtorch_cpu.so: cannot open shared object file): install the CPU wheel, pip install "
+      "torch==2.13.0 (or the `torch` extra)"]
+
+
 def test_cli_parity_prints_table_and_max_rel_err(config_path, capsys):
   assert cli.main(["parity", "--config", config_path("tiny"), "--steps", "2"]) == 0
   lines = capsys.readouterr().out.strip().splitlines()
