@@ -230,27 +230,36 @@ def test_ctrl_c_outside_the_loop_is_one_line(tmp_path, capsys, monkeypatch):
   assert capsys.readouterr().err.strip().splitlines() == ["cspgan: train interrupted"]
 
 
-def _first_ephemeral_port():
-  """Where the ports the kernel hands out to connections and to binds to port 0 begin."""
+def _ephemeral_ports():
+  """The ports the kernel hands out to connections and to binds to port 0."""
   try:
     with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
-      return int(f.read().split()[0])
-  except (OSError, ValueError, IndexError):
-    return 32768  # Linux's default
+      low, high = (int(n) for n in f.read().split())
+    return range(low, high + 1)
+  except (OSError, ValueError):
+    return range(32768, 65536)  # Linux's default start; without /proc, none above trusted
+
+
+def _ports_not_handed_out():
+  """From 10000 up, the ports below and above the ephemeral range, each side that holds 1000."""
+  handed = _ephemeral_ports()
+  sides = (range(10000, handed.start), range(handed.stop, 65536))
+  return [port for side in sides if len(side) >= 1000 for port in side]
 
 
 _PORTS_GIVEN = set()
 
 
 def _free_port():
-  """A free port for a test's coordinator, below the kernel's ephemeral ports, never the same
+  """A free port for a test's coordinator, outside the kernel's ephemeral ports, never the same
   twice in a worker."""
   # One bound to port 0 and let go (as this took before) could be handed to another process's
   # connection, or to gloo's listeners (they bind port 0), in the seconds before the
-  # coordinator binds it; none below is handed out. Random: another worker or session draws too.
-  draw, low = random.SystemRandom(), _first_ephemeral_port()
-  for _ in range(100 if low > 11000 else 0):
-    port = draw.randrange(10000, low)
+  # coordinator binds it; none outside is handed out. Random: another worker or session draws
+  # too. A range that starts low (1024) still leaves those above its end (60999 by default).
+  draw, ports = random.SystemRandom(), _ports_not_handed_out()
+  for _ in range(100 if ports else 0):
+    port = draw.choice(ports)
     if port in _PORTS_GIVEN:
       continue
     if parallel._port_taken(port) is None:  # pylint: disable=protected-access
@@ -262,10 +271,17 @@ def _free_port():
 
 
 def test_coordinator_ports_are_none_the_kernel_hands_out():
-  if _first_ephemeral_port() <= 11000:
+  if not _ports_not_handed_out():
     pytest.skip("this system hands out (nearly) every port")
   ports = [_free_port() for _ in range(20)]
-  assert len(set(ports)) == 20 and max(ports) < _first_ephemeral_port(), ports
+  assert len(set(ports)) == 20 and not set(ports) & set(_ephemeral_ports()), ports
+
+
+def test_a_range_that_starts_low_leaves_the_ports_above_it(monkeypatch):
+  """Where the kernel hands out 1024 to 60999, those above, not one bound to port 0."""
+  monkeypatch.setattr(sys.modules[__name__], "_ephemeral_ports", lambda: range(1024, 61000))
+  ports = [_free_port() for _ in range(5)]
+  assert min(ports) >= 61000, ports
 
 
 def test_two_processes_train_like_one(tmp_path):
