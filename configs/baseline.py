@@ -24,7 +24,7 @@ def get_config():
   config.model.discriminator = "dcgan"   # "dcgan" (original) or "avgpool" (exp1)
   config.model.nz = 100                  # latent size
   config.model.ngf = 64                  # G's width (channels of its last block)
-  config.model.ndf = 64                  # D's width (channels of its first layer)
+  config.model.ndf = 64                  # D's width (its first layer's channels; avgpool: twice)
   config.model.nc = 3                    # image channels
   config.model.resolution = 128          # image side: a power of two >= 32
   config.model.bn_momentum = 0.1         # PyTorch convention: weight of the new batch statistic
