@@ -7,9 +7,10 @@ checks it (pip has no lowest-version resolution of its own).
   python scripts/check_minimum_versions.py --venv DIR -- -x tests/test_models.py
 
 Needs Python >= 3.11 (tomllib), `packaging` (pytest's dependency) and the package registry:
-8 minutes on a 2-core VM (2026-11-28: a minute of installing, 374 passed in 7:00). torch is the
-exception: it stays at the README's CPU wheel, torch==2.13.0 (any other version is a
-multi-GB CUDA download here), so its floor is not what this tests. Exit status: the suite's.
+about 10 minutes on a 2-core VM (2026-11-28: a minute of installing, 426 passed in 8:26; 435
+later, beside another job, in 13:36). torch is the exception: it stays at the README's CPU
+wheel, torch==2.13.0 (any other version is a multi-GB CUDA download here), so its floor is
+not what this tests. Exit status: the suite's.
 """
 
 from __future__ import annotations
