@@ -181,14 +181,22 @@ def test_sigterm_saves_and_the_run_completes(tmp_path):
          "--config.train.log_every=1", "--config.train.sample_every=100000",
          "--config.train.checkpoint_every=100000"]
   proc = subprocess.Popen(cmd, env=_env(1), stderr=subprocess.PIPE, text=True)
+  # A run that hangs before it trains would hold the loop below (and CI) for good: killed
+  # after 300 s, its stderr ends and the test fails with what it had said.
+  watchdog = threading.Timer(300, proc.kill)
+  watchdog.start()
   try:
+    said = []
     for line in proc.stderr:  # wait until it trains
+      said.append(line)
       if "][3/32]" in line:
         break
+    assert said and "][3/32]" in said[-1], "".join(said)[-2000:]
     proc.send_signal(signal.SIGTERM)
     rest = proc.stderr.read()
     assert proc.wait(timeout=120) == 0, rest[-2000:]
   finally:
+    watchdog.cancel()
     if proc.poll() is None:
       proc.kill()
   assert "signal 15: saved step" in rest
