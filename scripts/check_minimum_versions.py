@@ -5,12 +5,15 @@ checks it (pip has no lowest-version resolution of its own).
 
   python scripts/check_minimum_versions.py                  # venv in /tmp/cspgan-min-venv
   python scripts/check_minimum_versions.py --venv DIR -- -x tests/test_models.py
+  python scripts/check_minimum_versions.py --torch-floor    # torch at its floor too
 
 Needs Python >= 3.11 (tomllib), `packaging` (pytest's dependency) and the package registry:
 about 10 minutes on a 2-core VM (2026-11-28: a minute of installing, 426 passed in 8:26; 435
-later, beside another job, in 13:36). torch is the exception: it stays at the README's CPU
-wheel, torch==2.13.0 (any other version is a multi-GB CUDA download here), so its floor is
-not what this tests. Exit status: the suite's.
+later, beside another job, in 13:36). torch stays at the README's CPU wheel, torch==2.13.0,
+unless --torch-floor is given: any other version comes from PyPI as a CUDA build with its
+nvidia-* packages, about 3 GB (a minute to install here, 5 GB in the environment); with it,
+2026-11-28, torch 2.4.0 and every other floor: 438 passed in 7:46 (9:37 with the installs).
+Exit status: the suite's.
 """
 
 from __future__ import annotations
@@ -26,8 +29,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TORCH_PIN = "torch==2.13.0"  # the README's: the CPU wheel, installed first
 
 
-def floor_pins(pyproject: str) -> List[str]:
-  """`name==X` for every `name>=X` of the dependencies and the `test` extra (torch left out)."""
+def floor_pins(pyproject: str, torch: bool = False) -> List[str]:
+  """`name==X` for every `name>=X` of the dependencies and the `test` extra (torch's only if
+  `torch`; it is then the first)."""
   try:
     from packaging.requirements import Requirement
   except ImportError:
@@ -38,13 +42,17 @@ def floor_pins(pyproject: str) -> List[str]:
   pins = []
   for line in project["dependencies"] + project["optional-dependencies"]["test"]:
     req = Requirement(line)
-    if req.name == "torch" or (req.marker and not req.marker.evaluate()):
+    if (req.name == "torch" and not torch) or (req.marker and not req.marker.evaluate()):
       continue  # torch: the README's wheel; a marker: not for this Python
     floors = [s.version for s in req.specifier if s.operator == ">="]
     if len(floors) != 1:
       raise SystemExit(f"check_minimum_versions: {line!r} in {pyproject} has no single '>=' floor")
     extras = f"[{','.join(sorted(req.extras))}]" if req.extras else ""
-    pins.append(f"{req.name}{extras}=={floors[0]}")
+    pin = f"{req.name}{extras}=={floors[0]}"
+    if req.name == "torch":  # installed on its own, before the others: the big download
+      pins.insert(0, pin)
+      continue
+    pins.append(pin)
     if req.name == "jax":  # jax names jaxlib's floor loosely; the pair is released together
       pins.append(f"jaxlib=={floors[0]}")
   return pins
@@ -55,6 +63,9 @@ def main(argv=None) -> int:
   parser.add_argument("--venv", default="/tmp/cspgan-min-venv",
                       help="where the environment is made (a virtual environment there "
                       "is replaced; any other folder is refused)")
+  parser.add_argument("--torch-floor", action="store_true",
+                      help="torch at the test extra's floor, a CUDA build from PyPI (about "
+                      "3 GB), instead of the README's CPU wheel")
   parser.add_argument("pytest_args", nargs="*",
                       help="after --: pytest's arguments (default: the README's)")
   args = parser.parse_args(argv)
@@ -64,7 +75,14 @@ def main(argv=None) -> int:
       print(f"check_minimum_versions: --venv {args.venv} exists and is not a virtual "
             "environment; give a new or an empty folder", file=sys.stderr)
       return 2
-  pins = floor_pins(os.path.join(ROOT, "pyproject.toml"))
+  pins = floor_pins(os.path.join(ROOT, "pyproject.toml"), torch=args.torch_floor)
+  torch_pin = TORCH_PIN
+  if args.torch_floor:
+    if not pins or not pins[0].startswith("torch=="):
+      print("check_minimum_versions: --torch-floor, but pyproject.toml's `test` extra names no "
+            "torch floor", file=sys.stderr)
+      return 2
+    torch_pin = pins.pop(0)
   python = os.path.join(args.venv, "bin", "python")
 
   def step(*cmd: str) -> None:
@@ -73,7 +91,7 @@ def main(argv=None) -> int:
 
   try:
     step(sys.executable, "-m", "venv", "--clear", args.venv)
-    step(python, "-m", "pip", "install", "-q", TORCH_PIN)
+    step(python, "-m", "pip", "install", "-q", torch_pin)
     step(python, "-m", "pip", "install", "-q", *pins)
     step(python, "-m", "pip", "install", "-q", "--no-deps", "-e", ROOT)
     # The plugin matching the floor's jaxlib, for the tests that compile for a GPU.

@@ -270,7 +270,7 @@ def test_cli_convert_both_ways_sample_and_errors(torch_files, config_path, capsy
   assert "already holds a checkpoint" in capsys.readouterr().err
   assert cli.main(["convert", "flax2torch", "--workdir", wd, "--out-dir", out]) == 0
   for name, net in (("netG.pt", net_g), ("netD.pt", net_d)):
-    back = torch.load(os.path.join(out, name))
+    back = torch.load(os.path.join(out, name), weights_only=True)
     ref = net.state_dict()
     assert list(back) == list(ref)
     assert all(torch.equal(back[k], ref[k]) and back[k].dtype == ref[k].dtype for k in ref)
@@ -296,7 +296,7 @@ def test_cli_convert_both_ways_sample_and_errors(torch_files, config_path, capsy
                    "--running-average", "--out", str(tmp / "s_ra.npy")]) == 0
   got_ra = np.load(tmp / "s_ra.npy")
   # (the train-mode call above moved net_g's running statistics: the saved ones, as converted)
-  saved = torch.load(tmp / "G.pt")
+  saved = torch.load(tmp / "G.pt", weights_only=True)
   net_g.load_state_dict({k[len("module."):]: v for k, v in saved.items()})
   ref_ra = net_g.eval()(torch.from_numpy(z)).detach().numpy().transpose(0, 2, 3, 1)
   assert got_ra.shape == (6, 32, 32, 3) and traced == [4, 2]
