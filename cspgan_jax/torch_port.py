@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from typing import Dict, List, Mapping, NamedTuple, Optional, Tuple
 
 import numpy as np
@@ -215,7 +216,12 @@ def load_torch_state_dict(path: str, role: str) -> Dict[str, np.ndarray]:
   if not os.path.isfile(path):
     raise CheckpointError(f"{role} checkpoint not found: {path}")
   try:
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+    with warnings.catch_warnings():
+      # torch >= 2.14 warns, on stderr beside the one line below, that it scans each sparse
+      # tensor it loads; this loader refuses sparse tensors anyway (`_unusable_tensor`).
+      warnings.filterwarnings("ignore", message="Validating sparse tensor invariants",
+                              category=UserWarning)
+      obj = torch.load(path, map_location="cpu", weights_only=True)
   except Exception as e:  # truncated or not a torch file: say so in one line
     raise CheckpointError(f"{path}: not a readable PyTorch checkpoint "
                           f"({type(e).__name__}: {first_line(e)})") from e
